@@ -1,0 +1,93 @@
+"""Flax layers that carry a tile-wise mask."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.linen import initializers
+from flax.linen.dtypes import promote_dtype
+from flax.typing import Dtype, Initializer, PrecisionLike
+from jax import lax
+
+from jax_tw import patterns
+
+__all__ = ["TWDense", "MASK_COLLECTION"]
+
+MASK_COLLECTION = "tw_mask"
+
+default_kernel_init = initializers.lecun_normal()
+
+
+class TWDense(nn.Module):
+    """A :class:`flax.linen.Dense` whose kernel carries a tile-wise mask.
+
+    The mask lives in the ``tw_mask`` variable collection as a layer mask (see
+    :mod:`jax_tw.patterns`): ``columns`` (N,), ``rows`` (ceil(N / tile_size), K) and
+    ``elements`` (K, N), initialised to keep every weight. The forward pass uses only kept
+    weights: a pruned weight has no effect on the output, whatever its stored value. Unpruned,
+    the layer equals ``nn.Dense`` bit for bit with the same params.
+
+    >>> import jax, jax.numpy as jnp
+    >>> layer = TWDense(features=6, tile_size=4)
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 5)))
+    >>> jax.tree.map(jnp.shape, variables)
+    {'params': {'bias': (6,), 'kernel': (5, 6)}, 'tw_mask': {'columns': (6,), 'elements': (5, 6), 'rows': (2, 5)}}
+    >>> y = layer.apply(variables, jnp.ones((2, 5)))  # pass both collections
+
+    Attributes:
+      features: the number of output features (N).
+      use_bias: whether to add a bias to the output.
+      dtype: the dtype of the computation (default: inferred from input and params).
+      param_dtype: the dtype passed to parameter initializers.
+      precision: numerical precision of the computation, see ``jax.lax.Precision``.
+      kernel_init: initializer for the (K, N) kernel.
+      bias_init: initializer for the bias.
+      tile_size: G, the number of kept output columns per tile (default 128).
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = initializers.zeros_init()
+    tile_size: int = 128
+
+    @nn.compact
+    def __call__(self, inputs: Any) -> Any:
+        """Applies ``inputs @ (kernel * mask) + bias`` along the last dimension of ``inputs``."""
+        tile_size = patterns.check_tile_size(self.tile_size)
+        k, n = jnp.shape(inputs)[-1], self.features
+        kernel = self.param("kernel", self.kernel_init, (k, n), self.param_dtype)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (n,), self.param_dtype)
+        else:
+            bias = None
+        mask = self.layer_mask(k)
+        kernel = jnp.where(patterns.dense_mask(mask, tile_size), kernel, jnp.zeros((), kernel.dtype))
+        inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = lax.dot_general(
+            inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        if bias is not None:
+            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+    def layer_mask(self, k: int) -> patterns.LayerMask:
+        """Reads (or, when initialising, creates) this layer's ``tw_mask`` entry."""
+        where = "/".join(self.path) or type(self).__name__
+        if not self.is_initializing() and not self.has_variable(MASK_COLLECTION, "columns"):
+            raise ValueError(
+                f"{where}: TWDense needs its '{MASK_COLLECTION}' collection; apply the model with "
+                f"model.apply({{'params': params, '{MASK_COLLECTION}': masks}}, x), where masks come "
+                "from model.init(...) or jax_tw.prune.masks(opt_state)")
+        init = lambda key: patterns.keep_all(k, self.features, self.tile_size)[key]
+        mask = {key: self.variable(MASK_COLLECTION, key, init, key).value
+                for key in ("columns", "rows", "elements")}
+        patterns.check_layer_mask(mask, k, self.features, self.tile_size, where=where)
+        for key, value in mask.items():
+            if jnp.result_type(value) != jnp.bool_:
+                raise ValueError(f"{where}: tw_mask '{key}' must be boolean, got dtype {jnp.result_type(value)}")
+        return mask

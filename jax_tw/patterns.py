@@ -1,0 +1,535 @@
+"""Sparsity patterns: pure functions from importance scores to masks.
+
+A *layer mask* is the ``tw_mask`` collection entry of one :class:`jax_tw.nn.TWDense`
+layer with kernel ``(K, N)`` and tile size ``G``::
+
+    {'columns':  bool (N,),      # output columns kept by column pruning
+     'rows':     bool (T, K),    # T = ceil(N / G): K rows kept by each tile
+     'elements': bool (K, N)}    # weights kept outside the tiles (TEW residue, baselines)
+
+Tiles are formed from the kept columns, left to right: the i-th kept column (0-based)
+belongs to tile ``i // G``, so every tile but the last has exactly ``G`` kept columns.
+Weight ``(k, j)`` is kept when ``columns[j] and rows[tile(j), k]`` (the tile mask, see
+:func:`expand`) or when ``elements[k, j]`` (see :func:`dense_mask`).
+
+Patterns (all take a list of per-layer score matrices, one global ranking across them
+unless ``per_layer=True``):
+
+* :class:`TW2D`  global column pruning, then in-tile row pruning (the main pattern).
+* :class:`TW1D`  fixed ``G``-wide tiles in original column order, in-tile row pruning only.
+* :class:`TEW`   TW-2D at ``s + residue``, then the ``residue`` fraction of the most important
+  weights TW removed given back element-wise (in ``elements``, apart from the tiles).
+* :class:`EW`, :class:`VW`, :class:`BW`  unstructured, vector-wise and block-wise baselines;
+  their masks live in ``elements`` with an empty tile mask.
+
+Ranking rules, shared by all patterns:
+
+* Scores are non-negative importances (``|w|``, ``(g w)^2``...). Each layer's scores are divided
+  by their mean over the layer's currently kept weights, so layers of different scales compare
+  fairly; a vector (column, row segment, block) scores the mean of its elements, so vectors of
+  different lengths compare fairly.
+* Vectors are pruned lowest score first until the pruned weight count is nearest to
+  ``round(sparsity * total)`` (ties in the count: fewer pruned). The requested sparsity is hit
+  exactly up to rounding to whole vectors.
+* Ties between equal scores: the vector that comes first (layer order, then tile, then index) is
+  pruned first. ``jnp.argsort(stable=True)`` makes this deterministic.
+* ``previous`` masks only shrink: a weight pruned before stays pruned (even if the requested
+  sparsity is then exceeded).
+* ``min_keep`` is a per-layer floor: the top ``ceil(min_keep ** share * n)`` vectors of each
+  stage stay, so a layer keeps at least about ``min_keep`` of its weights. Floors win over the
+  target.
+
+TW-2D splits the total sparsity ``s`` between columns and rows by ``column_share`` ``c``:
+``1 - s_columns = (1 - s_final) ** c``. Columns are pruned first (``s_columns = min(s,
+s_columns_final)``) and rows only once the columns reached their final share. This order keeps
+tiles fixed while rows are pruned, which is what lets gradual pruning keep the tile structure
+*and* only grow masks *and* hit the requested sparsity at every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+LayerMask = dict  # {'columns': (N,) bool, 'rows': (T, K) bool, 'elements': (K, N) bool}
+
+__all__ = [
+    "LayerMask", "Pattern", "TW2D", "TW1D", "TEW", "EW", "VW", "BW", "get",
+    "num_tiles", "keep_all", "expand", "dense_mask", "check_tile_size", "check_sparsity",
+    "check_layer_mask",
+]
+
+
+# ----------------------------------------------------------------------------- validation
+
+def check_tile_size(tile_size: Any) -> int:
+    """Returns ``tile_size`` as an int, or raises ValueError unless it is a positive integer."""
+    if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size <= 0:
+        raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}")
+    return int(tile_size)
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_sparsity(sparsity: Any, name: str = "sparsity") -> None:
+    """Raises ValueError unless ``sparsity`` lies in [0, 1). Traced values are not checked."""
+    if not _is_concrete(sparsity):
+        return
+    value = np.asarray(sparsity)
+    if value.shape != () or not np.issubdtype(value.dtype, np.number):
+        raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {float(value)!r}")
+
+
+def num_tiles(n: int, tile_size: int) -> int:
+    """Number of tiles ``T = ceil(n / tile_size)`` a layer with ``n`` output columns can hold."""
+    return -(-n // check_tile_size(tile_size))
+
+
+def keep_all(k: int, n: int, tile_size: int) -> LayerMask:
+    """The layer mask that keeps every weight of a ``(k, n)`` kernel (TWDense's initial mask).
+
+    >>> m = keep_all(4, 6, tile_size=4)
+    >>> m['columns'].shape, m['rows'].shape, m['elements'].shape
+    ((6,), (2, 4), (4, 6))
+    """
+    t = num_tiles(n, tile_size)
+    return {
+        "columns": jnp.ones((n,), bool),
+        "rows": jnp.ones((t, k), bool),
+        "elements": jnp.zeros((k, n), bool),
+    }
+
+
+def check_layer_mask(mask: Any, k: int, n: int, tile_size: int, where: str = "layer") -> None:
+    """Raises ValueError unless ``mask`` is a layer mask for a ``(k, n)`` kernel and tile size."""
+    expected = {"columns": (n,), "rows": (num_tiles(n, tile_size), k), "elements": (k, n)}
+    if not hasattr(mask, "keys") or set(mask.keys()) != set(expected):
+        got = sorted(mask.keys()) if hasattr(mask, "keys") else type(mask).__name__
+        raise ValueError(f"{where}: tw_mask entry must have keys {sorted(expected)}, got {got}")
+    for key, shape in expected.items():
+        got = tuple(jnp.shape(mask[key]))
+        if got != shape:
+            raise ValueError(
+                f"{where}: tw_mask '{key}' has shape {got}, expected {shape} for a kernel of "
+                f"shape {(k, n)} with tile_size={tile_size}")
+
+
+# ----------------------------------------------------------------------------- expansion
+
+def _tile_of_columns(columns: Array, tile_size: int) -> Array:
+    """Tile index of every column: ``(rank among kept columns) // G``; T for pruned columns."""
+    t = num_tiles(columns.shape[0], tile_size)
+    tile = (jnp.cumsum(columns.astype(jnp.int32)) - 1) // tile_size
+    return jnp.where(columns, tile, t)
+
+
+def expand(columns: Array, rows: Array, tile_size: int) -> Array:
+    """Expands a compact tile mask to the dense ``(K, N)`` element mask.
+
+    >>> cols = jnp.array([True, False, True, True])
+    >>> rows = jnp.array([[True, False, True], [False, True, True]])  # (T=2, K=3)
+    >>> expand(cols, rows, tile_size=2).astype(int)
+    Array([[1, 0, 1, 0],
+           [0, 0, 0, 1],
+           [1, 0, 1, 1]], dtype=int32)
+    """
+    tile = _tile_of_columns(columns, tile_size)
+    t = rows.shape[0]
+    per_column = rows[jnp.minimum(tile, t - 1)]  # (N, K)
+    return (per_column & columns[:, None]).T
+
+
+def dense_mask(mask: LayerMask, tile_size: int) -> Array:
+    """The dense ``(K, N)`` mask of a layer: its tile mask or its element mask."""
+    return expand(mask["columns"], mask["rows"], tile_size) | mask["elements"]
+
+
+# ----------------------------------------------------------------------------- selection core
+
+def _target(sparsity: Array, total: int) -> Array:
+    return jnp.round(jnp.asarray(sparsity, jnp.float32) * total).astype(jnp.int32)
+
+
+def _prune_lowest(scores: Array, lengths: Array, forced: Array, protected: Array,
+                  target: Array) -> Array:
+    """Prunes the lowest-scoring vectors until their total length is nearest ``target``.
+
+    All arguments are 1-D over vectors (``target`` is a scalar weight count). ``forced`` vectors
+    are always pruned, ``protected`` ones never (forced wins). Equal scores: lower index first.
+    Returns the boolean pruned vector.
+    """
+    n = scores.shape[0]
+    protected = protected & ~forced
+    key = jnp.where(forced, -jnp.inf, jnp.where(protected, jnp.inf, scores.astype(jnp.float32)))
+    order = jnp.argsort(key, stable=True)
+    cum = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(lengths[order].astype(jnp.int32))])
+    p = jnp.argmin(jnp.abs(cum - target))
+    p = jnp.clip(p, jnp.sum(forced), n - jnp.sum(protected))
+    return jnp.zeros((n,), bool).at[order].set(jnp.arange(n) < p)
+
+
+def _select(groups: Sequence[tuple], targets: Sequence[Array], total_target: Array,
+            per_layer: bool) -> list[Array]:
+    """Runs :func:`_prune_lowest` per layer, or once over all layers' vectors concatenated.
+
+    ``groups[i]`` = (scores, lengths, forced, protected) of layer i, arrays of any shape (flattened
+    in C order, which fixes the tie order).
+    """
+    shapes = [g[0].shape for g in groups]
+    flat = [tuple(a.reshape(-1) for a in g) for g in groups]
+    if per_layer:
+        out = [_prune_lowest(*g, t) for g, t in zip(flat, targets)]
+    else:
+        cat = [jnp.concatenate(parts) for parts in zip(*flat)]
+        pruned = _prune_lowest(*cat, total_target)
+        sizes = np.cumsum([g[0].shape[0] for g in flat])[:-1]
+        out = jnp.split(pruned, sizes)
+    return [p.reshape(s) for p, s in zip(out, shapes)]
+
+
+def _top(scores: Array, excluded: Array, count: int, axis: int = -1) -> Array:
+    """Marks the ``count`` highest scores along ``axis`` (excluded entries never count)."""
+    n = scores.shape[axis]
+    count = min(count, n)
+    if count <= 0:
+        return jnp.zeros(scores.shape, bool)
+    key = jnp.where(excluded, jnp.inf, -scores.astype(jnp.float32))
+    rank = jnp.argsort(jnp.argsort(key, axis=axis, stable=True), axis=axis, stable=True)
+    return (rank < count) & ~excluded
+
+
+def _normalise(scores: Array, kept: Array) -> Array:
+    """Divides a layer's scores by their mean over its kept weights (1 if that mean is 0)."""
+    scores = jnp.asarray(scores, jnp.float32)
+    mean = jnp.sum(jnp.where(kept, scores, 0.0)) / jnp.maximum(jnp.sum(kept), 1)
+    return scores / jnp.where(mean > 0, mean, 1.0)
+
+
+# ----------------------------------------------------------------------------- patterns
+
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    """Base of all patterns: validates inputs and calls the pattern's ``_masks``.
+
+    Call a pattern with a list of per-layer score matrices ``(K_i, N_i)`` and a total sparsity:
+
+    >>> import jax
+    >>> scores = [jnp.abs(jax.random.normal(jax.random.key(0), (64, 96)))]
+    >>> [m] = TW2D()(scores, 0.75, tile_size=32)
+    >>> float(1 - dense_mask(m, 32).mean())
+    0.75
+
+    Args (of ``__call__``):
+      scores: non-negative importance per weight, one ``(K, N)`` array per layer.
+      sparsity: total fraction of weights to prune, in [0, 1); may be traced.
+      tile_size: G, the tile width of the layers (sets the mask representation).
+      previous: the layers' current masks; the new masks are subsets of them.
+      final_sparsity: the sparsity the schedule ends at (sets TW-2D's column/row split;
+        defaults to ``sparsity``).
+      per_layer: rank each layer alone (each layer at ``sparsity``) instead of globally.
+      min_keep: per-layer floor on the kept fraction (see the module docstring).
+    Returns:
+      One layer mask per layer.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __call__(self, scores: Sequence[Array], sparsity: Any, *, tile_size: int = 128,
+                 previous: Sequence[LayerMask] | None = None, final_sparsity: Any = None,
+                 per_layer: bool = False, min_keep: float = 0.05) -> list[LayerMask]:
+        tile_size = check_tile_size(tile_size)
+        check_sparsity(sparsity)
+        if final_sparsity is None:
+            final_sparsity = sparsity
+        check_sparsity(final_sparsity, "final_sparsity")
+        if _is_concrete(sparsity) and _is_concrete(final_sparsity) and float(final_sparsity) < float(sparsity):
+            raise ValueError(
+                f"final_sparsity must be >= sparsity, got final_sparsity={float(final_sparsity)!r} "
+                f"< sparsity={float(sparsity)!r}")
+        if not 0.0 <= min_keep < 1.0:
+            raise ValueError(f"min_keep must be in [0, 1), got {min_keep!r}")
+        scores = list(scores)
+        if not scores:
+            raise ValueError("scores must hold at least one (K, N) score matrix, got an empty list")
+        for i, s in enumerate(scores):
+            if jnp.ndim(s) != 2:
+                raise ValueError(f"scores[{i}] must be a (K, N) matrix, got shape {jnp.shape(s)}")
+        if previous is None:
+            previous = [keep_all(*jnp.shape(s), tile_size) for s in scores]
+        previous = list(previous)
+        if len(previous) != len(scores):
+            raise ValueError(f"previous has {len(previous)} masks for {len(scores)} score matrices")
+        for i, (s, m) in enumerate(zip(scores, previous)):
+            check_layer_mask(m, *jnp.shape(s), tile_size, where=f"previous[{i}]")
+        ctx = _Context(tile_size, per_layer, float(min_keep))
+        kept = [dense_mask(m, tile_size) for m in previous]
+        normed = [_normalise(s, k) for s, k in zip(scores, kept)]
+        sparsity = jnp.asarray(sparsity, jnp.float32)
+        final_sparsity = jnp.maximum(jnp.asarray(final_sparsity, jnp.float32), sparsity)
+        return self._masks(normed, previous, kept, sparsity, final_sparsity, ctx)
+
+    def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx) -> list[LayerMask]:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    tile_size: int
+    per_layer: bool
+    min_keep: float
+
+
+def _tile_wise(scores, previous, sparsity, final_sparsity, column_share, ctx) -> list[LayerMask]:
+    """TW-2D (and TW-1D with ``column_share=0``): column stage, then row stage."""
+    g = ctx.tile_size
+    sizes = [s.size for s in scores]
+    total = sum(sizes)
+    col_final = 1.0 - (1.0 - final_sparsity) ** column_share
+    col_sparsity = jnp.minimum(sparsity, col_final)
+    col_floor = ctx.min_keep ** column_share
+    row_floor = ctx.min_keep ** (1.0 - column_share)
+
+    # Column stage: vectors are whole columns (length K).
+    groups = []
+    for s, m in zip(scores, previous):
+        k, n = s.shape
+        col_score = s.mean(axis=0)
+        forced = ~m["columns"]
+        protected = _top(col_score, forced, math.ceil(col_floor * n))
+        groups.append((col_score, jnp.full((n,), k, jnp.int32), forced, protected))
+    col_pruned = _select(groups, [_target(col_sparsity, z) for z in sizes],
+                         _target(col_sparsity, total), ctx.per_layer)
+    columns = [~p for p in col_pruned]
+
+    # Row stage: vectors are (tile, K row) segments, of length = the tile's kept columns.
+    groups, pruned_by_columns = [], []
+    for s, m, c in zip(scores, previous, columns):
+        k, n = s.shape
+        t = num_tiles(n, g)
+        tile = _tile_of_columns(c, g)  # (N,), T for pruned columns (dropped below)
+        width = jax.ops.segment_sum(jnp.ones((n,), jnp.int32), tile, num_segments=t)  # (T,)
+        seg_score = jax.ops.segment_sum(s.T, tile, num_segments=t) / jnp.maximum(width, 1)[:, None]
+        was_pruned = ~expand(m["columns"], m["rows"], g)  # (K, N)
+        forced = jax.ops.segment_sum(was_pruned.T.astype(jnp.int32), tile, num_segments=t) > 0
+        empty = jnp.broadcast_to((width == 0)[:, None], (t, k))
+        protected = _top(seg_score, forced | empty, math.ceil(row_floor * k), axis=1) | empty
+        lengths = jnp.broadcast_to(width[:, None], (t, k))
+        groups.append((seg_score, lengths, forced & ~empty, protected))
+        pruned_by_columns.append((n - jnp.sum(c)) * k)
+    # Rows are pruned only once the columns reached their final share, so tiles never change
+    # under pruned rows; until then the count is right up to whole columns.
+    rows_on = sparsity >= col_final
+    row_targets = [jnp.where(rows_on, _target(sparsity, z) - p, 0)
+                   for z, p in zip(sizes, pruned_by_columns)]
+    row_total = jnp.where(rows_on, _target(sparsity, total) - sum(pruned_by_columns), 0)
+    row_pruned = _select(groups, row_targets, row_total, ctx.per_layer)
+    out = []
+    for s, c, p, (_, lengths, _, _) in zip(scores, columns, row_pruned, groups):
+        out.append({"columns": c, "rows": ~p & (lengths > 0),
+                    "elements": jnp.zeros(s.shape, bool)})
+    return out
+
+
+def _element_masks(elements: Sequence[Array], tile_size: int) -> list[LayerMask]:
+    """Layer masks holding only an element mask (empty tile mask)."""
+    out = []
+    for e in elements:
+        k, n = e.shape
+        out.append({"columns": jnp.zeros((n,), bool),
+                    "rows": jnp.zeros((num_tiles(n, tile_size), k), bool),
+                    "elements": e})
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TW2D(Pattern):
+    """Tile-wise 2-D: global column pruning, tiles of G kept columns, in-tile row pruning.
+
+    ``column_share`` in [0, 1] is the share of the (log-)density removed by column pruning:
+    ``1 - s_columns = (1 - s) ** column_share``; 0.5 splits it evenly between the two stages.
+    """
+
+    column_share: float = 0.5
+    name: ClassVar[str] = "tw2d"
+
+    def __post_init__(self):
+        if not 0.0 <= self.column_share <= 1.0:
+            raise ValueError(f"column_share must be in [0, 1], got {self.column_share!r}")
+
+    def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
+        return _tile_wise(scores, previous, sparsity, final_sparsity, self.column_share, ctx)
+
+
+@dataclasses.dataclass(frozen=True)
+class TW1D(Pattern):
+    """Tile-wise 1-D: fixed G-wide tiles in original column order, in-tile row pruning only."""
+
+    name: ClassVar[str] = "tw1d"
+
+    def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
+        return _tile_wise(scores, previous, sparsity, final_sparsity, 0.0, ctx)
+
+
+@dataclasses.dataclass(frozen=True)
+class TEW(Pattern):
+    """Tile + element-wise: TW-2D at ``s + residue``, then the ``residue`` fraction (of all
+    weights) of the most important weights TW removed given back in ``elements``."""
+
+    residue: float = 0.05
+    column_share: float = 0.5
+    name: ClassVar[str] = "tew"
+
+    def __post_init__(self):
+        if not 0.0 <= self.residue < 1.0:
+            raise ValueError(f"residue must be in [0, 1), got {self.residue!r}")
+        if not 0.0 <= self.column_share <= 1.0:
+            raise ValueError(f"column_share must be in [0, 1], got {self.column_share!r}")
+
+    def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
+        if _is_concrete(final_sparsity) and float(final_sparsity) + self.residue >= 1.0:
+            raise ValueError(
+                f"TEW needs sparsity + residue < 1, got {float(final_sparsity)!r} + {self.residue!r}")
+        tiles = _tile_wise(scores, previous, jnp.minimum(sparsity + self.residue, 0.999),
+                           jnp.minimum(final_sparsity + self.residue, 0.999), self.column_share, ctx)
+        sizes = [s.size for s in scores]
+        groups = []
+        for s, m, k in zip(scores, tiles, kept):
+            candidate = ~expand(m["columns"], m["rows"], ctx.tile_size) & k
+            # Give back the best candidates = prune all but them; non-candidates count as pruned.
+            groups.append((s, jnp.ones(s.shape, jnp.int32), ~candidate, jnp.zeros(s.shape, bool)))
+        give_back = [_target(self.residue, z) for z in sizes]
+        not_given = _select(groups, [z - r for z, r in zip(sizes, give_back)],
+                            sum(sizes) - _target(self.residue, sum(sizes)), ctx.per_layer)
+        for m, p in zip(tiles, not_given):
+            m["elements"] = ~p
+        return tiles
+
+
+@dataclasses.dataclass(frozen=True)
+class EW(Pattern):
+    """Element-wise (unstructured) pruning with one global threshold."""
+
+    name: ClassVar[str] = "ew"
+
+    def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
+        groups = []
+        for s, k in zip(scores, kept):
+            protected = _top(s.reshape(-1), ~k.reshape(-1), math.ceil(ctx.min_keep * s.size))
+            groups.append((s, jnp.ones(s.shape, jnp.int32), ~k, protected.reshape(s.shape)))
+        sizes = [s.size for s in scores]
+        pruned = _select(groups, [_target(sparsity, z) for z in sizes],
+                         _target(sparsity, sum(sizes)), ctx.per_layer)
+        return _element_masks([~p for p in pruned], ctx.tile_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class VW(Pattern):
+    """Vector-wise: along K, each output column's blocks of ``vector_size`` keep their top n.
+
+    n is the same for every block up to one: ``round((1 - s) * total)`` weights are kept, every
+    block keeping ``floor`` or ``floor + 1`` of them; the blocks whose next-best weight scores
+    highest keep the extra one. A last block shorter than ``vector_size`` (K not a multiple)
+    keeps at most its length.
+    """
+
+    vector_size: int = 16
+    name: ClassVar[str] = "vw"
+
+    def __post_init__(self):
+        if isinstance(self.vector_size, bool) or not isinstance(self.vector_size, int) or self.vector_size <= 0:
+            raise ValueError(f"vector_size must be a positive integer, got {self.vector_size!r}")
+
+    def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
+        v = self.vector_size
+        keys, layouts = [], []
+        for s, k in zip(scores, kept):
+            rows, n = s.shape
+            pad = -rows % v
+            eligible = jnp.pad(k, ((0, pad), (0, 0))).reshape(-1, v, n)
+            sc = jnp.pad(s, ((0, pad), (0, 0))).reshape(-1, v, n)
+            sc = jnp.where(eligible, sc, -jnp.inf)
+            # Rank of each element inside its block (0 = best); ineligible ones rank last.
+            rank = jnp.argsort(jnp.argsort(-sc, axis=1, stable=True), axis=1, stable=True)
+            rank = jnp.where(eligible, rank, v)
+            keys.append((rank, sc, eligible))
+            layouts.append((rows, n, pad))
+        sizes = [s.size for s in scores]
+
+        def keep(group, n_keep):
+            rank, sc, eligible = (a.reshape(-1) for a in group)
+            order = jnp.lexsort((-sc, rank))  # by rank in block, then by score, best first
+            n_keep = jnp.minimum(n_keep, jnp.sum(eligible))
+            return jnp.zeros(rank.shape, bool).at[order].set(jnp.arange(rank.size) < n_keep)
+
+        if ctx.per_layer:
+            kept_flat = [keep(g, z - _target(sparsity, z)) for g, z in zip(keys, sizes)]
+        else:
+            cat = tuple(jnp.concatenate([a.reshape(-1) for a in parts]) for parts in zip(*keys))
+            total = sum(sizes)
+            flat = keep(cat, total - _target(sparsity, total))
+            kept_flat = jnp.split(flat, np.cumsum([g[0].size for g in keys])[:-1])
+        elements = []
+        for f, (rows, n, pad) in zip(kept_flat, layouts):
+            elements.append(f.reshape(-1, n)[:rows])
+        return _element_masks(elements, ctx.tile_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class BW(Pattern):
+    """Block-wise: square ``block_size`` x ``block_size`` blocks, ranked globally."""
+
+    block_size: int = 32
+    name: ClassVar[str] = "bw"
+
+    def __post_init__(self):
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+
+    def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
+        b = self.block_size
+        groups, layouts = [], []
+        for s, k in zip(scores, kept):
+            rows, n = s.shape
+            pr, pc = -rows % b, -n % b
+            real = jnp.pad(jnp.ones(s.shape, jnp.int32), ((0, pr), (0, pc)))
+            blocks = lambda a: a.reshape((rows + pr) // b, b, (n + pc) // b, b).sum(axis=(1, 3))
+            length = blocks(real)
+            score = blocks(jnp.pad(s, ((0, pr), (0, pc)))) / length
+            forced = blocks(jnp.pad((~k).astype(jnp.int32), ((0, pr), (0, pc)))) > 0
+            protected = _top(score.reshape(-1), forced.reshape(-1),
+                             math.ceil(ctx.min_keep * score.size)).reshape(score.shape)
+            groups.append((score, length, forced, protected))
+            layouts.append((rows, n))
+        sizes = [s.size for s in scores]
+        pruned = _select(groups, [_target(sparsity, z) for z in sizes],
+                         _target(sparsity, sum(sizes)), ctx.per_layer)
+        elements = []
+        for p, (rows, n) in zip(pruned, layouts):
+            full = jnp.repeat(jnp.repeat(~p, b, axis=0), b, axis=1)
+            elements.append(full[:rows, :n])
+        return _element_masks(elements, ctx.tile_size)
+
+
+_BY_NAME = {cls.name: cls for cls in (TW2D, TW1D, TEW, EW, VW, BW)}
+
+
+def get(name: str, **options: Any) -> Pattern:
+    """The pattern called ``name`` (tw2d, tw1d, tew, ew, vw, bw), built with ``options``.
+
+    >>> get('bw', block_size=16)
+    BW(block_size=16)
+    """
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in _BY_NAME:
+        raise ValueError(f"unknown pattern {name!r}; expected one of {sorted(_BY_NAME)}")
+    return _BY_NAME[key](**options)

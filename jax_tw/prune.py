@@ -1,0 +1,368 @@
+"""Pruning during training: schedules and an optax transform that owns the tile-wise masks.
+
+>>> import jax, jax.numpy as jnp, optax
+>>> from jax_tw import nn, prune
+>>> model = nn.TWDense(features=64, tile_size=16)
+>>> variables = model.init(jax.random.key(0), jnp.ones((1, 32)))
+>>> tx = optax.chain(
+...     optax.adamw(1e-3),
+...     prune.step(variables['tw_mask'], prune.cubic(0.75, begin=0, end=100),
+...                tile_size=16, update_every=10))
+>>> opt_state = tx.init(variables['params'])
+>>> # in the train step: updates, opt_state = tx.update(grads, opt_state, params)
+>>> masks = prune.masks(opt_state)  # shaped like variables['tw_mask']
+
+How the transform works, each step:
+
+1. Taylor scores (``score='taylor'``) accumulate ``(g * w)^2`` from the *true* gradients, which the
+   caller passes as an extra argument: ``tx.update(grads, opt_state, params, grads=grads)``
+   (``optax.chain`` hands extra arguments to every transform). The ``updates`` that reach this
+   transform have been through the optimizer (Adam's normalisation, learning rate...), so they
+   are never used as gradients. Magnitude scores use ``|params + updates|``, the weights as they
+   will be after this step.
+2. When ``count % update_every == 0`` and the schedule's sparsity rose above the last applied one,
+   the masks are recomputed (inside ``jax.lax.cond``, so the step stays one jitted function) from
+   the scores, with the previous masks as ``previous`` (masks only grow), and the Taylor
+   accumulators are reset.
+3. The outgoing updates of every pruned weight are ``-params``, so ``optax.apply_updates`` leaves
+   it exactly zero: no separate call after ``apply_updates`` is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from jax_tw import patterns
+
+__all__ = [
+    "Cubic", "Stages", "cubic", "stages", "one_shot", "PruneState", "step", "masks",
+    "sparsity", "SparsityReport",
+]
+
+Path = tuple  # a tuple of str keys into a params / tw_mask tree
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def _check_step(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer step, got {value!r}")
+    return int(value)
+
+
+class Cubic(NamedTuple):
+    """Cubic ramp (Zhu and Gupta, 2017): ``initial`` before ``begin``, ``final`` from ``end``.
+
+    ``s(t) = final + (initial - final) * (1 - (t - begin) / (end - begin)) ** 3`` in between.
+    Build it with :func:`cubic`, which validates the arguments.
+    """
+
+    final: float
+    begin: int
+    end: int
+    initial: float = 0.0
+
+    def __call__(self, step: Any) -> jax.Array:
+        t = jnp.asarray(step, jnp.float32)
+        span = max(self.end - self.begin, 1)
+        progress = jnp.clip((t - self.begin) / span, 0.0, 1.0)
+        ramp = self.final + (self.initial - self.final) * (1.0 - progress) ** 3
+        return jnp.where(t < self.begin, self.initial, jnp.where(t >= self.end, self.final, ramp))
+
+
+class Stages(NamedTuple):
+    """Piecewise constant: sparsity ``sparsities[i]`` from step ``steps[i]`` on (0 before)."""
+
+    steps: tuple[int, ...]
+    sparsities: tuple[float, ...]
+
+    @property
+    def final(self) -> float:
+        return self.sparsities[-1]
+
+    def __call__(self, step: Any) -> jax.Array:
+        t = jnp.asarray(step, jnp.int32)
+        reached = t >= jnp.asarray(self.steps, jnp.int32)
+        values = jnp.asarray(self.sparsities, jnp.float32)
+        return jnp.max(jnp.where(reached, values, 0.0))
+
+
+def cubic(final: float, begin: int, end: int, initial: float = 0.0) -> Cubic:
+    """A cubic sparsity ramp from ``initial`` at step ``begin`` to ``final`` at step ``end``.
+
+    >>> s = cubic(0.75, begin=100, end=1100)
+    >>> [round(float(s(t)), 4) for t in (0, 100, 600, 1100, 5000)]
+    [0.0, 0.0, 0.6562, 0.75, 0.75]
+    """
+    patterns.check_sparsity(final, "final sparsity")
+    patterns.check_sparsity(initial, "initial sparsity")
+    begin, end = _check_step(begin, "begin"), _check_step(end, "end")
+    if end < begin:
+        raise ValueError(f"the schedule's end must not precede its begin, got end={end} < begin={begin}")
+    if final < initial:
+        raise ValueError(f"final sparsity must be >= initial, got final={final!r} < initial={initial!r}")
+    return Cubic(float(final), begin, end, float(initial))
+
+
+def stages(pairs: Sequence[tuple[int, float]]) -> Stages:
+    """Sparsity stages like the paper's: ``[(step, sparsity), ...]``, steps increasing.
+
+    >>> s = stages([(0, 0.25), (100, 0.5), (200, 0.75)])
+    >>> [float(s(t)) for t in (0, 99, 100, 250)]
+    [0.25, 0.25, 0.5, 0.75]
+    """
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("stages needs at least one (step, sparsity) pair, got none")
+    steps = [_check_step(t, "stage step") for t, _ in pairs]
+    values = [float(s) for _, s in pairs]
+    for s in values:
+        patterns.check_sparsity(s, "stage sparsity")
+    for a, b in zip(steps, steps[1:]):
+        if b <= a:
+            raise ValueError(f"stage steps must increase, got {b} after {a}")
+    for a, b in zip(values, values[1:]):
+        if b < a:
+            raise ValueError(f"stage sparsities must not decrease, got {b!r} after {a!r}")
+    return Stages(tuple(steps), tuple(values))
+
+
+def one_shot(sparsity: float, at: int = 0) -> Stages:
+    """Prune once, to ``sparsity``, at step ``at``."""
+    return stages([(at, sparsity)])
+
+
+# ----------------------------------------------------------------------------- tree helpers
+
+def _path_key(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _mask_layers(tw_mask: Any) -> dict[Path, dict]:
+    """{layer path: layer mask} for every layer mask in a tw_mask tree."""
+    flat = traverse_util.flatten_dict(_to_dict(tw_mask))
+    layers: dict[Path, dict] = {}
+    for path, leaf in flat.items():
+        layers.setdefault(path[:-1], {})[path[-1]] = leaf
+    return layers
+
+
+def _to_dict(tree: Any) -> Any:
+    if hasattr(tree, "items"):
+        return {k: _to_dict(v) for k, v in tree.items()}
+    return tree
+
+
+def _kernel_path(layer: Path) -> Path:
+    return tuple(layer) + ("kernel",)
+
+
+# ----------------------------------------------------------------------------- the transform
+
+class PruneState(NamedTuple):
+    """State of :func:`step`."""
+
+    count: jax.Array  # int32 (), steps seen
+    sparsity: jax.Array  # float32 (), target of the last mask update
+    masks: Any  # tw_mask tree: {layer path...: {'columns', 'rows', 'elements'}}
+    scores: Any  # {layer name: (K, N) float32} Taylor accumulators of pruned layers, or {}
+
+
+def _default_layers(path: Path) -> bool:
+    return True
+
+
+def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Pattern | None = None,
+         tile_size: int = 128, update_every: int = 100, score: str = "magnitude",
+         layers: Callable[[Path], bool] = _default_layers, per_layer: bool = False,
+         min_keep: float = 0.05) -> optax.GradientTransformationExtraArgs:
+    """An optax transform that prunes TWDense kernels during training.
+
+    Put it in an ``optax.chain`` after the optimizer. Its state holds the masks; read them with
+    :func:`masks` and pass them as the model's ``tw_mask`` collection.
+
+    Args:
+      tw_mask: the model's ``tw_mask`` collection (from ``model.init``): which layers exist and
+        their starting masks.
+      schedule: step -> total sparsity, e.g. :func:`cubic`, :func:`stages`, :func:`one_shot`;
+        must have a ``final`` attribute (the sparsity it ends at).
+      pattern: a :mod:`jax_tw.patterns` pattern (default ``TW2D()``).
+      tile_size: G of the TWDense layers.
+      update_every: recompute masks every this many steps (when the schedule's sparsity rose).
+      score: ``'magnitude'`` (``|w|``) or ``'taylor'`` (``(g * w)^2`` summed over the steps since
+        the last update; needs ``grads=`` passed to ``update``, see the module docstring).
+      layers: filter on the kernel's param path (a tuple of str, e.g.
+        ``('encoder', 'query', 'kernel')``): True to prune it. Default: every TWDense kernel.
+      per_layer: rank each layer alone instead of one global ranking.
+      min_keep: per-layer floor on the kept fraction (see :mod:`jax_tw.patterns`).
+    """
+    pattern = patterns.TW2D() if pattern is None else pattern
+    if not isinstance(pattern, patterns.Pattern):
+        raise ValueError(f"pattern must be a jax_tw.patterns.Pattern such as TW2D(), got {pattern!r}")
+    tile_size = patterns.check_tile_size(tile_size)
+    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every <= 0:
+        raise ValueError(f"update_every must be a positive integer, got {update_every!r}")
+    if score not in ("magnitude", "taylor"):
+        raise ValueError(f"score must be 'magnitude' or 'taylor', got {score!r}")
+    final = getattr(schedule, "final", None)
+    if final is None:
+        raise ValueError(f"schedule must have a 'final' sparsity (use prune.cubic, prune.stages or "
+                         f"prune.one_shot), got {schedule!r}")
+    patterns.check_sparsity(final, "the schedule's final sparsity")
+    if not 0.0 <= min_keep < 1.0:
+        raise ValueError(f"min_keep must be in [0, 1), got {min_keep!r}")
+    mask_layers = _mask_layers(tw_mask)
+    if not mask_layers:
+        raise ValueError("tw_mask holds no layer masks: pass the model's variables['tw_mask']")
+    pruned = [p for p in mask_layers if layers(_kernel_path(p))]
+    names = {p: "/".join(p) for p in pruned}
+    initial_masks = traverse_util.unflatten_dict(
+        {path + (key,): jnp.asarray(v) for path, m in mask_layers.items() for key, v in m.items()})
+
+    def kernels(tree: Any, what: str) -> dict[Path, jax.Array]:
+        flat = traverse_util.flatten_dict(_to_dict(tree))
+        out = {}
+        for p in pruned:
+            kp = _kernel_path(p)
+            if kp not in flat:
+                raise ValueError(f"{what} has no kernel at {'/'.join(kp)} for the tw_mask layer "
+                                 f"{'/'.join(p)}: the mask tree doesn't match the params")
+            out[p] = flat[kp]
+        return out
+
+    def init_fn(params: Any) -> PruneState:
+        for p, w in kernels(params, "params").items():
+            if jnp.ndim(w) != 2:
+                raise ValueError(f"params {'/'.join(_kernel_path(p))} has shape {jnp.shape(w)}; "
+                                 "expected a (K, N) kernel")
+            patterns.check_layer_mask(mask_layers[p], *jnp.shape(w), tile_size,
+                                      where=f"tw_mask {'/'.join(p)}")
+        scores = {}
+        if score == "taylor":
+            scores = {names[p]: jnp.zeros(jnp.shape(w), jnp.float32)
+                      for p, w in kernels(params, "params").items()}
+        return PruneState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32),
+                          initial_masks, scores)
+
+    def update_fn(updates: Any, state: PruneState, params: Any = None, *, grads: Any = None,
+                  **extra_args: Any) -> tuple[Any, PruneState]:
+        del extra_args
+        if params is None:
+            raise ValueError("jax_tw.prune.step needs params: call tx.update(grads, opt_state, params)")
+        if not isinstance(state, PruneState):
+            raise ValueError(f"expected a PruneState, got {type(state).__name__}: make sure you "
+                             "have called init first")
+        w = kernels(params, "params")
+        u = kernels(updates, "updates")
+        acc = dict(state.scores)
+        if score == "taylor":
+            if grads is None:
+                raise ValueError(
+                    "score='taylor' needs the true gradients: call "
+                    "tx.update(grads, opt_state, params, grads=grads)")
+            g = kernels(grads, "grads")
+            for p in pruned:
+                acc[names[p]] = acc[names[p]] + jnp.square(
+                    g[p].astype(jnp.float32) * w[p].astype(jnp.float32))
+        target = jnp.asarray(schedule(state.count), jnp.float32)
+        due = (state.count % update_every == 0) & (target > state.sparsity)
+        layer_masks = _mask_layers(state.masks)
+
+        def recompute(_):
+            if score == "taylor":
+                scores = [acc[names[p]] for p in pruned]
+            else:
+                scores = [jnp.abs((w[p] + u[p]).astype(jnp.float32)) for p in pruned]
+            new = pattern(scores, target, tile_size=tile_size,
+                          previous=[layer_masks[p] for p in pruned], final_sparsity=final,
+                          per_layer=per_layer, min_keep=min_keep)
+            fresh = {names[p]: jnp.zeros_like(a) for p, a in zip(pruned, scores)} if acc else {}
+            return [m for m in new], fresh
+
+        def keep(_):
+            return [layer_masks[p] for p in pruned], acc
+
+        new_masks, acc = jax.lax.cond(due, recompute, keep, None)
+        flat_masks = {path + (key,): v for path, m in layer_masks.items() for key, v in m.items()}
+        dense = {}
+        for p, m in zip(pruned, new_masks):
+            for key, v in m.items():
+                flat_masks[p + (key,)] = v
+            dense[_kernel_path(p)] = patterns.dense_mask(m, tile_size)
+
+        def mask_update(path, upd, param):
+            key = tuple(_path_key(e) for e in path)
+            if key not in dense:
+                return upd
+            return jnp.where(dense[key], upd, -param).astype(upd.dtype)
+
+        updates = jax.tree_util.tree_map_with_path(mask_update, updates, params)
+        new_state = PruneState(
+            count=optax.safe_increment(state.count),
+            sparsity=jnp.where(due, target, state.sparsity),
+            masks=traverse_util.unflatten_dict(flat_masks),
+            scores=acc)
+        return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- reading the state
+
+def masks(opt_state: Any) -> Any:
+    """The masks held by the :func:`step` inside ``opt_state``, shaped like the ``tw_mask``
+    collection: ``model.apply({'params': params, 'tw_mask': prune.masks(opt_state)}, x)``."""
+    found = [s for s in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, PruneState)) if isinstance(s, PruneState)]
+    if not found:
+        raise ValueError("opt_state holds no jax_tw.prune.step state: was the optimizer built "
+                         "with jax_tw.prune.step in its chain?")
+    if len(found) > 1:
+        raise ValueError(f"opt_state holds {len(found)} jax_tw.prune.step states; expected one")
+    return found[0].masks
+
+
+class SparsityReport(NamedTuple):
+    """Sparsity (fraction of weights pruned) of each layer and of all of them together."""
+
+    layers: dict[str, float]
+    total: float
+
+    def __str__(self) -> str:
+        width = max([len(k) for k in self.layers] + [5])
+        lines = [f"{name:<{width}}  {s:7.2%}" for name, s in self.layers.items()]
+        lines.append(f"{'total':<{width}}  {self.total:7.2%}")
+        return "\n".join(lines)
+
+
+def sparsity(tw_mask: Any, tile_size: int = 128,
+             layers: Callable[[Path], bool] = _default_layers) -> SparsityReport:
+    """Measures the sparsity of a ``tw_mask`` tree (or the masks in an ``opt_state``).
+
+    Only layers whose kernel path passes ``layers`` count, as in :func:`step`.
+    """
+    if any(isinstance(s, PruneState) for s in jax.tree_util.tree_leaves(
+            tw_mask, is_leaf=lambda x: isinstance(x, PruneState))):
+        tw_mask = masks(tw_mask)
+    tile_size = patterns.check_tile_size(tile_size)
+    per_layer, kept, total = {}, 0, 0
+    for path, m in _mask_layers(tw_mask).items():
+        if not layers(_kernel_path(path)):
+            continue
+        k, n = np.shape(m["elements"])
+        patterns.check_layer_mask(m, k, n, tile_size, where=f"tw_mask {'/'.join(path)}")
+        layer_kept = int(np.asarray(patterns.dense_mask(m, tile_size)).sum())
+        per_layer["/".join(path)] = 1.0 - layer_kept / (k * n)
+        kept += layer_kept
+        total += k * n
+    return SparsityReport(per_layer, 1.0 - kept / total if total else 0.0)

@@ -1,0 +1,49 @@
+"""Independent numpy references for the tests: mask expansion and pattern properties."""
+
+import numpy as np
+
+
+def expand_reference(columns, rows, tile_size):
+    """Dense (K, N) tile mask by explicit loops over kept columns."""
+    columns, rows = np.asarray(columns), np.asarray(rows)
+    k, n = rows.shape[1], columns.shape[0]
+    out = np.zeros((k, n), bool)
+    rank = 0
+    for j in range(n):
+        if columns[j]:
+            out[:, j] = rows[rank // tile_size]
+            rank += 1
+    return out
+
+
+def dense_reference(mask, tile_size):
+    return expand_reference(mask["columns"], mask["rows"], tile_size) | np.asarray(mask["elements"])
+
+
+def tiles_of(columns, tile_size):
+    """Lists of kept column indices, one list per tile, left to right."""
+    kept = np.flatnonzero(np.asarray(columns))
+    return [kept[i:i + tile_size] for i in range(0, len(kept), tile_size)]
+
+
+def assert_tile_structure(mask, tile_size):
+    """The TW invariant: pruned columns are empty; within a tile, every K row is kept for all of
+    the tile's columns or for none; no elements outside the tiles."""
+    dense = dense_reference(mask, tile_size)
+    columns = np.asarray(mask["columns"])
+    assert not np.asarray(mask["elements"]).any(), "TW mask has elements outside its tiles"
+    assert not dense[:, ~columns].any(), "a pruned column has kept weights"
+    for cols in tiles_of(columns, tile_size):
+        block = dense[:, cols]
+        assert (block.all(axis=1) | ~block.any(axis=1)).all(), f"tile {cols} is ragged"
+
+
+def pruned_count(masks, tile_size):
+    return sum(int((~dense_reference(m, tile_size)).sum()) for m in masks)
+
+
+def normalised(scores):
+    """Per-layer scores divided by their mean (the fresh-mask normalisation)."""
+    s = np.asarray(scores, np.float64)
+    mean = s.mean()
+    return s / mean if mean > 0 else s
