@@ -143,6 +143,7 @@ def expand(columns: Array, rows: Array, tile_size: int) -> Array:
            [0, 0, 0, 1],
            [1, 0, 1, 1]], dtype=int32)
     """
+    columns, rows = jnp.asarray(columns), jnp.asarray(rows)
     tile = _tile_of_columns(columns, tile_size)
     t = rows.shape[0]
     per_column = rows[jnp.minimum(tile, t - 1)]  # (N, K)
@@ -151,7 +152,7 @@ def expand(columns: Array, rows: Array, tile_size: int) -> Array:
 
 def dense_mask(mask: LayerMask, tile_size: int) -> Array:
     """The dense ``(K, N)`` mask of a layer: its tile mask or its element mask."""
-    return expand(mask["columns"], mask["rows"], tile_size) | mask["elements"]
+    return expand(mask["columns"], mask["rows"], tile_size) | jnp.asarray(mask["elements"])
 
 
 # ----------------------------------------------------------------------------- selection core

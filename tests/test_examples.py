@@ -1,0 +1,55 @@
+import importlib.util
+import pathlib
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_tw import patterns, prune
+from twcheck import assert_tile_structure
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # flax modules are dataclasses: they look themselves up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prune_mlp_example_short_run():
+    example = _load(ROOT / "examples" / "prune_mlp.py")
+    out = example.main(["--steps", "300", "--hidden", "64", "--tile-size", "16"])
+    assert out["sparsity"] == pytest.approx(0.75, abs=0.01)
+    assert out["accuracy"] > 0.3  # 10 classes: chance is 0.1
+    for mask in out["masks"].values():
+        assert_tile_structure(jax.tree.map(np.asarray, mask), 16)
+
+
+def test_readme_training_snippet_runs_and_prunes():
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"## Training with pruning in ten lines\n\n```python\n(.*?)```", text, re.S).group(1)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    params, opt_state = scope["params"], scope["opt_state"]
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(64, 784)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 64))
+    for step in range(201):  # the cubic ramp begins at 100; masks update every 100 steps
+        params, opt_state = scope["train_step"](params, opt_state, x, y)
+        if step == 199:
+            assert prune.sparsity(opt_state, tile_size=32).total == 0.0
+    report = prune.sparsity(opt_state, tile_size=32)
+    assert set(report.layers) == {"layers_0", "layers_2"}
+    want = float(scope["prune"].cubic(0.75, begin=100, end=2000)(200))
+    assert report.total == pytest.approx(want, abs=0.01)
+    for name in report.layers:
+        mask = jax.tree.map(np.asarray, prune.masks(opt_state)[name])
+        assert_tile_structure(mask, 32)
+        assert (np.asarray(params[name]["kernel"])[~np.asarray(
+            patterns.dense_mask(mask, 32))] == 0).all()

@@ -1,0 +1,248 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from jax_tw import patterns, prune
+from jax_tw.nn import TWDense
+from twcheck import assert_tile_structure, dense_reference
+
+G = 8
+
+
+class MLP(nn.Module):
+    hidden: int = 48
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(TWDense(self.hidden, tile_size=G, name="fc1")(x))
+        x = nn.relu(TWDense(self.hidden, tile_size=G, name="fc2")(x))
+        return nn.Dense(4, name="head")(x)
+
+
+def _setup(seed=0, n=256, k_in=24):
+    kx, kw, ki = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (n, k_in))
+    y = jnp.tanh(x @ jax.random.normal(kw, (k_in, 4)))
+    model = MLP()
+    variables = model.init(ki, x)
+    return model, variables, x, y
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def test_cubic_matches_formula():
+    s = prune.cubic(0.8, begin=10, end=110, initial=0.1)
+    for t in [0, 9, 10, 11, 50, 109, 110, 111, 1000]:
+        if t < 10:
+            want = 0.1
+        elif t >= 110:
+            want = 0.8
+        else:
+            want = 0.8 + (0.1 - 0.8) * (1 - (t - 10) / 100) ** 3
+        assert float(s(t)) == pytest.approx(want, abs=1e-6)
+    assert float(prune.cubic(0.5, begin=7, end=7)(7)) == 0.5  # begin == end: one shot
+    assert float(prune.cubic(0.5, begin=7, end=7)(6)) == 0.0
+
+
+def test_stages_and_one_shot():
+    s = prune.stages([(0, 0.25), (100, 0.35), (200, 0.5)])
+    assert [float(s(t)) for t in (0, 99, 100, 199, 200, 10**6)] == pytest.approx(
+        [0.25, 0.25, 0.35, 0.35, 0.5, 0.5])
+    assert s.final == 0.5
+    o = prune.one_shot(0.9, at=5)
+    assert float(o(4)) == 0.0 and float(o(5)) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: prune.cubic(0.5, begin=100, end=50), "end must not precede its begin, got end=50 < begin=100"),
+    (lambda: prune.cubic(1.0, 0, 10), r"final sparsity must be in \[0, 1\), got 1.0"),
+    (lambda: prune.cubic(-0.2, 0, 10), r"final sparsity must be in \[0, 1\), got -0.2"),
+    (lambda: prune.cubic(0.5, -1, 10), "begin must be a non-negative integer step, got -1"),
+    (lambda: prune.stages([(0, 0.5), (0, 0.6)]), "stage steps must increase, got 0 after 0"),
+    (lambda: prune.stages([(0, 0.5), (10, 0.4)]), "must not decrease, got 0.4 after 0.5"),
+    (lambda: prune.stages([(0, 1.2)]), r"stage sparsity must be in \[0, 1\), got 1.2"),
+    (lambda: prune.one_shot(0.5, at=2.5), "must be a non-negative integer step, got 2.5"),
+])
+def test_schedule_errors_name_the_value(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+# ----------------------------------------------------------------------------- the transform
+
+def _train(model, variables, x, y, tx, steps, taylor=False):
+    params = variables["params"]
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def train_step(params, opt_state):
+        def loss_fn(p):
+            out = model.apply({"params": p, "tw_mask": prune.masks(opt_state)}, x)
+            return jnp.mean((out - y) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        extra = {"grads": grads} if taylor else {}
+        updates, opt_state = tx.update(grads, opt_state, params, **extra)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    history = []
+    for _ in range(steps):
+        params, opt_state, loss = train_step(params, opt_state)
+        history.append((params, opt_state, float(loss)))
+    return history
+
+
+def test_pruned_weights_are_zero_stay_zero_and_masks_only_grow():
+    model, variables, x, y = _setup()
+    tx = optax.chain(optax.adam(1e-2),
+                     prune.step(variables["tw_mask"], prune.cubic(0.7, begin=2, end=20),
+                                tile_size=G, update_every=3))
+    history = _train(model, variables, x, y, tx, 30)
+    previous = None
+    seen_sparsities = set()
+    for params, opt_state, _ in history:
+        masks = prune.masks(opt_state)
+        # The masks tree is shaped exactly like the model's tw_mask collection.
+        assert jax.tree.structure(masks) == jax.tree.structure(variables["tw_mask"])
+        for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(variables["tw_mask"])):
+            assert a.shape == b.shape and a.dtype == b.dtype
+        dense = {name: dense_reference(jax.tree.map(np.asarray, masks[name]), G)
+                 for name in ("fc1", "fc2")}
+        for name, d in dense.items():
+            assert_tile_structure(jax.tree.map(np.asarray, masks[name]), G)
+            kernel = np.asarray(params[name]["kernel"])
+            assert (kernel[~d] == 0).all(), f"{name}: a pruned weight is not exactly zero"
+            if previous is not None:
+                assert not (d & ~previous[name]).any(), f"{name}: a pruned weight came back"
+        previous = dense
+        seen_sparsities.add(round(prune.sparsity(opt_state, G).total, 3))
+    assert len(seen_sparsities) > 3  # gradual: several distinct levels on the way
+    total = prune.sparsity(history[-1][1], G).total
+    assert total == pytest.approx(0.7, abs=G * 48 / 2 / (24 * 48 + 48 * 48))
+
+
+def test_taylor_scores_come_from_true_gradients():
+    """Adam before the step turns grads into very different updates; the scores must still be
+    (g * w)^2 from the grads passed as the extra argument."""
+    model, variables, x, y = _setup(seed=1)
+    schedule = prune.one_shot(0.5, at=3)
+    step = prune.step(variables["tw_mask"], schedule, tile_size=G, update_every=1, score="taylor")
+    tx = optax.chain(optax.adam(1e-2), step)
+    params = variables["params"]
+    opt_state = tx.init(params)
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p, grads=g))
+
+    def loss_fn(p):
+        return jnp.mean((model.apply({"params": p, "tw_mask": variables["tw_mask"]}, x) - y) ** 2)
+
+    expected = {name: np.zeros_like(np.asarray(params[name]["kernel"])) for name in ("fc1", "fc2")}
+    for i in range(3):
+        grads = jax.grad(loss_fn)(params)
+        for name in expected:
+            expected[name] += (np.asarray(grads[name]["kernel"], np.float64)
+                               * np.asarray(params[name]["kernel"], np.float64)) ** 2
+        updates, opt_state = update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        state = opt_state[1]
+        for name in expected:
+            np.testing.assert_allclose(state.scores[name], expected[name], rtol=1e-5)
+    # Step 3 prunes with the accumulated scores (including step 3's) and resets them.
+    grads = jax.grad(loss_fn)(params)
+    for name in expected:
+        expected[name] += (np.asarray(grads[name]["kernel"], np.float64)
+                           * np.asarray(params[name]["kernel"], np.float64)) ** 2
+    _, opt_state = update(grads, opt_state, params)
+    want = patterns.TW2D()([jnp.asarray(expected[n], jnp.float32) for n in ("fc1", "fc2")], 0.5,
+                           tile_size=G, final_sparsity=0.5)
+    got = prune.masks(opt_state)
+    for name, w in zip(("fc1", "fc2"), want):
+        np.testing.assert_array_equal(dense_reference(jax.tree.map(np.asarray, got[name]), G),
+                                      dense_reference(jax.tree.map(np.asarray, w), G))
+    assert all(not np.asarray(v).any() for v in opt_state[1].scores.values())
+    # Without grads= the step refuses instead of scoring optimizer updates.
+    with pytest.raises(ValueError, match="score='taylor' needs the true gradients"):
+        tx.update(grads, opt_state, params)
+
+
+def test_layer_filter_and_sparsity_report():
+    model, variables, x, y = _setup()
+    only_fc1 = lambda path: path[0] == "fc1"
+    tx = optax.chain(optax.adam(1e-2),
+                     prune.step(variables["tw_mask"], prune.one_shot(0.75), tile_size=G,
+                                layers=only_fc1))
+    history = _train(model, variables, x, y, tx, 3)
+    params, opt_state, _ = history[-1]
+    masks = prune.masks(opt_state)
+    assert dense_reference(jax.tree.map(np.asarray, masks["fc2"]), G).all()
+    assert (np.asarray(params["fc2"]["kernel"]) != 0).all()
+    report = prune.sparsity(masks, G, layers=only_fc1)
+    assert list(report.layers) == ["fc1"]
+    assert report.total == pytest.approx(0.75, abs=24 / 2 / (24 * 48))
+    full = prune.sparsity(opt_state, G)
+    assert full.layers["fc2"] == 0.0
+    assert full.total == pytest.approx(report.total * 24 * 48 / (24 * 48 + 48 * 48))
+    assert "fc1" in str(full) and "total" in str(full)
+
+
+@pytest.mark.parametrize("pattern", [patterns.TW1D(), patterns.TEW(residue=0.05), patterns.EW(),
+                                     patterns.VW(), patterns.BW(block_size=8)])
+def test_every_pattern_runs_in_the_same_model(pattern):
+    model, variables, x, y = _setup()
+    tx = optax.chain(optax.adam(1e-2),
+                     prune.step(variables["tw_mask"], prune.cubic(0.6, begin=0, end=6),
+                                pattern=pattern, tile_size=G, update_every=2))
+    params, opt_state, _ = _train(model, variables, x, y, tx, 8)[-1]
+    masks = prune.masks(opt_state)
+    for name in ("fc1", "fc2"):
+        d = dense_reference(jax.tree.map(np.asarray, masks[name]), G)
+        assert (np.asarray(params[name]["kernel"])[~d] == 0).all()
+    assert prune.sparsity(opt_state, G).total == pytest.approx(0.6, abs=0.03)
+
+
+def test_training_reaches_target_keeps_structure_and_keeps_learning():
+    model, variables, x, y = _setup(seed=2, n=512)
+    tx = optax.chain(optax.adam(3e-3),
+                     prune.step(variables["tw_mask"], prune.cubic(0.75, begin=50, end=250),
+                                tile_size=G, update_every=10, score="taylor"))
+    history = _train(model, variables, x, y, tx, 500, taylor=True)
+    params, opt_state, final_loss = history[-1]
+    loss_after_pruning = history[250][2]
+    assert final_loss < 0.8 * loss_after_pruning, (loss_after_pruning, final_loss)
+    assert final_loss < 0.5 * history[0][2]
+    report = prune.sparsity(opt_state, G)
+    assert report.total == pytest.approx(0.75, abs=G * 48 / 2 / (24 * 48 + 48 * 48))
+    for name in ("fc1", "fc2"):
+        assert_tile_structure(jax.tree.map(np.asarray, prune.masks(opt_state)[name]), G)
+
+
+def test_bad_input_errors():
+    model, variables, x, y = _setup()
+    masks = variables["tw_mask"]
+    sched = prune.cubic(0.5, 0, 10)
+    with pytest.raises(ValueError, match="tile_size must be a positive integer, got 0"):
+        prune.step(masks, sched, tile_size=0)
+    with pytest.raises(ValueError, match="update_every must be a positive integer, got 0"):
+        prune.step(masks, sched, tile_size=G, update_every=0)
+    with pytest.raises(ValueError, match="score must be 'magnitude' or 'taylor', got 'grad'"):
+        prune.step(masks, sched, tile_size=G, score="grad")
+    with pytest.raises(ValueError, match="schedule must have a 'final' sparsity"):
+        prune.step(masks, lambda t: 0.5, tile_size=G)
+    with pytest.raises(ValueError, match="holds no layer masks"):
+        prune.step({}, sched, tile_size=G)
+    # A mask tree that doesn't match the params: other tile size, other shapes, missing layer.
+    with pytest.raises(ValueError, match=r"tw_mask fc1: tw_mask 'rows' has shape \(6, 24\), expected \(3, 24\)"):
+        prune.step(masks, sched, tile_size=16).init(variables["params"])
+    other = MLP(hidden=40).init(jax.random.key(0), x)["tw_mask"]
+    with pytest.raises(ValueError, match=r"'columns' has shape \(40,\), expected \(48,\)"):
+        prune.step(other, sched, tile_size=G).init(variables["params"])
+    extra = dict(masks, fc3=masks["fc2"])
+    with pytest.raises(ValueError, match="no kernel at fc3/kernel"):
+        prune.step(extra, sched, tile_size=G).init(variables["params"])
+    with pytest.raises(ValueError, match="opt_state holds no jax_tw.prune.step state"):
+        prune.masks(optax.adam(1e-3).init(variables["params"]))
+    tx = prune.step(masks, sched, tile_size=G)
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update(variables["params"], tx.init(variables["params"]))
