@@ -210,8 +210,11 @@ def _top(scores: Array, excluded: Array, count: int, axis: int = -1) -> Array:
 
 
 def _normalise(scores: Array, kept: Array) -> Array:
-    """Divides a layer's scores by their mean over its kept weights (1 if that mean is 0)."""
-    scores = jnp.asarray(scores, jnp.float32)
+    """Divides a layer's scores by their mean over its kept weights (1 if that mean is 0).
+
+    NaN scores (a diverged weight or gradient) count as 0, so such weights are pruned first.
+    """
+    scores = jnp.nan_to_num(jnp.asarray(scores, jnp.float32), nan=0.0)
     mean = jnp.sum(jnp.where(kept, scores, 0.0)) / jnp.maximum(jnp.sum(kept), 1)
     return scores / jnp.where(mean > 0, mean, 1.0)
 
