@@ -1,0 +1,71 @@
+// Packed tiles: the execution format of one tile-wise sparse layer (C++ side).
+//
+// The one C++ definition of the format that jax_tw/packing.py defines in Python; every kernel
+// includes this header. For a kernel W (K, N), tile size G, C kept columns, T = ceil(C / G)
+// tiles, R kept rows over all tiles and E residue weights:
+//
+//   columns        int32 [C]      kept output columns, ascending; tile t owns columns[t*G, (t+1)*G)
+//   row_offsets    int32 [T + 1]  tile t's kept K indices are rows[row_offsets[t], row_offsets[t+1])
+//   rows           int32 [R]      kept K indices, ascending within each tile
+//   values         T_val [R, G]   values[r][j] = W[rows[r]][columns[t*G + j]]; row-major, G wide
+//   residue_rows   int32 [E]      element-wise residue outside the tiles:
+//   residue_cols   int32 [E]        W[residue_rows[e]][residue_cols[e]] = residue_values[e]
+//   residue_values T_val [E]
+//
+// Why values is [R, G] row-major: each tile's weights are one contiguous K_t x G block, the B
+// operand of the tile's small dense GEMM, read one K row (G contiguous values) at a time by the
+// micro-kernels; the last tile is padded to G so every tile has the same width.
+//
+// Validate() checks every index before a kernel touches memory, so corrupt tiles give an error
+// message instead of an out-of-bounds access.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace jax_tw {
+
+struct PackedTilesView {
+  int64_t k = 0, n = 0, g = 0;  // static sizes: K, N, tile size G
+  int64_t c = 0, t = 0, r = 0, e = 0;  // kept columns, tiles, kept rows, residue weights
+  const int32_t* columns = nullptr;      // [c]
+  const int32_t* row_offsets = nullptr;  // [t + 1]
+  const int32_t* rows = nullptr;         // [r]
+  const int32_t* residue_rows = nullptr; // [e]
+  const int32_t* residue_cols = nullptr; // [e]
+
+  int64_t depth(int64_t tile) const { return row_offsets[tile + 1] - row_offsets[tile]; }
+  int64_t width(int64_t tile) const {
+    int64_t w = c - tile * g;
+    return w < g ? w : g;
+  }
+
+  // Returns an empty string if the view is consistent, else what is wrong.
+  std::string Validate() const {
+    if (k <= 0 || n <= 0 || g <= 0) return "k, n and tile_size must be positive";
+    if (c > n) return "more kept columns than n";
+    if (t != (c + g - 1) / g)
+      return "row_offsets has " + std::to_string(t + 1) + " entries, expected " +
+             std::to_string((c + g - 1) / g + 1);
+    for (int64_t i = 0; i < c; ++i) {
+      if (columns[i] < 0 || columns[i] >= n) return "column index out of [0, n)";
+      if (i && columns[i] <= columns[i - 1]) return "columns are not strictly increasing";
+    }
+    if (row_offsets[0] != 0 || row_offsets[t] != r) return "row_offsets must run from 0 to len(rows)";
+    for (int64_t i = 0; i < t; ++i) {
+      if (row_offsets[i + 1] < row_offsets[i]) return "row_offsets decrease";
+      for (int64_t q = row_offsets[i]; q < row_offsets[i + 1]; ++q) {
+        if (rows[q] < 0 || rows[q] >= k) return "row index out of [0, k)";
+        if (q > row_offsets[i] && rows[q] <= rows[q - 1])
+          return "rows are not strictly increasing within a tile";
+      }
+    }
+    for (int64_t i = 0; i < e; ++i) {
+      if (residue_rows[i] < 0 || residue_rows[i] >= k) return "residue row out of [0, k)";
+      if (residue_cols[i] < 0 || residue_cols[i] >= n) return "residue column out of [0, n)";
+    }
+    return "";
+  }
+};
+
+}  // namespace jax_tw

@@ -1,0 +1,203 @@
+// jax_tw._cpu: the XLA FFI handler of tw_matmul on the host, and its pybind11 module.
+//
+//   y[M, N] f32 = x[M, K] @ W + residue, W given as packed tiles (packed_tiles.h).
+// Work runs on XLA's intra-op thread pool in two phases: (1) work items (tile, block of rows)
+// compute the tiles; (2) blocks of rows zero the pruned columns and add the residue.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "packed_tiles.h"
+#include "tw_kernel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_tw {
+namespace {
+
+TileKernel ChooseKernel() {
+#if defined(__x86_64__) && defined(JAX_TW_HAVE_X86_VARIANTS)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return avx512::Kernel();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2::Kernel();
+#endif
+  return generic::Kernel();
+}
+
+const TileKernel kKernel = ChooseKernel();
+
+// Runs f(0..n-1) on the pool and the calling thread; returns once every call finished.
+// Tasks that start late find no work left and return without touching f.
+template <class F>
+std::string ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+    std::string error;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n, &f] {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      try {
+        f(i);
+      } catch (const std::exception& e) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->error = e.what();
+      }
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t h = 0; h < helpers; ++h) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+  return state->error;
+}
+
+ffi::Error TwMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> columns,
+                        ffi::Buffer<ffi::S32> row_offsets, ffi::Buffer<ffi::S32> rows,
+                        ffi::AnyBuffer values, ffi::Buffer<ffi::S32> residue_rows,
+                        ffi::Buffer<ffi::S32> residue_cols, ffi::AnyBuffer residue_values,
+                        ffi::ResultBuffer<ffi::F32> y, int64_t n, int64_t tile_size) {
+  try {
+    const auto xd = x.dimensions();
+    if (xd.size() != 2) return ffi::Error::InvalidArgument("tw_matmul: x must be 2-D (M, K)");
+    const bool bf16 = x.element_type() == ffi::DataType::BF16;
+    if (!bf16 && x.element_type() != ffi::DataType::F32)
+      return ffi::Error::InvalidArgument("tw_matmul: x must be float32 or bfloat16");
+    if (values.element_type() != x.element_type() || residue_values.element_type() != x.element_type())
+      return ffi::Error::InvalidArgument("tw_matmul: values, residue_values and x must share a dtype");
+    PackedTilesView p;
+    p.k = xd[1];
+    p.n = n;
+    p.g = tile_size;
+    p.c = columns.element_count();
+    p.t = row_offsets.element_count() - 1;
+    p.r = rows.element_count();
+    p.e = residue_rows.element_count();
+    p.columns = columns.typed_data();
+    p.row_offsets = row_offsets.typed_data();
+    p.rows = rows.typed_data();
+    p.residue_rows = residue_rows.typed_data();
+    p.residue_cols = residue_cols.typed_data();
+    if (p.t < 0) return ffi::Error::InvalidArgument("tw_matmul: row_offsets is empty");
+    if (residue_cols.element_count() != p.e || residue_values.element_count() != p.e)
+      return ffi::Error::InvalidArgument("tw_matmul: residue arrays differ in length");
+    const auto vd = values.dimensions();
+    if (vd.size() != 2 || vd[0] != p.r || vd[1] != p.g)
+      return ffi::Error::InvalidArgument("tw_matmul: values must be (len(rows), tile_size)");
+    const auto yd = y->dimensions();
+    if (yd.size() != 2 || yd[0] != xd[0] || yd[1] != n)
+      return ffi::Error::InvalidArgument("tw_matmul: output must be (M, n)");
+    std::string bad = p.Validate();
+    if (!bad.empty()) return ffi::Error::InvalidArgument("tw_matmul: corrupt packed tiles: " + bad);
+
+    TileGemmArgs args{&p, x.untyped_data(), values.untyped_data(), bf16, xd[0], y->typed_data()};
+    const int64_t m = xd[0];
+    const int64_t blocks = (m + kRowsPerItem - 1) / kRowsPerItem;
+    // Phase 0: x into row panels (reused across calls by this thread).
+    // (A thread_local is per thread: the workers must see it through a plain pointer.)
+    thread_local std::vector<float> panel_buffer;
+    const int64_t npanels = (m + kKernel.mr - 1) / kKernel.mr;
+    panel_buffer.resize(npanels * p.k * kKernel.mr);
+    float* panels = panel_buffer.data();
+    const int64_t per_block = kRowsPerItem / kKernel.mr;
+    std::string err = ParallelFor(pool, blocks, [&](int64_t b) {
+      kKernel.pack(args, panels, b * per_block, std::min(npanels, (b + 1) * per_block));
+    });
+    if (!err.empty()) return ffi::Error::Internal("tw_matmul: " + err);
+    // Phase 1: the tiles, longest first so the last items to finish are short.
+    std::vector<int64_t> order(p.t);
+    for (int64_t t = 0; t < p.t; ++t) order[t] = t;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return p.depth(a) > p.depth(b); });
+    err = ParallelFor(pool, p.t * blocks, [&](int64_t item) {
+      const int64_t tile = order[item / blocks], b = item % blocks;
+      kKernel.tile(args, panels, tile, b * kRowsPerItem, std::min(m, (b + 1) * kRowsPerItem));
+    });
+    if (!err.empty()) return ffi::Error::Internal("tw_matmul: " + err);
+    // Phase 2: zero the pruned columns, then add the residue.
+    std::vector<int32_t> pruned;
+    {
+      std::vector<char> kept(n, 0);
+      for (int64_t i = 0; i < p.c; ++i) kept[p.columns[i]] = 1;
+      for (int64_t j = 0; j < n; ++j)
+        if (!kept[j]) pruned.push_back(static_cast<int32_t>(j));
+    }
+    const void* rv = residue_values.untyped_data();
+    err = ParallelFor(pool, blocks, [&](int64_t b) {
+      const int64_t m1 = std::min(m, (b + 1) * kRowsPerItem);
+      for (int64_t i = b * kRowsPerItem; i < m1; ++i) {
+        float* yr = args.y + i * n;
+        for (int32_t j : pruned) yr[j] = 0.f;
+        for (int64_t e = 0; e < p.e; ++e) {
+          float xv, wv;
+          if (bf16) {
+            uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t*>(args.x)[i * p.k + p.residue_rows[e]]) << 16;
+            std::memcpy(&xv, &u, 4);
+            u = static_cast<uint32_t>(static_cast<const uint16_t*>(rv)[e]) << 16;
+            std::memcpy(&wv, &u, 4);
+          } else {
+            xv = static_cast<const float*>(args.x)[i * p.k + p.residue_rows[e]];
+            wv = static_cast<const float*>(rv)[e];
+          }
+          yr[p.residue_cols[e]] += xv * wv;
+        }
+      }
+    });
+    if (!err.empty()) return ffi::Error::Internal("tw_matmul: " + err);
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("tw_matmul: ") + e.what());
+  }
+}
+
+}  // namespace
+}  // namespace jax_tw
+
+// Target jax_tw_tw_matmul_cpu_v1: x, columns, row_offsets, rows, values, residue_rows,
+// residue_cols, residue_values -> y (f32); attributes n, tile_size (int64).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxTwTwMatmulCpu, jax_tw::TwMatmulImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::AnyBuffer>()             // x (M, K)
+        .Arg<ffi::Buffer<ffi::S32>>()      // columns (C,)
+        .Arg<ffi::Buffer<ffi::S32>>()      // row_offsets (T + 1,)
+        .Arg<ffi::Buffer<ffi::S32>>()      // rows (R,)
+        .Arg<ffi::AnyBuffer>()             // values (R, G)
+        .Arg<ffi::Buffer<ffi::S32>>()      // residue_rows (E,)
+        .Arg<ffi::Buffer<ffi::S32>>()      // residue_cols (E,)
+        .Arg<ffi::AnyBuffer>()             // residue_values (E,)
+        .Ret<ffi::Buffer<ffi::F32>>()      // y (M, N)
+        .Attr<int64_t>("n")
+        .Attr<int64_t>("tile_size"));
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "jax_tw host kernels (XLA FFI custom-call targets)";
+  m.def("registrations", [] {
+    pybind11::dict d;
+    d["jax_tw_tw_matmul_cpu_v1"] =
+        pybind11::capsule(reinterpret_cast<void*>(JaxTwTwMatmulCpu));
+    return d;
+  });
+  m.def("isa", [] { return std::string(jax_tw::kKernel.isa); },
+        "The instruction set the tile micro-kernel was dispatched to.");
+}

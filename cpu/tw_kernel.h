@@ -1,0 +1,44 @@
+// Host kernel for tile-wise matmul over packed tiles: y[M, N] (f32) = x[M, K] @ W_packed.
+//
+// Two steps per call:
+//  1. Pack x once into row panels: panels[p][k][i] = x[p * MR + i][k] (f32, zero past M). A
+//     panel holds MR rows of x feature-major, so the MR values a micro-kernel needs at depth k
+//     are contiguous whatever k is: the K gather of every tile then costs one index load per k,
+//     fused into the micro-kernel's loads (no per-tile gather pass).
+//  2. Work items (tile, block of kRowsPerItem rows) run a register-blocked GEMM of the block's
+//     panels against the tile's weights and scatter the result to the tile's output columns.
+#pragma once
+
+#include <cstdint>
+
+#include "packed_tiles.h"
+
+namespace jax_tw {
+
+struct TileGemmArgs {
+  const PackedTilesView* p;
+  const void* x;       // [m, k], f32 or bf16 (raw bits)
+  const void* values;  // [r, g], same dtype as x
+  bool bf16;
+  int64_t m;
+  float* y;            // [m, n]
+};
+
+// Rows of M that one work item covers (a multiple of every ISA's panel height MR).
+constexpr int64_t kRowsPerItem = 192;
+
+struct TileKernel {
+  const char* isa;
+  int64_t mr;  // panel height
+  // Packs panels [p_begin, p_end) of x into `panels` (layout above).
+  void (*pack)(const TileGemmArgs&, float* panels, int64_t p_begin, int64_t p_end);
+  // Rows [m_begin, m_end) (m_begin a multiple of MR) of tile `tile`.
+  void (*tile)(const TileGemmArgs&, const float* panels, int64_t tile, int64_t m_begin, int64_t m_end);
+};
+
+// One definition per instruction set: tw_kernel_impl.cc is compiled once per ISA.
+namespace avx512 { TileKernel Kernel(); }
+namespace avx2 { TileKernel Kernel(); }
+namespace generic { TileKernel Kernel(); }
+
+}  // namespace jax_tw

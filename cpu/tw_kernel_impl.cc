@@ -1,0 +1,164 @@
+// Tile GEMM micro-kernel, compiled once per instruction set (see CMakeLists.txt):
+//   TW_ISA_AVX512: 16-wide vectors, micro-tile 12 x 32 (24 accumulators of 32 zmm registers)
+//   TW_ISA_AVX2:    8-wide vectors, micro-tile  6 x 16 (12 accumulators of 16 ymm registers)
+//   otherwise:      4-wide vectors, micro-tile  4 x 8
+// Blocking follows BLIS: a B micro-panel (KC x NR, contiguous) stays in L1 while the A values,
+// read straight from x's panels at the tile's kept K indices, stream from L2.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "tw_kernel.h"
+
+#if defined(TW_ISA_AVX512)
+#define TW_NS avx512
+#define TW_ISA_NAME "avx512"
+constexpr int VL = 16, MR = 12;
+#elif defined(TW_ISA_AVX2)
+#define TW_NS avx2
+#define TW_ISA_NAME "avx2"
+constexpr int VL = 8, MR = 6;
+#else
+#define TW_NS generic
+#define TW_ISA_NAME "generic"
+constexpr int VL = 4, MR = 4;
+#endif
+
+namespace jax_tw {
+namespace TW_NS {
+namespace {
+
+constexpr int NV = 2;            // vectors per micro-tile row
+constexpr int NR = VL * NV;      // micro-tile width
+constexpr int64_t KC = 256;      // depth of a block (B micro-panel KC x NR in L1)
+static_assert(kRowsPerItem % MR == 0, "work items must hold whole panels");
+
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+
+inline vf Load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+inline float Bf16ToF32(uint16_t bits) {
+  uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// c[MR][NR] (+)= A[kept[q]][MR] * b[q][NR] over q < kc; A = one x panel ([K][MR]).
+inline void Micro(int64_t kc, const float* __restrict panel, const int32_t* __restrict kept,
+                  const float* __restrict b, float* __restrict c, int64_t ldc, bool accumulate) {
+  vf acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = accumulate ? Load(c + i * ldc + v * VL) : vf{};
+  for (int64_t q = 0; q < kc; ++q) {
+    const float* a = panel + static_cast<int64_t>(kept[q]) * MR;
+    vf bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Load(b + q * NR + v * VL);
+    for (int i = 0; i < MR; ++i) {
+      const float ai = a[i];  // scalar * vector: a broadcast folded into the FMA
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) Store(c + i * ldc + v * VL, acc[i][v]);
+}
+
+template <class T>
+void PackRows(const T* x, int64_t k, int64_t m, float* panel, int64_t m0) {
+  for (int i = 0; i < MR; ++i) {
+    const int64_t row = m0 + i;
+    if (row >= m) {
+      for (int64_t q = 0; q < k; ++q) panel[q * MR + i] = 0.f;
+      continue;
+    }
+    const T* xr = x + row * k;
+    for (int64_t q = 0; q < k; ++q) {
+      if constexpr (sizeof(T) == 2) {
+        panel[q * MR + i] = Bf16ToF32(xr[q]);
+      } else {
+        panel[q * MR + i] = xr[q];
+      }
+    }
+  }
+}
+
+void Pack(const TileGemmArgs& args, float* panels, int64_t p_begin, int64_t p_end) {
+  const int64_t k = args.p->k;
+  for (int64_t pi = p_begin; pi < p_end; ++pi) {
+    float* panel = panels + pi * k * MR;
+    if (args.bf16) {
+      PackRows(static_cast<const uint16_t*>(args.x), k, args.m, panel, pi * MR);
+    } else {
+      PackRows(static_cast<const float*>(args.x), k, args.m, panel, pi * MR);
+    }
+  }
+}
+
+// Scratch buffers whose data start on a 64-byte line, so no vector load is split across lines.
+struct AlignedBuffer {
+  std::vector<float> storage;
+  float* Get(size_t n) {
+    storage.resize(n + 16);
+    auto addr = reinterpret_cast<uintptr_t>(storage.data());
+    return storage.data() + ((64 - addr % 64) % 64) / sizeof(float);
+  }
+};
+
+struct Scratch {
+  AlignedBuffer b, c;
+};
+
+void Tile(const TileGemmArgs& args, const float* panels, int64_t tile, int64_t m_begin,
+          int64_t m_end) {
+  thread_local Scratch s;
+  const PackedTilesView& p = *args.p;
+  const int64_t depth = p.depth(tile), width = p.width(tile);
+  const int32_t* out_cols = p.columns + tile * p.g;
+  if (depth == 0) {  // no kept rows: the tile's columns are zero
+    for (int64_t i = m_begin; i < m_end; ++i)
+      for (int64_t j = 0; j < width; ++j) args.y[i * p.n + out_cols[j]] = 0.f;
+    return;
+  }
+  const int64_t gp = (width + NR - 1) / NR * NR;  // width padded to whole micro-tiles
+  const int64_t offset = p.row_offsets[tile];
+  const int32_t* kept = p.rows + offset;
+
+  // B: the tile's weights as f32 in micro-panels b[jp][q][NR], zero past the tile's width.
+  float* bbuf = s.b.Get(gp * depth);
+  std::fill(bbuf, bbuf + gp * depth, 0.f);
+  for (int64_t q = 0; q < depth; ++q) {
+    const int64_t src = (offset + q) * p.g;
+    for (int64_t j = 0; j < width; ++j) {
+      const float v = args.bf16 ? Bf16ToF32(static_cast<const uint16_t*>(args.values)[src + j])
+                                : static_cast<const float*>(args.values)[src + j];
+      bbuf[(j / NR) * depth * NR + q * NR + j % NR] = v;
+    }
+  }
+
+  const int64_t rows = m_end - m_begin;
+  const int64_t npanels = (rows + MR - 1) / MR;
+  const float* first = panels + (m_begin / MR) * p.k * MR;
+  float* cbuf = s.c.Get(npanels * MR * gp);
+  for (int64_t k0 = 0; k0 < depth; k0 += KC) {
+    const int64_t kc = std::min(KC, depth - k0);
+    for (int64_t jp = 0; jp < gp; jp += NR) {
+      const float* b = bbuf + (jp / NR) * depth * NR + k0 * NR;
+      for (int64_t ip = 0; ip < npanels; ++ip)
+        Micro(kc, first + ip * p.k * MR, kept + k0, b, cbuf + ip * MR * gp + jp, gp, k0 > 0);
+    }
+  }
+  // Epilogue: scatter each result column to its original position.
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* cr = cbuf + i * gp;
+    float* yr = args.y + (m_begin + i) * p.n;
+    for (int64_t j = 0; j < width; ++j) yr[out_cols[j]] = cr[j];
+  }
+}
+
+}  // namespace
+
+TileKernel Kernel() { return TileKernel{TW_ISA_NAME, MR, Pack, Tile}; }
+
+}  // namespace TW_NS
+}  // namespace jax_tw

@@ -1,0 +1,201 @@
+"""``tw_matmul``: ``x @ W + bias`` over packed tiles, with backends chosen per platform.
+
+Backends:
+
+* ``'xla'``  the pure-XLA reference: gathers plus one batched ``dot_general`` over tiles padded
+  to the deepest tile. Runs everywhere; every kernel is checked against it.
+* ``'cpu'``  the XLA FFI custom call of the ``jax_tw._cpu`` extension (host kernel).
+* ``'dense'`` ``x @ unpack(packed)`` with XLA's dense dot (what the automatic choice falls back
+  to where the sparse path would be slower).
+
+``backend=None`` picks automatically: the custom call of the platform when it was built, else
+``'xla'``. The environment variable ``JAX_TW_BACKEND`` overrides the automatic choice (for
+testing). Gradients: ``dx`` is itself a tile-wise product (scatter-added into the kept K
+rows) and ``d(values)`` is formed only at kept positions; both run on the reference path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_tw import packing
+from jax_tw.packing import PackedTiles
+
+__all__ = ["tw_matmul", "available_backends", "BACKENDS"]
+
+BACKENDS = ("xla", "cpu", "dense")
+
+
+def available_backends() -> tuple[str, ...]:
+    """The backends this installation can run (``'cpu'`` only if the extension was built)."""
+    from jax_tw import _ffi
+    return ("xla", "dense") + (("cpu",) if _ffi.cpu_available() else ())
+
+
+def _choose(backend: str | None) -> str:
+    if backend is None:
+        backend = os.environ.get("JAX_TW_BACKEND") or None
+    if backend is None:
+        from jax_tw import _ffi
+        return "cpu" if _ffi.cpu_available() and jax.default_backend() == "cpu" else "xla"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (or None for automatic), got {backend!r}")
+    if backend == "cpu":
+        from jax_tw import _ffi
+        if not _ffi.cpu_available():
+            raise ValueError("backend='cpu' was requested but jax_tw was built without its CPU "
+                             f"extension ({_ffi.cpu_import_error()})")
+    return backend
+
+
+# ----------------------------------------------------------------------------- reference path
+
+def _padded_tiles(p: PackedTiles):
+    """Tiles padded to the deepest one: gather index (T, D), validity (T, D), weights (T, D, G)."""
+    t, d = p.num_tiles, p.max_depth
+    offsets = jnp.asarray(p.row_offsets)
+    j = jnp.arange(d)
+    pos = offsets[:-1, None] + j[None, :]  # (T, D)
+    valid = pos < offsets[1:, None]
+    pos = jnp.minimum(pos, max(np.shape(p.rows)[0] - 1, 0))
+    idx = jnp.where(valid, jnp.asarray(p.rows)[pos], 0)
+    w = jnp.where(valid[..., None], jnp.asarray(p.values)[pos], 0)
+    return idx, valid, w
+
+
+def _forward_xla(x2: jax.Array, p: PackedTiles) -> jax.Array:
+    """(M, K) -> (M, N) in f32 on the reference path."""
+    m = x2.shape[0]
+    y = jnp.zeros((m, p.n), jnp.float32)
+    c = np.shape(p.columns)[0]
+    if c and p.max_depth:
+        idx, _, w = _padded_tiles(p)
+        xg = x2[:, idx]  # (M, T, D)
+        out = jnp.einsum("mtd,tdg->mtg", xg, w, preferred_element_type=jnp.float32)
+        out = out.reshape(m, -1)[:, :c]
+        y = y.at[:, jnp.asarray(p.columns)].set(out)
+    if np.shape(p.residue_rows)[0]:
+        contrib = x2[:, p.residue_rows].astype(jnp.float32) * jnp.asarray(p.residue_values, jnp.float32)
+        y = y.at[:, jnp.asarray(p.residue_cols)].add(contrib)
+    return y
+
+
+def _backward_xla(x2, p: PackedTiles, dy):
+    """Cotangents of x (M, K), values (R, G) and residue_values (E,) for dy (M, N) in f32."""
+    m = x2.shape[0]
+    dx = jnp.zeros((m, p.k), jnp.float32)
+    dvalues = jnp.zeros(np.shape(p.values), jnp.float32)
+    dres = jnp.zeros(np.shape(p.residue_values), jnp.float32)
+    c = np.shape(p.columns)[0]
+    if c and p.max_depth:
+        t, g = p.num_tiles, p.tile_size
+        idx, valid, w = _padded_tiles(p)
+        cols = jnp.pad(jnp.asarray(p.columns), (0, t * g - c))
+        dyt = jnp.where(jnp.arange(t * g) < c, dy[:, cols], 0).reshape(m, t, g)  # (M, T, G)
+        dxg = jnp.einsum("mtg,tdg->mtd", dyt, w.astype(jnp.float32))
+        dx = dx.at[:, idx].add(jnp.where(valid, dxg, 0))
+        xg = x2[:, idx].astype(jnp.float32)
+        dw = jnp.einsum("mtd,mtg->tdg", xg, dyt)  # (T, D, G)
+        offsets = jnp.asarray(p.row_offsets)
+        pos = offsets[:-1, None] + jnp.arange(p.max_depth)[None, :]
+        pos = jnp.where(valid, pos, np.shape(p.values)[0])  # out of range: dropped
+        dvalues = dvalues.at[pos].set(dw, mode="drop")
+    if np.shape(p.residue_rows)[0]:
+        rr, rc = jnp.asarray(p.residue_rows), jnp.asarray(p.residue_cols)
+        dx = dx.at[:, rr].add(dy[:, rc] * jnp.asarray(p.residue_values, jnp.float32))
+        dres = jnp.sum(x2[:, rr].astype(jnp.float32) * dy[:, rc], axis=0)
+    return dx, dvalues, dres
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+def _forward(backend: str, x2, p: PackedTiles):
+    if backend == "cpu":
+        from jax_tw import _ffi
+        return _ffi.cpu_tw_matmul(x2, p)
+    if backend == "dense":
+        return jnp.dot(x2, _dense_kernel(p), preferred_element_type=jnp.float32)
+    return _forward_xla(x2, p)
+
+
+def _dense_kernel(p: PackedTiles) -> jax.Array:
+    """The masked dense kernel, rebuilt inside jit from the packed arrays."""
+    w = jnp.zeros((p.k, p.n), jnp.result_type(p.values))
+    c = np.shape(p.columns)[0]
+    if c and p.max_depth:
+        idx, valid, wt = _padded_tiles(p)
+        t, g = p.num_tiles, p.tile_size
+        cols = jnp.pad(jnp.asarray(p.columns), (0, t * g - c), constant_values=p.n)
+        rows = jnp.where(valid, idx, p.k)[:, :, None]
+        w = w.at[rows, cols.reshape(t, 1, g)].set(wt, mode="drop")
+    if np.shape(p.residue_rows)[0]:
+        w = w.at[p.residue_rows, p.residue_cols].set(p.residue_values)
+    return w
+
+
+def _make_matmul(backend: str):
+    @jax.custom_vjp
+    def matmul(x2, p):
+        return _forward(backend, x2, p)
+
+    def fwd(x2, p):
+        return matmul(x2, p), (x2, p)
+
+    def bwd(res, dy):
+        x2, p = res
+        dx, dvalues, dres = _backward_xla(x2, p, dy.astype(jnp.float32))
+        zeros = jax.tree.map(lambda a: np.zeros(np.shape(a), jax.dtypes.float0)
+                             if jnp.issubdtype(jnp.result_type(a), jnp.integer) else None, p)
+        dp = PackedTiles(
+            columns=zeros.columns, row_offsets=zeros.row_offsets, rows=zeros.rows,
+            values=dvalues.astype(jnp.result_type(p.values)),
+            residue_rows=zeros.residue_rows, residue_cols=zeros.residue_cols,
+            residue_values=dres.astype(jnp.result_type(p.residue_values)),
+            k=p.k, n=p.n, tile_size=p.tile_size, max_depth=p.max_depth)
+        return dx.astype(x2.dtype), dp
+
+    matmul.defvjp(fwd, bwd)
+    return matmul
+
+
+_MATMULS = {b: _make_matmul(b) for b in BACKENDS}
+
+
+def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | None = None) -> jax.Array:
+    """``x @ unpack(packed) + bias`` over packed tiles.
+
+    ``x`` is ``(..., K)`` (leading dims are flattened into M), float32 or bfloat16 like the
+    packed values; the result is ``(..., N)`` in the same dtype, accumulated in float32.
+
+    >>> import numpy as np
+    >>> from jax_tw import packing, patterns
+    >>> w = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    >>> [mask] = patterns.TW2D()([np.abs(w)], 0.5, tile_size=4)
+    >>> p = packing.pack(w, mask, tile_size=4)
+    >>> x = np.ones((2, 16), np.float32)
+    >>> np.allclose(tw_matmul(x, p, backend='xla'), x @ packing.unpack(p), atol=1e-5)
+    True
+    """
+    if not isinstance(packed, PackedTiles):
+        raise ValueError(f"packed must be jax_tw.packing.PackedTiles, got {type(packed).__name__}")
+    packing.validate(packed)
+    x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[-1] != packed.k:
+        raise ValueError(f"x must have shape (..., K={packed.k}), got {x.shape}")
+    if x.dtype != packed.dtype:
+        raise ValueError(f"x dtype {x.dtype} must match the packed values' dtype {packed.dtype}")
+    name = _choose(backend)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, packed.k)
+    y = _MATMULS[name](x2, packed)
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        if bias.shape != (packed.n,):
+            raise ValueError(f"bias must have shape ({packed.n},), got {bias.shape}")
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype).reshape(*lead, packed.n)

@@ -1,0 +1,183 @@
+"""Packed tiles: the execution format of one tile-wise sparse layer.
+
+For a kernel ``W`` (K, N), tile size G and a layer mask (see :mod:`jax_tw.patterns`), the packed
+tiles hold only the kept work. This module is the one Python definition of the format;
+``cpu/packed_tiles.h`` is the one C++ definition, and the two are tested against each other.
+
+Fields (``C`` kept columns, ``T = ceil(C / G)`` tiles, ``R`` kept rows over all tiles, ``E``
+residue weights)::
+
+    columns         int32 (C,)       kept output columns, ascending; tile t owns columns[t*G:(t+1)*G]
+    row_offsets     int32 (T + 1,)   tile t's kept K indices are rows[row_offsets[t]:row_offsets[t+1]]
+    rows            int32 (R,)       kept K indices, ascending within each tile
+    values          dtype (R, G)     values[r] = W[rows[r], tile's columns]; zero past the tile's width
+    residue_rows    int32 (E,)       element-wise residue (TEW, or a baseline's whole mask):
+    residue_cols    int32 (E,)         W[residue_rows[e], residue_cols[e]] = residue_values[e],
+    residue_values  dtype (E,)         sorted by (row, col), outside the tiles
+    k, n, tile_size, max_depth       static ints (max_depth = the deepest tile's kept rows)
+
+Why ``values`` is (R, G) row-major: a tile's weights are then one contiguous ``K_t x G`` block,
+the B operand of that tile's small dense GEMM, read one K row (G contiguous values) at a time by
+every kernel; padding the last tile to G keeps every tile the same width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_tw import patterns
+
+__all__ = ["PackedTiles", "pack", "unpack", "validate"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedTiles:
+    """Packed tiles of one layer (a JAX pytree; the ints are static). Build with :func:`pack`."""
+
+    columns: Any
+    row_offsets: Any
+    rows: Any
+    values: Any
+    residue_rows: Any
+    residue_cols: Any
+    residue_values: Any
+    k: int = dataclasses.field(metadata=dict(static=True))
+    n: int = dataclasses.field(metadata=dict(static=True))
+    tile_size: int = dataclasses.field(metadata=dict(static=True))
+    max_depth: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def num_tiles(self) -> int:
+        return int(np.shape(self.row_offsets)[0]) - 1
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(jnp.result_type(self.values))
+
+    def density(self) -> float:
+        """Fraction of the K x N weights held (tiles, without their padding, plus residue)."""
+        offsets = np.asarray(self.row_offsets)
+        widths = np.minimum(self.tile_size, len(np.asarray(self.columns)) - self.tile_size * np.arange(self.num_tiles))
+        kept = int((np.diff(offsets) * widths).sum()) + int(np.shape(self.residue_rows)[0])
+        return kept / (self.k * self.n)
+
+
+def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int) -> PackedTiles:
+    """Packs a layer's kernel (K, N) under its layer mask, on the host (not under jit).
+
+    >>> import numpy as np
+    >>> w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    >>> mask = {'columns': np.array([True, False, True, True]),
+    ...         'rows': np.array([[True, False, True], [False, True, False]]),
+    ...         'elements': np.zeros((3, 4), bool)}
+    >>> p = pack(w, mask, tile_size=2)
+    >>> p.columns, p.row_offsets, p.rows
+    (array([0, 2, 3], dtype=int32), array([0, 2, 3], dtype=int32), array([0, 2, 1], dtype=int32))
+    >>> p.values
+    array([[ 0.,  2.],
+           [ 8., 10.],
+           [ 7.,  0.]], dtype=float32)
+    >>> (unpack(p) == np.where(patterns.dense_mask(mask, 2), w, 0)).all()
+    True
+    """
+    tile_size = patterns.check_tile_size(tile_size)
+    if isinstance(kernel, jax.core.Tracer):
+        raise ValueError("pack runs on the host: call it outside jax.jit with concrete arrays")
+    w = np.asarray(kernel)
+    if w.ndim != 2:
+        raise ValueError(f"kernel must be (K, N), got shape {w.shape}")
+    if w.dtype not in (np.float32, np.dtype(jnp.bfloat16)):
+        raise ValueError(f"kernel dtype must be float32 or bfloat16, got {w.dtype}")
+    k, n = w.shape
+    patterns.check_layer_mask(mask, k, n, tile_size, where="pack")
+    keep_cols = np.asarray(mask["columns"], bool)
+    keep_rows = np.asarray(mask["rows"], bool)
+    columns = np.flatnonzero(keep_cols).astype(np.int32)
+    t = -(-len(columns) // tile_size)
+    tile_rows = [np.flatnonzero(keep_rows[i]).astype(np.int32) for i in range(t)]
+    offsets = np.zeros(t + 1, np.int32)
+    offsets[1:] = np.cumsum([len(r) for r in tile_rows])
+    rows = np.concatenate(tile_rows) if t else np.zeros(0, np.int32)
+    values = np.zeros((len(rows), tile_size), w.dtype)
+    for i, r in enumerate(tile_rows):
+        cols = columns[i * tile_size:(i + 1) * tile_size]
+        values[offsets[i]:offsets[i + 1], :len(cols)] = w[np.ix_(r, cols)]
+    tiles = np.asarray(patterns.expand(keep_cols, keep_rows, tile_size))
+    res_r, res_c = np.nonzero(np.asarray(mask["elements"], bool) & ~tiles)  # row-major order
+    return PackedTiles(
+        columns=columns, row_offsets=offsets, rows=rows, values=values,
+        residue_rows=res_r.astype(np.int32), residue_cols=res_c.astype(np.int32),
+        residue_values=w[res_r, res_c], k=k, n=n, tile_size=tile_size,
+        max_depth=int(max((len(r) for r in tile_rows), default=0)))
+
+
+def unpack(packed: PackedTiles) -> np.ndarray:
+    """The masked dense kernel (K, N) that ``packed`` holds (exact: values are copied)."""
+    validate(packed)
+    p = jax.tree.map(np.asarray, packed)
+    w = np.zeros((p.k, p.n), p.values.dtype)
+    g = p.tile_size
+    for i in range(p.num_tiles):
+        cols = p.columns[i * g:(i + 1) * g]
+        rows = p.rows[p.row_offsets[i]:p.row_offsets[i + 1]]
+        w[np.ix_(rows, cols)] = p.values[p.row_offsets[i]:p.row_offsets[i + 1], :len(cols)]
+    w[p.residue_rows, p.residue_cols] = p.residue_values
+    return w
+
+
+def validate(packed: PackedTiles) -> None:
+    """Raises ValueError, naming the first inconsistency, unless ``packed`` is well formed.
+
+    Checks every index against its range, sortedness, offsets and shapes, so that a kernel
+    handed these tiles can never read or write out of bounds. Traced arrays are not checked.
+    """
+    if not isinstance(packed, PackedTiles):
+        raise ValueError(f"expected PackedTiles, got {type(packed).__name__}")
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(packed)):
+        return
+    k, n, g = packed.k, packed.n, packed.tile_size
+    if k <= 0 or n <= 0:
+        raise ValueError(f"packed tiles: k and n must be positive, got k={k}, n={n}")
+    patterns.check_tile_size(g)
+    cols, offs, rows = (np.asarray(a) for a in (packed.columns, packed.row_offsets, packed.rows))
+    vals = np.asarray(packed.values)
+    res = [np.asarray(a) for a in (packed.residue_rows, packed.residue_cols, packed.residue_values)]
+    for name, a in (("columns", cols), ("row_offsets", offs), ("rows", rows),
+                    ("residue_rows", res[0]), ("residue_cols", res[1])):
+        if a.ndim != 1 or a.dtype != np.int32:
+            raise ValueError(f"packed tiles: {name} must be 1-D int32, got {a.dtype} {a.shape}")
+    if vals.dtype not in (np.float32, np.dtype(jnp.bfloat16)):
+        raise ValueError(f"packed tiles: values dtype must be float32 or bfloat16, got {vals.dtype}")
+    c, t = len(cols), -(-len(cols) // g)
+    if c > n or (c and (cols[0] < 0 or cols[-1] >= n or np.any(np.diff(cols) <= 0))):
+        raise ValueError(f"packed tiles: columns must be strictly increasing in [0, {n})")
+    if len(offs) != t + 1:
+        raise ValueError(f"packed tiles: row_offsets has length {len(offs)}, expected {t + 1} "
+                         f"for {c} columns in tiles of {g}")
+    if offs[0] != 0 or np.any(np.diff(offs) < 0) or offs[-1] != len(rows):
+        raise ValueError(f"packed tiles: row_offsets must rise from 0 to len(rows)={len(rows)}, "
+                         f"got {offs.tolist() if len(offs) < 20 else '...'}")
+    depth = np.diff(offs)
+    if t and (depth.max() > k or depth.max() != packed.max_depth):
+        raise ValueError(f"packed tiles: the deepest tile has {depth.max()} rows; expected "
+                         f"max_depth={packed.max_depth} <= k={k}")
+    if len(rows) and (rows.min() < 0 or rows.max() >= k):
+        raise ValueError(f"packed tiles: rows must lie in [0, {k}), got [{rows.min()}, {rows.max()}]")
+    tile_of_row = np.repeat(np.arange(t), depth)
+    if np.any((np.diff(rows) <= 0) & (tile_of_row[1:] == tile_of_row[:-1])):
+        raise ValueError("packed tiles: rows must be strictly increasing within each tile")
+    if vals.shape != (len(rows), g):
+        raise ValueError(f"packed tiles: values has shape {vals.shape}, expected {(len(rows), g)}")
+    if not (len(res[0]) == len(res[1]) == len(res[2])) or res[2].ndim != 1:
+        raise ValueError("packed tiles: residue_rows, residue_cols and residue_values must have "
+                         f"one length, got {[len(a) for a in res]}")
+    if res[2].dtype != vals.dtype:
+        raise ValueError(f"packed tiles: residue_values dtype {res[2].dtype} != values dtype {vals.dtype}")
+    if len(res[0]) and (res[0].min() < 0 or res[0].max() >= k or res[1].min() < 0 or res[1].max() >= n):
+        raise ValueError(f"packed tiles: residue indices must lie in [0, {k}) x [0, {n})")
