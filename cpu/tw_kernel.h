@@ -5,7 +5,8 @@
 //     panel holds MR rows of x feature-major, so the MR values a micro-kernel needs at depth k
 //     are contiguous whatever k is: the K gather of every tile then costs one index load per k,
 //     fused into the micro-kernel's loads (no per-tile gather pass).
-//  2. Work items (tile, block of kRowsPerItem rows) run a register-blocked GEMM of the block's
+//  2. Each tile's weights are copied once into f32 micro-panels (contiguous KC x NR blocks).
+//  3. Work items (tile, block of kRowsPerItem rows) run a register-blocked GEMM of the block's
 //     panels against the tile's weights and scatter the result to the tile's output columns.
 #pragma once
 
@@ -32,8 +33,12 @@ struct TileKernel {
   int64_t mr;  // panel height
   // Packs panels [p_begin, p_end) of x into `panels` (layout above).
   void (*pack)(const TileGemmArgs&, float* panels, int64_t p_begin, int64_t p_end);
-  // Rows [m_begin, m_end) (m_begin a multiple of MR) of tile `tile`.
-  void (*tile)(const TileGemmArgs&, const float* panels, int64_t tile, int64_t m_begin, int64_t m_end);
+  // Floats of the micro-panel copy of a tile's weights, and the copy itself (64-byte aligned b).
+  int64_t (*weight_size)(const PackedTilesView&, int64_t tile);
+  void (*pack_weights)(const TileGemmArgs&, int64_t tile, float* b);
+  // Rows [m_begin, m_end) (m_begin a multiple of MR) of tile `tile`, weights from pack_weights.
+  void (*tile)(const TileGemmArgs&, const float* panels, const float* weights, int64_t tile,
+               int64_t m_begin, int64_t m_end);
 };
 
 // One definition per instruction set: tw_kernel_impl.cc is compiled once per ISA.

@@ -1,0 +1,139 @@
+"""Benchmark: tile-wise matmul over packed tiles vs the dense ``jnp.dot`` under jit.
+
+    python -m jax_tw.bench                       # BERT-base shapes, M = 2048, f32
+    python -m jax_tw.bench --json out.json --plot speedup.png
+    python -m jax_tw.bench --quick               # tiny shapes, a few repeats (used by the tests)
+
+For every shape, dtype and sparsity, the dense dot and the TW call are timed *interleaved* (dense,
+TW, dense, TW, ...) so that a noisy machine slows both alike; the table reports the medians and
+their ratio (dense time / TW time), and the fraction of the ideal speedup ``1 / (1 - s)``.
+Masks are TW-2D from random magnitudes, G = 128 unless ``--tile-size`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_tw import ops, packing, patterns
+
+BERT_BASE = [(768, 768), (768, 3072), (3072, 768)]
+BERT_LARGE = [(1024, 1024), (1024, 4096), (4096, 1024)]
+
+
+def _time_pair(f_dense, f_tw, args_dense, args_tw, repeats: int) -> tuple[float, float]:
+    jax.block_until_ready(f_dense(*args_dense))
+    jax.block_until_ready(f_tw(*args_tw))
+    dense, tw = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f_dense(*args_dense))
+        dense.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        jax.block_until_ready(f_tw(*args_tw))
+        tw.append(time.perf_counter() - t)
+    return float(np.median(dense)), float(np.median(tw))
+
+
+def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backend: str | None,
+        seed: int = 0) -> list[dict[str, Any]]:
+    """Times every (shape, dtype, sparsity); returns one row dict per measurement."""
+    rng = np.random.default_rng(seed)
+    name = ops._choose(backend)
+    dense_fn = jax.jit(lambda x, w: jnp.dot(x, w))
+    tw_fn = jax.jit(lambda x, p: ops.tw_matmul(x, p, backend=name))
+    rows = []
+    for k, n in shapes:
+        w32 = rng.normal(size=(k, n)).astype(np.float32)
+        x32 = rng.normal(size=(m, k)).astype(np.float32)
+        for dtype in dtypes:
+            w = w32.astype(dtype)
+            x = jnp.asarray(x32.astype(dtype))
+            wj = jnp.asarray(w)
+            for s in sparsities:
+                [mask] = patterns.TW2D()([np.abs(w32)], s, tile_size=tile_size, min_keep=0.0)
+                p = jax.device_put(packing.pack(w, jax.tree.map(np.asarray, mask), tile_size))
+                t_dense, t_tw = _time_pair(dense_fn, tw_fn, (x, wj), (x, p), repeats)
+                ratio = t_dense / t_tw
+                rows.append({
+                    "k": k, "n": n, "m": m, "dtype": np.dtype(dtype).name, "sparsity": s,
+                    "measured_sparsity": 1.0 - p.density(), "backend": name,
+                    "dense_ms": 1e3 * t_dense, "tw_ms": 1e3 * t_tw, "ratio": ratio,
+                    "fraction_of_ideal": ratio * (1.0 - s),
+                })
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'shape (MxKxN)':>18} {'dtype':>8} {'sparsity':>8} {'backend':>7} {'dense ms':>9} "
+            f"{'TW ms':>8} {'ratio':>6} {'of ideal':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['m']:>6}x{r['k']:>5}x{r['n']:>5} {r['dtype']:>8} {r['sparsity']:>8.0%} "
+            f"{r['backend']:>7} {r['dense_ms']:>9.2f} {r['tw_ms']:>8.2f} {r['ratio']:>5.2f}x "
+            f"{r['fraction_of_ideal']:>8.2f}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    keys = sorted({(r["k"], r["n"], r["dtype"]) for r in rows})
+    for k, n, dt in keys:
+        sel = [r for r in rows if (r["k"], r["n"], r["dtype"]) == (k, n, dt)]
+        ax.plot([r["sparsity"] for r in sel], [r["ratio"] for r in sel], "o-", label=f"{k}x{n} {dt}")
+    s = np.linspace(0, max(r["sparsity"] for r in rows), 50)
+    ax.plot(s, 1 / (1 - s), "k--", label="ideal 1/(1-s)")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("TW-2D sparsity")
+    ax.set_ylabel("speedup vs dense jnp.dot")
+    ax.set_title(f"jax_tw tw_matmul, M={rows[0]['m']}, backend {rows[0]['backend']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description="tw_matmul vs dense jnp.dot, side by side")
+    ap.add_argument("--shapes", choices=["base", "large", "both"], default="base",
+                    help="BERT-base (768/3072) or BERT-large (1024/4096) K x N shapes")
+    ap.add_argument("-m", type=int, default=2048, help="rows of x (tokens)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="float32")
+    ap.add_argument("--sparsities", default="0,0.25,0.5,0.75,0.9")
+    ap.add_argument("--tile-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--backend", default=None, help="xla, cpu or dense (default: automatic)")
+    ap.add_argument("--json", help="write the rows to this JSON file")
+    ap.add_argument("--plot", help="draw speedup vs sparsity to this PNG")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and repeats (smoke test)")
+    args = ap.parse_args(argv)
+
+    shapes = {"base": BERT_BASE, "large": BERT_LARGE, "both": BERT_BASE + BERT_LARGE}[args.shapes]
+    dtypes = {"float32": [np.float32], "bfloat16": [jnp.bfloat16],
+              "both": [np.float32, jnp.bfloat16]}[args.dtype]
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    m, repeats = args.m, args.repeats
+    if args.quick:
+        shapes, m, repeats, sparsities = [(96, 160)], 64, 3, [0.0, 0.5, 0.9]
+    rows = run(shapes, m, dtypes, sparsities, args.tile_size, repeats, args.backend)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
