@@ -75,8 +75,8 @@ def _forward_xla(x2: jax.Array, p: PackedTiles) -> jax.Array:
     c = np.shape(p.columns)[0]
     if c and p.max_depth:
         idx, _, w = _padded_tiles(p)
-        xg = x2[:, idx]  # (M, T, D)
-        out = jnp.einsum("mtd,tdg->mtg", xg, w, preferred_element_type=jnp.float32)
+        xg = x2[:, idx].astype(jnp.float32)  # (M, T, D); f32 operands = f32 accumulation
+        out = jnp.einsum("mtd,tdg->mtg", xg, w.astype(jnp.float32))
         out = out.reshape(m, -1)[:, :c]
         y = y.at[:, jnp.asarray(p.columns)].set(out)
     if np.shape(p.residue_rows)[0]:
@@ -119,7 +119,7 @@ def _forward(backend: str, x2, p: PackedTiles):
         from jax_tw import _ffi
         return _ffi.cpu_tw_matmul(x2, p)
     if backend == "dense":
-        return jnp.dot(x2, _dense_kernel(p), preferred_element_type=jnp.float32)
+        return jnp.dot(x2.astype(jnp.float32), _dense_kernel(p).astype(jnp.float32))
     return _forward_xla(x2, p)
 
 
@@ -192,6 +192,12 @@ def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | N
     name = _choose(backend)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, packed.k)
+    # Under shard_map, replicated tiles meet a batch-sharded x: make them varying like x so the
+    # custom_vjp's cotangents type-check (the transpose of this cast sums d(values) over shards).
+    from jax_tw import _ffi
+    leaves, tree = jax.tree.flatten(packed)
+    packed = jax.tree.unflatten(tree, _ffi._varying(
+        [jnp.asarray(a) for a in leaves], jax.typeof(x2).manual_axis_type.varying))
     y = _MATMULS[name](x2, packed)
     if bias is not None:
         bias = jnp.asarray(bias)

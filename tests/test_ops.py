@@ -1,0 +1,259 @@
+import dataclasses
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from jax_tw import _ffi, ops, packing, patterns
+
+BACKENDS = ["xla", "dense"] + (["cpu"] if _ffi.cpu_available() else [])
+
+
+def _layer(k, n, g, sparsity, dtype=np.float32, seed=0, pattern=None, empty_tiles=False):
+    """A random kernel, its mask and its packed tiles (values random, never zero)."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(k, n)).astype(dtype)
+    pattern = pattern or patterns.TW2D()
+    [mask] = pattern([rng.random((k, n)).astype(np.float32)], sparsity, tile_size=g, min_keep=0.0)
+    mask = jax.tree.map(np.asarray, mask)
+    if empty_tiles:  # force tiles with no kept rows
+        mask["rows"] = mask["rows"].copy()
+        mask["rows"][::2] = False
+    return w, mask, packing.pack(w, mask, g)
+
+
+def _reference(x, w_masked, bias=None):
+    y = np.asarray(x, np.float64).reshape(-1, w_masked.shape[0]) @ np.asarray(w_masked, np.float64)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    return y.reshape(*np.shape(x)[:-1], w_masked.shape[1])
+
+
+# ----------------------------------------------------------------------------- packing
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+@pytest.mark.parametrize("pattern", [patterns.TW2D(), patterns.TW1D(), patterns.TEW(residue=0.05),
+                                     patterns.EW(), patterns.BW(block_size=4)])
+def test_pack_unpack_round_trip_is_exact(dtype, pattern):
+    for k, n, g, s in [(24, 40, 8, 0.6), (13, 7, 3, 0.5), (5, 9, 16, 0.3), (16, 16, 4, 0.0)]:
+        w, mask, p = _layer(k, n, g, s, dtype, pattern=pattern)
+        want = np.where(np.asarray(patterns.dense_mask(mask, g)), w, np.zeros((), dtype))
+        got = packing.unpack(p)
+        assert got.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(got.view(np.uint16 if dtype != np.float32 else np.uint32),
+                                      want.view(np.uint16 if dtype != np.float32 else np.uint32))
+        assert p.density() == pytest.approx(np.asarray(patterns.dense_mask(mask, g)).mean())
+
+
+def test_pack_fully_pruned_layer():
+    w = np.ones((6, 10), np.float32)
+    mask = {"columns": np.zeros(10, bool), "rows": np.zeros((3, 6), bool), "elements": np.zeros((6, 10), bool)}
+    p = packing.pack(w, mask, 4)
+    assert p.num_tiles == 0 and p.max_depth == 0
+    assert not packing.unpack(p).any()
+
+
+CORRUPTIONS = [
+    ("columns", lambda p: dataclasses.replace(p, columns=p.columns[::-1].copy()), "strictly increasing"),
+    ("column range", lambda p: dataclasses.replace(p, columns=p.columns + p.n), r"columns must be strictly increasing in \[0"),
+    ("rows range", lambda p: dataclasses.replace(p, rows=p.rows + p.k), r"rows must lie in \[0"),
+    ("rows order", lambda p: dataclasses.replace(p, rows=p.rows[::-1].copy()), "strictly increasing within each tile"),
+    ("offsets", lambda p: dataclasses.replace(p, row_offsets=p.row_offsets[::-1].copy()), "row_offsets must rise"),
+    ("offsets length", lambda p: dataclasses.replace(p, row_offsets=p.row_offsets[:-1]), "row_offsets has length"),
+    ("values shape", lambda p: dataclasses.replace(p, values=p.values[:-1]), "values has shape"),
+    ("index dtype", lambda p: dataclasses.replace(p, rows=p.rows.astype(np.int64)), "must be 1-D int32"),
+    ("residue", lambda p: dataclasses.replace(p, residue_cols=p.residue_cols[:-1]), "one length"),
+    ("max_depth", lambda p: dataclasses.replace(p, max_depth=p.max_depth + 1), "max_depth"),
+]
+
+
+@pytest.mark.parametrize("name,corrupt,match", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
+def test_corrupt_packed_tiles_raise_clear_errors(name, corrupt, match):
+    _, _, p = _layer(24, 40, 8, 0.6, pattern=patterns.TEW(residue=0.05))
+    bad = corrupt(p)
+    with pytest.raises(ValueError, match=match):
+        packing.validate(bad)
+    with pytest.raises(ValueError, match=match):
+        ops.tw_matmul(np.ones((2, 24), np.float32), bad)
+
+
+@pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
+def test_host_kernel_refuses_corrupt_tiles_on_its_own():
+    """Inside jit the Python checks cannot see the data: the C++ handler checks every index."""
+    _, _, p = _layer(24, 40, 8, 0.6)
+    f = jax.jit(lambda x, p: _ffi.cpu_tw_matmul(x, p))
+    x = jnp.ones((3, 24), jnp.float32)
+    for bad, match in [(dataclasses.replace(p, rows=p.rows + 1000), r"row index out of \[0, k\)"),
+                       (dataclasses.replace(p, columns=p.columns + 1000), r"column index out of \[0, n\)"),
+                       (dataclasses.replace(p, row_offsets=p.row_offsets * 2), "row_offsets must run")]:
+        with pytest.raises(Exception, match=match):
+            jax.block_until_ready(f(x, bad))
+
+
+# ----------------------------------------------------------------------------- forward
+
+SHAPES = [  # (lead dims of x, K, N, G, sparsity, empty tiles)
+    ((1,), 24, 40, 8, 0.6, False),  # M = 1
+    ((7,), 13, 29, 4, 0.5, False),  # N not a multiple of G
+    ((2, 3), 32, 20, 8, 0.75, True),  # leading batch dims, tiles with no kept rows
+    ((200,), 48, 64, 16, 0.3, False),  # more than one block of rows
+    ((5,), 16, 24, 128, 0.5, False),  # G > N: one narrow tile
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,k,n,g,s,empty", SHAPES)
+def test_forward_matches_float64_reference(backend, lead, k, n, g, s, empty):
+    w, mask, p = _layer(k, n, g, s, empty_tiles=empty, seed=k + n)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(*lead, k)).astype(np.float32)
+    bias = rng.normal(size=(n,)).astype(np.float32)
+    y = jax.jit(lambda x, p, b: ops.tw_matmul(x, p, b, backend=backend))(x, p, bias)
+    assert y.shape == (*lead, n) and y.dtype == jnp.float32
+    want = _reference(x, packing.unpack(p), bias)
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", [patterns.TEW(residue=0.05), patterns.EW()])
+def test_forward_with_residue(backend, pattern):
+    w, mask, p = _layer(40, 48, 8, 0.7, pattern=pattern)
+    assert np.shape(p.residue_rows)[0] > 0
+    x = np.random.default_rng(2).normal(size=(9, 40)).astype(np.float32)
+    y = ops.tw_matmul(x, p, backend=backend)
+    np.testing.assert_allclose(np.asarray(y, np.float64), _reference(x, packing.unpack(p)),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_pruned_layer_gives_bias(backend):
+    w = np.ones((6, 10), np.float32)
+    mask = {"columns": np.zeros(10, bool), "rows": np.zeros((3, 6), bool), "elements": np.zeros((6, 10), bool)}
+    p = packing.pack(w, mask, 4)
+    bias = np.arange(10, dtype=np.float32)
+    y = ops.tw_matmul(np.ones((3, 6), np.float32), p, bias, backend=backend)
+    np.testing.assert_array_equal(np.asarray(y), np.broadcast_to(bias, (3, 10)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_error_within_xla_bf16_error(backend):
+    """bf16 in, f32 accumulation: the error against an f32 reference of the same bf16 inputs
+    may be at most a small multiple of XLA's own bf16 dot error."""
+    w, mask, p = _layer(64, 96, 16, 0.5, dtype=jnp.bfloat16, seed=3)
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(33, 64)), jnp.bfloat16)
+    wm = jnp.asarray(packing.unpack(p))
+    ref = np.asarray(x, np.float64) @ np.asarray(wm, np.float64)
+    y = ops.tw_matmul(x, p, backend=backend)
+    assert y.dtype == jnp.bfloat16
+    xla_err = np.abs(np.asarray(jnp.dot(x, wm), np.float64) - ref).max()
+    err = np.abs(np.asarray(y, np.float64) - ref).max()
+    assert err <= 2 * xla_err + 1e-6, (err, xla_err)
+
+
+def test_poisoned_output_is_fully_written():
+    """Every output entry is written: run after a call that left garbage in the same buffers."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("jax_tw._cpu not built")
+    _, _, p = _layer(32, 50, 8, 0.8, empty_tiles=True)
+    x = np.random.default_rng(5).normal(size=(64, 32)).astype(np.float32)
+    f = jax.jit(lambda x, p: ops.tw_matmul(x, p, backend="cpu"))
+    for _ in range(2):
+        jax.block_until_ready(jnp.full((64, 50), jnp.nan) + 1.0)  # leave NaNs in freed buffers
+        y = np.asarray(f(x, p))
+        assert np.isfinite(y).all()
+        np.testing.assert_allclose(y, _reference(x, packing.unpack(p)), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grads_match_dense_reference_and_check_grads(backend):
+    w, mask, p = _layer(12, 20, 4, 0.5, pattern=patterns.TEW(residue=0.05), seed=6)
+    p = jax.device_put(p)
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(5, 12)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(20,)), jnp.float32)
+
+    def loss(x, values, residue_values, bias):
+        q = dataclasses.replace(p, values=values, residue_values=residue_values)
+        return jnp.sum(jnp.sin(ops.tw_matmul(x, q, bias, backend=backend)))
+
+    gx, gv, gr, gb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, p.values, p.residue_values, bias)
+    dense = jnp.asarray(packing.unpack(p))
+    gx_ref, gw_ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w + bias)), argnums=(0, 1))(x, dense)
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    # d(values) equals the dense gradient at the kept positions.
+    gpacked = packing.pack(np.asarray(gw_ref), mask, 4)
+    widths = [min(4, len(p.columns) - 4 * t) for t in range(p.num_tiles)]
+    for t, wdt in enumerate(widths):
+        sl = slice(p.row_offsets[t], p.row_offsets[t + 1])
+        np.testing.assert_allclose(np.asarray(gv)[sl, :wdt], gpacked.values[sl, :wdt], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gr, gpacked.residue_values, rtol=1e-5, atol=1e-5)
+    check_grads(lambda x, v: loss(x, v, p.residue_values, bias), (x, p.values), order=1,
+                modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_scan_remat(backend):
+    _, _, p = _layer(16, 24, 8, 0.5, seed=8)
+    p = jax.device_put(p)
+    xs = jnp.asarray(np.random.default_rng(9).normal(size=(3, 4, 16)), jnp.float32)
+    want = _reference(np.asarray(xs), packing.unpack(p))
+    f = lambda x: ops.tw_matmul(x, p, backend=backend)
+    np.testing.assert_allclose(jax.jit(jax.vmap(f))(xs), want, rtol=1e-5, atol=1e-5)
+    _, ys = jax.lax.scan(lambda c, x: (c, f(x)), 0.0, xs)
+    np.testing.assert_allclose(ys, want, rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda x: jnp.sum(jax.remat(f)(x) ** 2))(xs)
+    g_ref = jax.grad(lambda x: jnp.sum(f(x) ** 2))(xs)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_inputs_name_the_problem(monkeypatch):
+    _, _, p = _layer(16, 24, 8, 0.5)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., K=16\), got \(2, 15\)"):
+        ops.tw_matmul(np.ones((2, 15), np.float32), p)
+    with pytest.raises(ValueError, match="x dtype float16 must match the packed values' dtype float32"):
+        ops.tw_matmul(np.ones((2, 16), np.float16), p)
+    with pytest.raises(ValueError, match=r"bias must have shape \(24,\), got \(23,\)"):
+        ops.tw_matmul(np.ones((2, 16), np.float32), p, np.ones(23, np.float32))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.tw_matmul(np.ones((2, 16), np.float32), p, backend="tpu")
+    with pytest.raises(ValueError, match="packed must be jax_tw.packing.PackedTiles"):
+        ops.tw_matmul(np.ones((2, 16), np.float32), {"values": 1})
+    monkeypatch.setattr(_ffi, "_cpu", None)
+    monkeypatch.setattr(_ffi, "_cpu_error", "jax_tw._cpu failed to import: test")
+    with pytest.raises(ValueError, match="built without its CPU extension"):
+        ops.tw_matmul(np.ones((2, 16), np.float32), p, backend="cpu")
+    monkeypatch.setenv("JAX_TW_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="got 'bogus'"):
+        ops.tw_matmul(np.ones((2, 16), np.float32), p)
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    _, _, p = _layer(16, 24, 8, 0.5)
+    x = np.ones((2, 16), np.float32)
+    monkeypatch.setenv("JAX_TW_BACKEND", "xla")
+    hlo = jax.jit(lambda x: ops.tw_matmul(x, p)).lower(x).as_text()
+    assert _ffi.CPU_TARGET not in hlo
+    if _ffi.cpu_available():
+        monkeypatch.setenv("JAX_TW_BACKEND", "cpu")
+        hlo = jax.jit(lambda x: ops.tw_matmul(x, p)).lower(x).as_text()
+        assert _ffi.CPU_TARGET in hlo
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shard_map_on_four_cpu_devices(backend):
+    """Batch-sharded x, replicated tiles: forward, refusal of a wrong out_specs, and gradients.
+    In a subprocess: the device count is fixed when jax starts."""
+    script = pathlib.Path(__file__).with_name("shard_map_check.py")
+    done = subprocess.run([sys.executable, str(script), backend], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"shard_map ok {backend}" in done.stdout
