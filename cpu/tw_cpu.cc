@@ -71,6 +71,44 @@ std::string ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
   return state->error;
 }
 
+// Phases 0 and 1 of a call with more than kSmallRows rows (see tw_kernel.h).
+std::string TileGemm(ffi::ThreadPool& pool, const TileGemmArgs& args, int64_t blocks) {
+  const PackedTilesView& p = *args.p;
+  const int64_t m = args.m;
+  // Phase 0: x into row panels, and every tile's weights into f32 micro-panels. The buffers
+  // are reused across calls by this thread; workers see them through plain pointers (a
+  // thread_local named inside a worker would be the worker's own).
+  thread_local std::vector<float> panel_buffer, weight_buffer;
+  const int64_t npanels = (m + kKernel.mr - 1) / kKernel.mr;
+  panel_buffer.resize(npanels * p.k * kKernel.mr);
+  float* panels = panel_buffer.data();
+  std::vector<int64_t> weight_offset(p.t + 1, 0);
+  for (int64_t t = 0; t < p.t; ++t)  // each tile's copy starts on a 64-byte line
+    weight_offset[t + 1] = weight_offset[t] + (kKernel.weight_size(p, t) + 15) / 16 * 16;
+  weight_buffer.resize(weight_offset[p.t] + 16);
+  const auto addr = reinterpret_cast<uintptr_t>(weight_buffer.data());
+  float* weights = weight_buffer.data() + ((64 - addr % 64) % 64) / sizeof(float);
+  const int64_t per_block = kRowsPerItem / kKernel.mr;
+  std::string err = ParallelFor(pool, blocks + p.t, [&](int64_t i) {
+    if (i < blocks) {
+      kKernel.pack(args, panels, i * per_block, std::min(npanels, (i + 1) * per_block));
+    } else {
+      kKernel.pack_weights(args, i - blocks, weights + weight_offset[i - blocks]);
+    }
+  });
+  if (!err.empty()) return err;
+  // Phase 1: the tiles, longest first so the last items to finish are short.
+  std::vector<int64_t> order(p.t);
+  for (int64_t t = 0; t < p.t; ++t) order[t] = t;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return p.depth(a) > p.depth(b); });
+  return ParallelFor(pool, p.t * blocks, [&](int64_t item) {
+    const int64_t tile = order[item / blocks], b = item % blocks;
+    kKernel.tile(args, panels, weights + weight_offset[tile], tile, b * kRowsPerItem,
+                 std::min(m, (b + 1) * kRowsPerItem));
+  });
+}
+
 ffi::Error TwMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> columns,
                         ffi::Buffer<ffi::S32> row_offsets, ffi::Buffer<ffi::S32> rows,
                         ffi::AnyBuffer values, ffi::Buffer<ffi::S32> residue_rows,
@@ -112,38 +150,12 @@ ffi::Error TwMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
     TileGemmArgs args{&p, x.untyped_data(), values.untyped_data(), bf16, xd[0], y->typed_data()};
     const int64_t m = xd[0];
     const int64_t blocks = (m + kRowsPerItem - 1) / kRowsPerItem;
-    // Phase 0: x into row panels, and every tile's weights into f32 micro-panels. The buffers
-    // are reused across calls by this thread; workers see them through plain pointers (a
-    // thread_local named inside a worker would be the worker's own).
-    thread_local std::vector<float> panel_buffer, weight_buffer;
-    const int64_t npanels = (m + kKernel.mr - 1) / kKernel.mr;
-    panel_buffer.resize(npanels * p.k * kKernel.mr);
-    float* panels = panel_buffer.data();
-    std::vector<int64_t> weight_offset(p.t + 1, 0);
-    for (int64_t t = 0; t < p.t; ++t)  // each tile's copy starts on a 64-byte line
-      weight_offset[t + 1] = weight_offset[t] + (kKernel.weight_size(p, t) + 15) / 16 * 16;
-    weight_buffer.resize(weight_offset[p.t] + 16);
-    const auto addr = reinterpret_cast<uintptr_t>(weight_buffer.data());
-    float* weights = weight_buffer.data() + ((64 - addr % 64) % 64) / sizeof(float);
-    const int64_t per_block = kRowsPerItem / kKernel.mr;
-    std::string err = ParallelFor(pool, blocks + p.t, [&](int64_t i) {
-      if (i < blocks) {
-        kKernel.pack(args, panels, i * per_block, std::min(npanels, (i + 1) * per_block));
-      } else {
-        kKernel.pack_weights(args, i - blocks, weights + weight_offset[i - blocks]);
-      }
-    });
-    if (!err.empty()) return ffi::Error::Internal("tw_matmul: " + err);
-    // Phase 1: the tiles, longest first so the last items to finish are short.
-    std::vector<int64_t> order(p.t);
-    for (int64_t t = 0; t < p.t; ++t) order[t] = t;
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int64_t a, int64_t b) { return p.depth(a) > p.depth(b); });
-    err = ParallelFor(pool, p.t * blocks, [&](int64_t item) {
-      const int64_t tile = order[item / blocks], b = item % blocks;
-      kKernel.tile(args, panels, weights + weight_offset[tile], tile, b * kRowsPerItem,
-                   std::min(m, (b + 1) * kRowsPerItem));
-    });
+    std::string err;
+    if (m <= kSmallRows) {
+      err = ParallelFor(pool, p.t, [&](int64_t tile) { kKernel.small_tile(args, tile); });
+    } else {
+      err = TileGemm(pool, args, blocks);
+    }
     if (!err.empty()) return ffi::Error::Internal("tw_matmul: " + err);
     // Phase 2: zero the pruned columns, then add the residue.
     std::vector<int32_t> pruned;

@@ -1,6 +1,6 @@
 // Host kernel for tile-wise matmul over packed tiles: y[M, N] (f32) = x[M, K] @ W_packed.
 //
-// Two steps per call:
+// Calls with M <= kSmallRows read the packed values directly (SmallTile). Otherwise, per call:
 //  1. Pack x once into row panels: panels[p][k][i] = x[p * MR + i][k] (f32, zero past M). A
 //     panel holds MR rows of x feature-major, so the MR values a micro-kernel needs at depth k
 //     are contiguous whatever k is: the K gather of every tile then costs one index load per k,
@@ -39,7 +39,12 @@ struct TileKernel {
   // Rows [m_begin, m_end) (m_begin a multiple of MR) of tile `tile`, weights from pack_weights.
   void (*tile)(const TileGemmArgs&, const float* panels, const float* weights, int64_t tile,
                int64_t m_begin, int64_t m_end);
+  // All rows of tile `tile` when M <= kSmallRows: reads the packed values directly, no copies.
+  void (*small_tile)(const TileGemmArgs&, int64_t tile);
 };
+
+// Up to this many rows of x, packing x and copying the weights cost more than they save.
+constexpr int64_t kSmallRows = 32;
 
 // One definition per instruction set: tw_kernel_impl.cc is compiled once per ISA.
 namespace avx512 { TileKernel Kernel(); }

@@ -158,9 +158,40 @@ void Tile(const TileGemmArgs& args, const float* panels, const float* bbuf, int6
   }
 }
 
+// Few rows (M <= kSmallRows): no packing at all. Each kept weight row is read once, straight
+// from the packed values, and used for every row of x (accumulators acc[m][G] stay in L1).
+void SmallTile(const TileGemmArgs& args, int64_t tile) {
+  thread_local AlignedBuffer accs, row;
+  const PackedTilesView& p = *args.p;
+  const int64_t depth = p.depth(tile), width = p.width(tile), offset = p.row_offsets[tile];
+  const int64_t gp = (width + VL - 1) / VL * VL;
+  const int32_t* out_cols = p.columns + tile * p.g;
+  float* acc = accs.Get(args.m * gp);
+  float* brow = row.Get(gp);
+  std::fill(acc, acc + args.m * gp, 0.f);
+  std::fill(brow, brow + gp, 0.f);
+  for (int64_t q = 0; q < depth; ++q) {
+    const int64_t src = (offset + q) * p.g;
+    for (int64_t j = 0; j < width; ++j)
+      brow[j] = args.bf16 ? Bf16ToF32(static_cast<const uint16_t*>(args.values)[src + j])
+                          : static_cast<const float*>(args.values)[src + j];
+    const int64_t kq = p.rows[offset + q];
+    for (int64_t i = 0; i < args.m; ++i) {
+      const float a = args.bf16 ? Bf16ToF32(static_cast<const uint16_t*>(args.x)[i * p.k + kq])
+                                : static_cast<const float*>(args.x)[i * p.k + kq];
+      float* ar = acc + i * gp;
+      for (int64_t j = 0; j < gp; j += VL) Store(ar + j, Load(ar + j) + a * Load(brow + j));
+    }
+  }
+  for (int64_t i = 0; i < args.m; ++i)
+    for (int64_t j = 0; j < width; ++j) args.y[i * p.n + out_cols[j]] = acc[i * gp + j];
+}
+
 }  // namespace
 
-TileKernel Kernel() { return TileKernel{TW_ISA_NAME, MR, Pack, WeightSize, PackWeights, Tile}; }
+TileKernel Kernel() {
+  return TileKernel{TW_ISA_NAME, MR, Pack, WeightSize, PackWeights, Tile, SmallTile};
+}
 
 }  // namespace TW_NS
 }  // namespace jax_tw

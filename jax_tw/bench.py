@@ -58,7 +58,8 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
             wj = jnp.asarray(w)
             for s in sparsities:
                 [mask] = patterns.TW2D()([np.abs(w32)], s, tile_size=tile_size, min_keep=0.0)
-                p = jax.device_put(packing.pack(w, jax.tree.map(np.asarray, mask), tile_size))
+                p = jax.device_put(packing.pack(w, jax.tree.map(np.asarray, mask), tile_size,
+                                                keep_dense=False))
                 t_dense, t_tw = _time_pair(dense_fn, tw_fn, (x, wj), (x, p), repeats)
                 ratio = t_dense / t_tw
                 rows.append({

@@ -11,7 +11,7 @@ from flax.linen.dtypes import promote_dtype
 from flax.typing import Dtype, Initializer, PrecisionLike
 from jax import lax
 
-from jax_tw import patterns
+from jax_tw import ops, packing, patterns
 
 __all__ = ["TWDense", "MASK_COLLECTION"]
 
@@ -28,6 +28,10 @@ class TWDense(nn.Module):
     ``elements`` (K, N), initialised to keep every weight. The forward pass uses only kept
     weights: a pruned weight has no effect on the output, whatever its stored value. Unpruned,
     the layer equals ``nn.Dense`` bit for bit with the same params.
+
+    Given the ``tw_packed`` collection instead (from :func:`jax_tw.packing.pack_variables`), the
+    same layer runs over packed tiles with :func:`jax_tw.ops.tw_matmul` (its kernel param is
+    then neither needed nor read).
 
     >>> import jax, jax.numpy as jnp
     >>> layer = TWDense(features=6, tile_size=4)
@@ -61,11 +65,13 @@ class TWDense(nn.Module):
         """Applies ``inputs @ (kernel * mask) + bias`` along the last dimension of ``inputs``."""
         tile_size = patterns.check_tile_size(self.tile_size)
         k, n = jnp.shape(inputs)[-1], self.features
-        kernel = self.param("kernel", self.kernel_init, (k, n), self.param_dtype)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (n,), self.param_dtype)
         else:
             bias = None
+        if self.has_variable(packing.PACKED_COLLECTION, "tiles"):
+            return self._packed(inputs, bias)
+        kernel = self.param("kernel", self.kernel_init, (k, n), self.param_dtype)
         mask = self.layer_mask(k)
         kernel = jnp.where(patterns.dense_mask(mask, tile_size), kernel, jnp.zeros((), kernel.dtype))
         inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
@@ -73,6 +79,21 @@ class TWDense(nn.Module):
             inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+    def _packed(self, inputs: Any, bias: Any) -> Any:
+        """Inference over packed tiles (the variables came from ``packing.pack_variables``)."""
+        tiles = self.get_variable(packing.PACKED_COLLECTION, "tiles")
+        k = jnp.shape(inputs)[-1]
+        where = "/".join(self.path) or type(self).__name__
+        if not isinstance(tiles, packing.PackedTiles) or (tiles.k, tiles.n) != (k, self.features):
+            got = (tiles.k, tiles.n) if isinstance(tiles, packing.PackedTiles) else type(tiles).__name__
+            raise ValueError(f"{where}: packed tiles are for a kernel {got}, expected {(k, self.features)}")
+        out_dtype = self.dtype or jnp.result_type(inputs, self.param_dtype)
+        y = ops.tw_matmul(jnp.asarray(inputs).astype(tiles.dtype), tiles)
+        y = y.astype(out_dtype)
+        if bias is not None:
+            y += jnp.reshape(bias.astype(out_dtype), (1,) * (y.ndim - 1) + (-1,))
         return y
 
     def layer_mask(self, k: int) -> patterns.LayerMask:

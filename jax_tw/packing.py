@@ -14,6 +14,8 @@ residue weights)::
     residue_rows    int32 (E,)       element-wise residue (TEW, or a baseline's whole mask):
     residue_cols    int32 (E,)         W[residue_rows[e], residue_cols[e]] = residue_values[e],
     residue_values  dtype (E,)         sorted by (row, col), outside the tiles
+    dense           dtype (K, N)     or None: the masked dense kernel, kept when the layer is so
+                                     dense that tiles would run slower (see DENSE_ABOVE)
     k, n, tile_size, max_depth       static ints (max_depth = the deepest tile's kept rows)
 
 Why ``values`` is (R, G) row-major: a tile's weights are then one contiguous ``K_t x G`` block,
@@ -32,7 +34,8 @@ import numpy as np
 
 from jax_tw import patterns
 
-__all__ = ["PackedTiles", "pack", "unpack", "validate"]
+__all__ = ["PackedTiles", "pack", "unpack", "validate", "pack_variables", "save", "load",
+           "PACKED_COLLECTION"]
 
 
 @jax.tree_util.register_dataclass
@@ -47,6 +50,7 @@ class PackedTiles:
     residue_rows: Any
     residue_cols: Any
     residue_values: Any
+    dense: Any  # None, or the masked dense (K, N) kernel when the tiles would run slower
     k: int = dataclasses.field(metadata=dict(static=True))
     n: int = dataclasses.field(metadata=dict(static=True))
     tile_size: int = dataclasses.field(metadata=dict(static=True))
@@ -68,8 +72,20 @@ class PackedTiles:
         return kept / (self.k * self.n)
 
 
-def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int) -> PackedTiles:
+# Density above which the packed tiles also keep the dense kernel and tw_matmul's automatic
+# backend uses the dense dot. Measured with `python -m jax_tw.bench` (M = 2048 and M = 1..256,
+# BERT-base shapes, 2-core x86 with AVX-512): the host kernel reached 0.61-0.83x of dense at 0%
+# sparsity and 0.79-1.08x at 25%, and won from 50% on for M >= 256.
+DENSE_ABOVE = 0.75
+
+
+def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int,
+         keep_dense: bool | None = None) -> PackedTiles:
     """Packs a layer's kernel (K, N) under its layer mask, on the host (not under jit).
+
+    ``keep_dense``: also keep the masked dense kernel (for the dense fallback of
+    :func:`jax_tw.ops.tw_matmul`); ``None`` keeps it when the layer's density exceeds
+    ``DENSE_ABOVE``.
 
     >>> import numpy as np
     >>> w = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -83,7 +99,7 @@ def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int) -> PackedTiles:
     array([[ 0.,  2.],
            [ 8., 10.],
            [ 7.,  0.]], dtype=float32)
-    >>> (unpack(p) == np.where(patterns.dense_mask(mask, 2), w, 0)).all()
+    >>> bool((unpack(p) == np.where(patterns.dense_mask(mask, 2), w, 0)).all())
     True
     """
     tile_size = patterns.check_tile_size(tile_size)
@@ -110,11 +126,16 @@ def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int) -> PackedTiles:
         values[offsets[i]:offsets[i + 1], :len(cols)] = w[np.ix_(r, cols)]
     tiles = np.asarray(patterns.expand(keep_cols, keep_rows, tile_size))
     res_r, res_c = np.nonzero(np.asarray(mask["elements"], bool) & ~tiles)  # row-major order
-    return PackedTiles(
+    packed = PackedTiles(
         columns=columns, row_offsets=offsets, rows=rows, values=values,
         residue_rows=res_r.astype(np.int32), residue_cols=res_c.astype(np.int32),
-        residue_values=w[res_r, res_c], k=k, n=n, tile_size=tile_size,
+        residue_values=w[res_r, res_c], dense=None, k=k, n=n, tile_size=tile_size,
         max_depth=int(max((len(r) for r in tile_rows), default=0)))
+    if keep_dense is None:
+        keep_dense = packed.density() > DENSE_ABOVE
+    if keep_dense:
+        packed = dataclasses.replace(packed, dense=unpack(packed))
+    return packed
 
 
 def unpack(packed: PackedTiles) -> np.ndarray:
@@ -181,3 +202,121 @@ def validate(packed: PackedTiles) -> None:
         raise ValueError(f"packed tiles: residue_values dtype {res[2].dtype} != values dtype {vals.dtype}")
     if len(res[0]) and (res[0].min() < 0 or res[0].max() >= k or res[1].min() < 0 or res[1].max() >= n):
         raise ValueError(f"packed tiles: residue indices must lie in [0, {k}) x [0, {n})")
+    if packed.dense is not None:
+        d = np.asarray(packed.dense)
+        if d.shape != (k, n) or d.dtype != vals.dtype:
+            raise ValueError(f"packed tiles: dense must be {vals.dtype} {(k, n)}, got {d.dtype} {d.shape}")
+
+
+# ----------------------------------------------------------------------------- model variables
+
+PACKED_COLLECTION = "tw_packed"
+
+
+def pack_variables(variables: dict, tile_size: int, dtype: Any = None,
+                   keep_dense: bool | None = None) -> dict:
+    """Converts a trained model's variables (``params`` + ``tw_mask``) into packed variables.
+
+    Every layer of the ``tw_mask`` collection loses its kernel from ``params`` and gains
+    ``{'tw_packed': {...layer path...: {'tiles': PackedTiles}}}``; other params are kept. The same
+    model definition then runs inference over packed tiles: :class:`jax_tw.nn.TWDense` uses its
+    tiles whenever the ``tw_packed`` collection is given. ``dtype`` (e.g. ``jnp.bfloat16``)
+    casts the packed weights; by default they keep the params' dtype. ``keep_dense`` is passed
+    to :func:`pack`.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jax_tw.nn import TWDense
+    >>> layer = TWDense(8, tile_size=4)
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 6)))
+    >>> packed = pack_variables(variables, tile_size=4)
+    >>> sorted(packed), sorted(packed['params'])
+    (['params', 'tw_packed'], ['bias'])
+    >>> bool(jnp.allclose(layer.apply(packed, jnp.ones((1, 6))), layer.apply(variables, jnp.ones((1, 6)))))
+    True
+    """
+    from flax import traverse_util
+
+    if "params" not in variables or "tw_mask" not in variables:
+        raise ValueError(f"variables must hold 'params' and 'tw_mask', got {sorted(variables)}")
+    params = traverse_util.flatten_dict(_plain(variables["params"]))
+    masks = traverse_util.flatten_dict(_plain(variables["tw_mask"]))
+    layers: dict = {}
+    for path, leaf in masks.items():
+        layers.setdefault(path[:-1], {})[path[-1]] = np.asarray(leaf)
+    packed = {}
+    for layer, mask in layers.items():
+        key = layer + ("kernel",)
+        if key not in params:
+            raise ValueError(f"params has no kernel at {'/'.join(key)} for tw_mask layer {'/'.join(layer)}")
+        kernel = np.asarray(params.pop(key))
+        if dtype is not None:
+            kernel = kernel.astype(dtype)
+        packed[layer + ("tiles",)] = pack(kernel, mask, tile_size, keep_dense)
+    out = {k: v for k, v in variables.items() if k not in ("params", "tw_mask")}
+    out["params"] = traverse_util.unflatten_dict(params)
+    out[PACKED_COLLECTION] = traverse_util.unflatten_dict(packed)
+    return out
+
+
+def _plain(tree: Any) -> Any:
+    return {k: _plain(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
+
+
+_FIELDS = ("columns", "row_offsets", "rows", "values", "residue_rows", "residue_cols", "residue_values")
+_STATICS = ("k", "n", "tile_size", "max_depth")
+
+
+def save(path: str, variables: dict) -> None:
+    """Saves (packed) model variables to a safetensors file; :func:`load` gives them back exactly.
+
+    bfloat16 arrays are stored as their uint16 bits (safetensors' numpy API has no bfloat16),
+    with the true dtypes and the tiles' static sizes in the file's metadata.
+    """
+    import json
+
+    from flax import traverse_util
+    from safetensors.numpy import save_file
+
+    tensors, dtypes, statics = {}, {}, {}
+    for path_, leaf in traverse_util.flatten_dict(_plain(variables)).items():
+        name = "/".join(path_)
+        if isinstance(leaf, PackedTiles):
+            statics[name] = {s: getattr(leaf, s) for s in _STATICS}
+            items = {f"{name}/{f}": getattr(leaf, f) for f in _FIELDS + ("dense",)
+                     if getattr(leaf, f) is not None}
+        else:
+            items = {name: leaf}
+        for key, value in items.items():
+            a = np.asarray(value)
+            dtypes[key] = a.dtype.name
+            tensors[key] = a.view(np.uint16) if a.dtype == np.dtype(jnp.bfloat16) else np.ascontiguousarray(a)
+    save_file(tensors, path, metadata={"jax_tw.dtypes": json.dumps(dtypes),
+                                       "jax_tw.tiles": json.dumps(statics)})
+
+
+def load(path: str) -> dict:
+    """Loads variables saved by :func:`save` (validating every packed layer)."""
+    import json
+
+    from flax import traverse_util
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        meta = f.metadata() or {}
+        if "jax_tw.dtypes" not in meta:
+            raise ValueError(f"{path} was not written by jax_tw.packing.save (no jax_tw metadata)")
+        dtypes = json.loads(meta["jax_tw.dtypes"])
+        statics = json.loads(meta["jax_tw.tiles"])
+        arrays = {}
+        for key in f.keys():
+            a = f.get_tensor(key)
+            arrays[key] = a.view(jnp.bfloat16) if dtypes[key] == "bfloat16" else a
+    flat = {}
+    for name, st in statics.items():
+        tiles = PackedTiles(**{f: arrays.pop(f"{name}/{f}") for f in _FIELDS},
+                            dense=arrays.pop(f"{name}/dense", None), **st)
+        validate(tiles)
+        flat[tuple(name.split("/"))] = tiles
+    for key, a in arrays.items():
+        flat[tuple(key.split("/"))] = a
+    return traverse_util.unflatten_dict(flat)

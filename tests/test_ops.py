@@ -141,11 +141,12 @@ def test_fully_pruned_layer_gives_bias(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_error_within_xla_bf16_error(backend):
+@pytest.mark.parametrize("m", [3, 33, 200])  # the few-rows path and the blocked path
+def test_bf16_error_within_xla_bf16_error(backend, m):
     """bf16 in, f32 accumulation: the error against an f32 reference of the same bf16 inputs
     may be at most a small multiple of XLA's own bf16 dot error."""
     w, mask, p = _layer(64, 96, 16, 0.5, dtype=jnp.bfloat16, seed=3)
-    x = jnp.asarray(np.random.default_rng(4).normal(size=(33, 64)), jnp.bfloat16)
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(m, 64)), jnp.bfloat16)
     wm = jnp.asarray(packing.unpack(p))
     ref = np.asarray(x, np.float64) @ np.asarray(wm, np.float64)
     y = ops.tw_matmul(x, p, backend=backend)
@@ -257,3 +258,38 @@ def test_shard_map_on_four_cpu_devices(backend):
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"shard_map ok {backend}" in done.stdout
+
+
+def test_dense_fallback_rule(monkeypatch):
+    monkeypatch.delenv("JAX_TW_BACKEND", raising=False)
+    x = np.random.default_rng(10).normal(size=(4, 32)).astype(np.float32)
+    w, mask, _ = _layer(32, 48, 8, 0.1)
+    dense_packed = packing.pack(w, mask, 8)  # ~10% sparse: denser than DENSE_ABOVE
+    assert dense_packed.density() > packing.DENSE_ABOVE and dense_packed.dense is not None
+    np.testing.assert_array_equal(dense_packed.dense, packing.unpack(dense_packed))
+    hlo = jax.jit(lambda x: ops.tw_matmul(x, dense_packed)).lower(x).as_text()
+    assert _ffi.CPU_TARGET not in hlo and "dot" in hlo
+    np.testing.assert_allclose(ops.tw_matmul(x, dense_packed), _reference(x, packing.unpack(dense_packed)),
+                               rtol=1e-5, atol=1e-5)
+    w, mask, sparse_packed = _layer(32, 48, 8, 0.75)
+    assert sparse_packed.dense is None
+    if _ffi.cpu_available():
+        hlo = jax.jit(lambda x: ops.tw_matmul(x, sparse_packed)).lower(x).as_text()
+        assert _ffi.CPU_TARGET in hlo
+    assert packing.pack(w, mask, 8, keep_dense=True).dense is not None
+
+
+def test_bench_quick_prints_ratios(tmp_path, capsys):
+    from jax_tw import bench
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    rows = bench.main(["--quick", "--json", str(out_json), "--plot", str(out_png)])
+    text = capsys.readouterr().out
+    assert "ratio" in text and "of ideal" in text
+    assert [r["sparsity"] for r in rows] == [0.0, 0.5, 0.9]
+    for r in rows:
+        assert r["ratio"] == pytest.approx(r["dense_ms"] / r["tw_ms"])
+        assert r["fraction_of_ideal"] == pytest.approx(r["ratio"] * (1 - r["sparsity"]))
+        assert abs(r["measured_sparsity"] - r["sparsity"]) < 0.05
+    import json
+    assert json.loads(out_json.read_text()) == rows
+    assert out_png.stat().st_size > 1000

@@ -1,0 +1,90 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from jax_tw import _ffi, packing, patterns, prune
+from jax_tw.nn import TWDense
+
+G = 8
+BACKENDS = ["xla"] + (["cpu"] if _ffi.cpu_available() else [])
+
+
+class Model(nn.Module):
+    dtype: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.gelu(TWDense(48, tile_size=G, dtype=self.dtype, name="fc1")(x))
+        x = nn.gelu(TWDense(40, tile_size=G, dtype=self.dtype, name="fc2")(x))
+        return nn.Dense(3, dtype=self.dtype, name="head")(x)
+
+
+def _pruned_variables(pattern, sparsity=0.7):
+    x = jax.random.normal(jax.random.key(0), (16, 24))
+    model = Model()
+    variables = model.init(jax.random.key(1), x)
+    tx = prune.step(variables["tw_mask"], prune.one_shot(sparsity), pattern=pattern, tile_size=G)
+    state = tx.init(variables["params"])
+    updates, state = tx.update(variables["params"], state, variables["params"])
+    params = optax.apply_updates(variables["params"], updates)
+    # Pruned weights keep garbage on purpose: packing must use the mask, not the zeros.
+    params = jax.tree.map(lambda p: p + 0.01, params)
+    return model, {"params": params, "tw_mask": prune.masks(state)}, x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", [patterns.TW2D(), patterns.TEW(residue=0.05), patterns.EW()])
+def test_packed_model_matches_masked_dense_model(backend, pattern, monkeypatch):
+    monkeypatch.setenv("JAX_TW_BACKEND", backend)
+    model, variables, x = _pruned_variables(pattern)
+    packed = packing.pack_variables(variables, tile_size=G)
+    assert "kernel" not in packed["params"]["fc1"] and "kernel" in packed["params"]["head"]
+    want = jax.jit(model.apply)(variables, x)
+    got = jax.jit(model.apply)(packed, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_bf16_model_within_bf16_error(backend, monkeypatch):
+    monkeypatch.setenv("JAX_TW_BACKEND", backend)
+    model, variables, x = _pruned_variables(patterns.TW2D())
+    ref = np.asarray(model.apply(variables, x), np.float64)  # f32 reference
+    bf16_model = Model(dtype=jnp.bfloat16)
+    xla_bf16 = np.asarray(bf16_model.apply(variables, x.astype(jnp.bfloat16)), np.float64)
+    packed = packing.pack_variables(variables, tile_size=G, dtype=jnp.bfloat16)
+    got = np.asarray(bf16_model.apply(packed, x.astype(jnp.bfloat16)), np.float64)
+    assert np.abs(got - ref).max() <= 3 * np.abs(xla_bf16 - ref).max() + 1e-3
+
+
+def test_packed_variables_save_and_load_exactly(tmp_path):
+    model, variables, x = _pruned_variables(patterns.TEW(residue=0.05))
+    for dtype in (None, jnp.bfloat16):
+        packed = packing.pack_variables(variables, tile_size=G, dtype=dtype)
+        path = str(tmp_path / "model.safetensors")
+        packing.save(path, packed)
+        loaded = packing.load(path)
+        assert jax.tree.structure(loaded) == jax.tree.structure(jax.tree.map(np.asarray, packed))
+        for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(packed)):
+            assert np.asarray(a).dtype == np.asarray(b).dtype
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        xin = x.astype(dtype) if dtype else x
+        m = Model(dtype=dtype)
+        np.testing.assert_array_equal(np.asarray(m.apply(loaded, xin)), np.asarray(m.apply(packed, xin)))
+
+
+def test_packed_errors(tmp_path):
+    model, variables, x = _pruned_variables(patterns.TW2D())
+    with pytest.raises(ValueError, match="variables must hold 'params' and 'tw_mask'"):
+        packing.pack_variables({"params": variables["params"]}, tile_size=G)
+    packed = packing.pack_variables(variables, tile_size=G)
+    swapped = dict(packed, tw_packed={"fc1": packed["tw_packed"]["fc2"], "fc2": packed["tw_packed"]["fc1"]})
+    with pytest.raises(ValueError, match=r"fc1: packed tiles are for a kernel \(48, 40\), expected \(24, 48\)"):
+        model.apply(swapped, x)
+    bad = tmp_path / "other.safetensors"
+    from safetensors.numpy import save_file
+    save_file({"a": np.ones(2, np.float32)}, str(bad))
+    with pytest.raises(ValueError, match="not written by jax_tw.packing.save"):
+        packing.load(str(bad))
