@@ -65,13 +65,15 @@ class TWDense(nn.Module):
         """Applies ``inputs @ (kernel * mask) + bias`` along the last dimension of ``inputs``."""
         tile_size = patterns.check_tile_size(self.tile_size)
         k, n = jnp.shape(inputs)[-1], self.features
+        packed = self.has_variable(packing.PACKED_COLLECTION, "tiles")
+        if not packed:  # created before the bias, as in nn.Dense (params draw rngs in order)
+            kernel = self.param("kernel", self.kernel_init, (k, n), self.param_dtype)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (n,), self.param_dtype)
         else:
             bias = None
-        if self.has_variable(packing.PACKED_COLLECTION, "tiles"):
+        if packed:
             return self._packed(inputs, bias)
-        kernel = self.param("kernel", self.kernel_init, (k, n), self.param_dtype)
         mask = self.layer_mask(k)
         kernel = jnp.where(patterns.dense_mask(mask, tile_size), kernel, jnp.zeros((), kernel.dtype))
         inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_tw import patterns, prune
+from jax_tw import packing, patterns, prune
 from twcheck import assert_tile_structure
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def test_prune_mlp_example_short_run():
         assert_tile_structure(jax.tree.map(np.asarray, mask), 16)
 
 
-def test_readme_training_snippet_runs_and_prunes():
+def test_readme_snippets_train_prune_and_run_packed(tmp_path, monkeypatch):
     text = (ROOT / "README.md").read_text()
     code = re.search(r"## Training with pruning in ten lines\n\n```python\n(.*?)```", text, re.S).group(1)
     scope = {}
@@ -53,3 +53,13 @@ def test_readme_training_snippet_runs_and_prunes():
         assert_tile_structure(mask, 32)
         assert (np.asarray(params[name]["kernel"])[~np.asarray(
             patterns.dense_mask(mask, 32))] == 0).all()
+
+    # The inference snippet: pack, run the same model, save (to the working directory).
+    monkeypatch.chdir(tmp_path)
+    code = re.search(r"## Inference over packed tiles\n\n```python\n(.*?)```", text, re.S).group(1)
+    scope.update(params=params, opt_state=opt_state, x=x)
+    exec(compile(code, "README.md", "exec"), scope)
+    want = scope["model"].apply({"params": params, "tw_mask": prune.masks(opt_state)}, x)
+    np.testing.assert_allclose(np.asarray(scope["logits"]), np.asarray(want), rtol=1e-5, atol=1e-5)
+    loaded = packing.load(str(tmp_path / "model.safetensors"))
+    np.testing.assert_array_equal(np.asarray(scope["model"].apply(loaded, x)), np.asarray(scope["logits"]))
