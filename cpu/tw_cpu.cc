@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -148,6 +150,10 @@ ffi::Error TwMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
     if (!bad.empty()) return ffi::Error::InvalidArgument("tw_matmul: corrupt packed tiles: " + bad);
 
     TileGemmArgs args{&p, x.untyped_data(), values.untyped_data(), bf16, xd[0], y->typed_data()};
+    // Test hook: JAX_TW_POISON_OUTPUT=1 fills y with NaN first, so any entry the kernel fails to
+    // write shows up in the results.
+    if (const char* poison = std::getenv("JAX_TW_POISON_OUTPUT"); poison && poison[0] == '1')
+      std::fill(args.y, args.y + xd[0] * n, std::numeric_limits<float>::quiet_NaN());
     const int64_t m = xd[0];
     const int64_t blocks = (m + kRowsPerItem - 1) / kRowsPerItem;
     std::string err;

@@ -156,16 +156,18 @@ def test_bf16_error_within_xla_bf16_error(backend, m):
     assert err <= 2 * xla_err + 1e-6, (err, xla_err)
 
 
-def test_poisoned_output_is_fully_written():
-    """Every output entry is written: run after a call that left garbage in the same buffers."""
+@pytest.mark.parametrize("m", [1, 7, 200])  # the few-rows path and the blocked path
+def test_poisoned_output_is_fully_written(m, monkeypatch):
+    """The host kernel fills its output with NaN first (test hook): every entry must be
+    overwritten, including pruned columns and tiles with no kept rows."""
     if "cpu" not in BACKENDS:
         pytest.skip("jax_tw._cpu not built")
-    _, _, p = _layer(32, 50, 8, 0.8, empty_tiles=True)
-    x = np.random.default_rng(5).normal(size=(64, 32)).astype(np.float32)
-    f = jax.jit(lambda x, p: ops.tw_matmul(x, p, backend="cpu"))
-    for _ in range(2):
-        jax.block_until_ready(jnp.full((64, 50), jnp.nan) + 1.0)  # leave NaNs in freed buffers
-        y = np.asarray(f(x, p))
+    monkeypatch.setenv("JAX_TW_POISON_OUTPUT", "1")
+    for pattern in (patterns.TW2D(), patterns.TEW(residue=0.05)):
+        _, _, p = _layer(32, 50, 8, 0.8, empty_tiles=True, pattern=pattern)
+        assert len(p.columns) < 50  # some columns pruned
+        x = np.random.default_rng(5).normal(size=(m, 32)).astype(np.float32)
+        y = np.asarray(ops.tw_matmul(x, p, backend="cpu"))
         assert np.isfinite(y).all()
         np.testing.assert_allclose(y, _reference(x, packing.unpack(p)), rtol=1e-5, atol=1e-5)
 
