@@ -149,7 +149,25 @@ ffi::Error TwMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
     std::string bad = p.Validate();
     if (!bad.empty()) return ffi::Error::InvalidArgument("tw_matmul: corrupt packed tiles: " + bad);
 
-    TileGemmArgs args{&p, x.untyped_data(), values.untyped_data(), bf16, xd[0], y->typed_data()};
+    // Each pruned column goes to the first tile whose last column lies beyond it (the last tile
+    // takes the columns past every tile); with no tiles at all, phase 2 zeroes everything.
+    std::vector<int32_t> zero_cols;
+    std::vector<int64_t> zero_offsets(p.t + 1, 0);
+    {
+      std::vector<char> kept(n, 0);
+      for (int64_t i = 0; i < p.c; ++i) kept[p.columns[i]] = 1;
+      int64_t tile = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        while (tile + 1 < p.t && p.columns[std::min(p.c, (tile + 1) * p.g) - 1] < j) ++tile;
+        if (!kept[j]) {
+          zero_cols.push_back(static_cast<int32_t>(j));
+          if (p.t) ++zero_offsets[tile + 1];
+        }
+      }
+      for (int64_t t = 0; t < p.t; ++t) zero_offsets[t + 1] += zero_offsets[t];
+    }
+    TileGemmArgs args{&p,     x.untyped_data(), values.untyped_data(), bf16,
+                      xd[0],  y->typed_data(),  zero_cols.data(),      zero_offsets.data()};
     // Test hook: JAX_TW_POISON_OUTPUT=1 fills y with NaN first, so any entry the kernel fails to
     // write shows up in the results.
     if (const char* poison = std::getenv("JAX_TW_POISON_OUTPUT"); poison && poison[0] == '1')
@@ -163,20 +181,13 @@ ffi::Error TwMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
       err = TileGemm(pool, args, blocks);
     }
     if (!err.empty()) return ffi::Error::Internal("tw_matmul: " + err);
-    // Phase 2: zero the pruned columns, then add the residue.
-    std::vector<int32_t> pruned;
-    {
-      std::vector<char> kept(n, 0);
-      for (int64_t i = 0; i < p.c; ++i) kept[p.columns[i]] = 1;
-      for (int64_t j = 0; j < n; ++j)
-        if (!kept[j]) pruned.push_back(static_cast<int32_t>(j));
-    }
+    // Phase 2: with no tiles, zero every column; then add the residue.
     const void* rv = residue_values.untyped_data();
-    err = ParallelFor(pool, blocks, [&](int64_t b) {
+    if (p.t == 0 || p.e > 0) err = ParallelFor(pool, blocks, [&](int64_t b) {
       const int64_t m1 = std::min(m, (b + 1) * kRowsPerItem);
       for (int64_t i = b * kRowsPerItem; i < m1; ++i) {
         float* yr = args.y + i * n;
-        for (int32_t j : pruned) yr[j] = 0.f;
+        if (p.t == 0) std::fill(yr, yr + n, 0.f);
         for (int64_t e = 0; e < p.e; ++e) {
           float xv, wv;
           if (bf16) {

@@ -23,6 +23,10 @@ struct TileGemmArgs {
   bool bf16;
   int64_t m;
   float* y;            // [m, n]
+  // Pruned output columns, split among the tiles (tile t zeroes
+  // zero_cols[zero_offsets[t], zero_offsets[t+1]) in its epilogue, while those rows are hot).
+  const int32_t* zero_cols;
+  const int64_t* zero_offsets;
 };
 
 // Rows of M that one work item covers (a multiple of every ISA's panel height MR).

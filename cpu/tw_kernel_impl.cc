@@ -127,6 +127,12 @@ void Pack(const TileGemmArgs& args, float* panels, int64_t p_begin, int64_t p_en
   }
 }
 
+// The pruned output columns assigned to `tile`, zeroed in one row of y.
+inline void ZeroPruned(const TileGemmArgs& args, int64_t tile, float* yr) {
+  for (int64_t z = args.zero_offsets[tile]; z < args.zero_offsets[tile + 1]; ++z)
+    yr[args.zero_cols[z]] = 0.f;
+}
+
 // A scratch buffer whose data start on a 64-byte line, so no vector load is split across lines.
 struct AlignedBuffer {
   std::vector<float> storage;
@@ -164,8 +170,10 @@ void Tile(const TileGemmArgs& args, const float* panels, const float* bbuf, int6
   const int64_t depth = p.depth(tile), width = p.width(tile);
   const int32_t* out_cols = p.columns + tile * p.g;
   if (depth == 0) {  // no kept rows: the tile's columns are zero
-    for (int64_t i = m_begin; i < m_end; ++i)
+    for (int64_t i = m_begin; i < m_end; ++i) {
       for (int64_t j = 0; j < width; ++j) args.y[i * p.n + out_cols[j]] = 0.f;
+      ZeroPruned(args, tile, args.y + i * p.n);
+    }
     return;
   }
   const int64_t gp = (width + NR - 1) / NR * NR;  // width padded to whole micro-tiles
@@ -187,6 +195,7 @@ void Tile(const TileGemmArgs& args, const float* panels, const float* bbuf, int6
     const float* cr = cbuf + i * gp;
     float* yr = args.y + (m_begin + i) * p.n;
     for (int64_t j = 0; j < width; ++j) yr[out_cols[j]] = cr[j];
+    ZeroPruned(args, tile, yr);
   }
 }
 
@@ -215,8 +224,10 @@ void SmallTile(const TileGemmArgs& args, int64_t tile) {
       for (int64_t j = 0; j < gp; j += VL) Store(ar + j, Load(ar + j) + a * Load(brow + j));
     }
   }
-  for (int64_t i = 0; i < args.m; ++i)
+  for (int64_t i = 0; i < args.m; ++i) {
     for (int64_t j = 0; j < width; ++j) args.y[i * p.n + out_cols[j]] = acc[i * gp + j];
+    ZeroPruned(args, tile, args.y + i * p.n);
+  }
 }
 
 }  // namespace
