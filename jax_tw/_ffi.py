@@ -27,7 +27,7 @@ def cpu_import_error() -> str:
     return _cpu_error
 
 
-def _varying(arrays, axes):
+def make_varying(arrays, axes):
     """Inside shard_map: marks replicated operands as varying over ``axes`` like x, so that the
     custom call's inputs agree (XLA's FFI rule wants one varying-axes type for all of them)."""
     if not axes:
@@ -50,7 +50,7 @@ def cpu_tw_matmul(x2: jax.Array, p) -> jax.Array:
         jnp.asarray(p.values), jnp.asarray(p.residue_rows, jnp.int32),
         jnp.asarray(p.residue_cols, jnp.int32), jnp.asarray(p.residue_values)]
     axes = jax.typeof(x2).manual_axis_type.varying
-    operands = _varying(operands, axes)
+    operands = make_varying(operands, axes)
     x_type = jax.typeof(x2)
     out = jax.ShapeDtypeStruct((x2.shape[0], p.n), jnp.float32, sharding=x_type.sharding,
                                manual_axis_type=x_type.manual_axis_type)

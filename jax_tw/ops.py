@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tw import packing
+from jax_tw import _ffi, packing
 from jax_tw.packing import PackedTiles
 
 __all__ = ["tw_matmul", "available_backends", "BACKENDS"]
@@ -36,7 +36,6 @@ BACKENDS = ("xla", "cpu", "dense")
 
 def available_backends() -> tuple[str, ...]:
     """The backends this installation can run (``'cpu'`` only if the extension was built)."""
-    from jax_tw import _ffi
     return ("xla", "dense") + (("cpu",) if _ffi.cpu_available() else ())
 
 
@@ -46,12 +45,10 @@ def _choose(backend: str | None, packed: PackedTiles | None = None) -> str:
     if backend is None:
         if packed is not None and packed.dense is not None:
             return "dense"  # packing kept the dense kernel: the tiles would be slower
-        from jax_tw import _ffi
         return "cpu" if _ffi.cpu_available() and jax.default_backend() == "cpu" else "xla"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (or None for automatic), got {backend!r}")
     if backend == "cpu":
-        from jax_tw import _ffi
         if not _ffi.cpu_available():
             raise ValueError("backend='cpu' was requested but jax_tw was built without its CPU "
                              f"extension ({_ffi.cpu_import_error()})")
@@ -121,7 +118,6 @@ def _backward_xla(x2, p: PackedTiles, dy):
 
 def _forward(backend: str, x2, p: PackedTiles):
     if backend == "cpu":
-        from jax_tw import _ffi
         return _ffi.cpu_tw_matmul(x2, p)
     if backend == "dense":
         return jnp.dot(x2.astype(jnp.float32), _dense_kernel(p).astype(jnp.float32))
@@ -202,9 +198,8 @@ def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | N
     x2 = x.reshape(-1, packed.k)
     # Under shard_map, replicated tiles meet a batch-sharded x: make them varying like x so the
     # custom_vjp's cotangents type-check (the transpose of this cast sums d(values) over shards).
-    from jax_tw import _ffi
     leaves, tree = jax.tree.flatten(packed)
-    packed = jax.tree.unflatten(tree, _ffi._varying(
+    packed = jax.tree.unflatten(tree, _ffi.make_varying(
         [jnp.asarray(a) for a in leaves], jax.typeof(x2).manual_axis_type.varying))
     y = _MATMULS[name](x2, packed)
     if bias is not None:

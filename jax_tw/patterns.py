@@ -61,18 +61,25 @@ LayerMask = dict  # {'columns': (N,) bool, 'rows': (T, K) bool, 'elements': (K, 
 
 __all__ = [
     "LayerMask", "Pattern", "TW2D", "TW1D", "TEW", "EW", "VW", "BW", "get",
-    "num_tiles", "keep_all", "expand", "dense_mask", "check_tile_size", "check_sparsity",
+    "num_tiles", "keep_all", "expand", "dense_mask", "check_positive_int", "check_tile_size",
+    "check_sparsity",
     "check_layer_mask",
 ]
 
 
 # ----------------------------------------------------------------------------- validation
 
+def check_positive_int(value: Any, name: str) -> int:
+    """Returns ``value`` as an int, or raises ValueError naming ``name`` unless it is a positive
+    integer (bools and floats are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def check_tile_size(tile_size: Any) -> int:
     """Returns ``tile_size`` as an int, or raises ValueError unless it is a positive integer."""
-    if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size <= 0:
-        raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}")
-    return int(tile_size)
+    return check_positive_int(tile_size, "tile_size")
 
 
 def _is_concrete(x: Any) -> bool:
@@ -450,8 +457,7 @@ class VW(Pattern):
     name: ClassVar[str] = "vw"
 
     def __post_init__(self):
-        if isinstance(self.vector_size, bool) or not isinstance(self.vector_size, int) or self.vector_size <= 0:
-            raise ValueError(f"vector_size must be a positive integer, got {self.vector_size!r}")
+        check_positive_int(self.vector_size, "vector_size")
 
     def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
         v = self.vector_size
@@ -496,8 +502,7 @@ class BW(Pattern):
     name: ClassVar[str] = "bw"
 
     def __post_init__(self):
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
-            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        check_positive_int(self.block_size, "block_size")
 
     def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
         b = self.block_size

@@ -210,8 +210,7 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
     if not isinstance(pattern, patterns.Pattern):
         raise ValueError(f"pattern must be a jax_tw.patterns.Pattern such as TW2D(), got {pattern!r}")
     tile_size = patterns.check_tile_size(tile_size)
-    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every <= 0:
-        raise ValueError(f"update_every must be a positive integer, got {update_every!r}")
+    update_every = patterns.check_positive_int(update_every, "update_every")
     if score not in ("magnitude", "taylor"):
         raise ValueError(f"score must be 'magnitude' or 'taylor', got {score!r}")
     final = getattr(schedule, "final", None)

@@ -318,6 +318,10 @@ def test_bad_scores_and_previous():
         patterns.TW2D(column_share=1.5)
     with pytest.raises(ValueError, match="sparsity \\+ residue < 1"):
         patterns.TEW(residue=0.2)([np.ones((4, 4), np.float32)], 0.85, tile_size=2)
+    with pytest.raises(ValueError, match="vector_size must be a positive integer, got 0"):
+        patterns.VW(vector_size=0)
+    with pytest.raises(ValueError, match="block_size must be a positive integer, got 2.5"):
+        patterns.BW(block_size=2.5)
     with pytest.raises(ValueError, match="unknown pattern 'xw'"):
         patterns.get("xw")
     assert patterns.get("TW-2D") == patterns.TW2D()
