@@ -6,7 +6,7 @@ it runs anywhere in under a minute on a 2-core CPU:
     python examples/prune_mlp.py                      # TW-2D to 75%, G = 32
     python examples/prune_mlp.py --pattern ew --sparsity 0.9
 
-It prints a progress bar (loss, accuracy, sparsity), then the per-layer sparsity and the test
+It prints a progress bar (loss, sparsity), then the per-layer sparsity and the test
 accuracy of the dense start and of the pruned model.
 """
 
