@@ -3,8 +3,5 @@
 # example on its defaults. Extra arguments go to the example, e.g. ./scripts/example.sh --help
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet '.[examples]'
+scripts/venv.sh examples
 exec .venv/bin/python examples/prune_mlp.py "$@"
