@@ -286,7 +286,7 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
                           previous=[layer_masks[p] for p in pruned], final_sparsity=final,
                           per_layer=per_layer, min_keep=min_keep)
             fresh = {names[p]: jnp.zeros_like(a) for p, a in zip(pruned, scores)} if acc else {}
-            return [m for m in new], fresh
+            return new, fresh
 
         def keep(_):
             return [layer_masks[p] for p in pruned], acc
