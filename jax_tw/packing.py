@@ -73,9 +73,11 @@ class PackedTiles:
 
 
 # Density above which the packed tiles also keep the dense kernel and tw_matmul's automatic
-# backend uses the dense dot. Measured with `python -m jax_tw.bench` (M = 2048 and M = 1..256,
-# BERT-base shapes, 2-core x86 with AVX-512): the host kernel reached 0.61-0.83x of dense at 0%
-# sparsity and 0.79-1.08x at 25%, and won from 50% on for M >= 256.
+# backend uses the dense dot. Measured with `python -m jax_tw.bench --repeats 9` (M = 2048,
+# BERT-base shapes, 2-core x86 with AVX-512): the host kernel ran at 0.91-1.18x of dense at 0%
+# sparsity and 1.09-1.26x at 25%, and 1.45-1.88x at 50%. Below 25% sparsity the tiles gain
+# nothing that is larger than this machine's noise, so the dense dot (no gathers, no per-call
+# packing of x) is the safer choice there.
 DENSE_ABOVE = 0.75
 
 
