@@ -189,16 +189,8 @@ ffi::Error TwMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
         float* yr = args.y + i * n;
         if (p.t == 0) std::fill(yr, yr + n, 0.f);
         for (int64_t e = 0; e < p.e; ++e) {
-          float xv, wv;
-          if (bf16) {
-            uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t*>(args.x)[i * p.k + p.residue_rows[e]]) << 16;
-            std::memcpy(&xv, &u, 4);
-            u = static_cast<uint32_t>(static_cast<const uint16_t*>(rv)[e]) << 16;
-            std::memcpy(&wv, &u, 4);
-          } else {
-            xv = static_cast<const float*>(args.x)[i * p.k + p.residue_rows[e]];
-            wv = static_cast<const float*>(rv)[e];
-          }
+          const float xv = LoadF32(args.x, i * p.k + p.residue_rows[e], bf16);
+          const float wv = LoadF32(rv, e, bf16);
           yr[p.residue_cols[e]] += xv * wv;
         }
       }

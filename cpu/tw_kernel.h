@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "packed_tiles.h"
 
@@ -28,6 +29,15 @@ struct TileGemmArgs {
   const int32_t* zero_cols;
   const int64_t* zero_offsets;
 };
+
+// Element i of an f32 or bf16 (raw bits) array, as f32.
+inline float LoadF32(const void* base, int64_t i, bool bf16) {
+  if (!bf16) return static_cast<const float*>(base)[i];
+  const uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t*>(base)[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 // Rows of M that one work item covers (a multiple of every ISA's panel height MR).
 constexpr int64_t kRowsPerItem = 192;

@@ -42,13 +42,6 @@ typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 inline vf Load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
-inline float Bf16ToF32(uint16_t bits) {
-  uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 // c[MR][NR] (+)= A[kept[q]][MR] * b[q][NR] over q < kc; A = one x panel ([K][MR]).
 inline void Micro(int64_t kc, const float* __restrict panel, const int32_t* __restrict kept,
                   const float* __restrict b, float* __restrict c, int64_t ldc, bool accumulate) {
@@ -69,7 +62,7 @@ inline void Micro(int64_t kc, const float* __restrict panel, const int32_t* __re
 }
 
 inline float ToF32(float v) { return v; }
-inline float ToF32(uint16_t bits) { return Bf16ToF32(bits); }
+inline float ToF32(uint16_t bits) { return LoadF32(&bits, 0, true); }
 
 // One panel: panel[q][i] = x[m0 + i][q], zero for rows past m. Blocks of 16 columns go through
 // a small transpose buffer so that both the reads (row runs) and the writes (panel rows) are
@@ -152,8 +145,7 @@ void PackWeights(const TileGemmArgs& args, int64_t tile, float* b) {
   for (int64_t q = 0; q < depth; ++q) {
     const int64_t src = (offset + q) * p.g;
     for (int64_t j = 0; j < width; ++j) {
-      const float v = args.bf16 ? Bf16ToF32(static_cast<const uint16_t*>(args.values)[src + j])
-                                : static_cast<const float*>(args.values)[src + j];
+      const float v = LoadF32(args.values, src + j, args.bf16);
       b[(j / NR) * depth * NR + q * NR + j % NR] = v;
     }
   }
@@ -214,12 +206,10 @@ void SmallTile(const TileGemmArgs& args, int64_t tile) {
   for (int64_t q = 0; q < depth; ++q) {
     const int64_t src = (offset + q) * p.g;
     for (int64_t j = 0; j < width; ++j)
-      brow[j] = args.bf16 ? Bf16ToF32(static_cast<const uint16_t*>(args.values)[src + j])
-                          : static_cast<const float*>(args.values)[src + j];
+      brow[j] = LoadF32(args.values, src + j, args.bf16);
     const int64_t kq = p.rows[offset + q];
     for (int64_t i = 0; i < args.m; ++i) {
-      const float a = args.bf16 ? Bf16ToF32(static_cast<const uint16_t*>(args.x)[i * p.k + kq])
-                                : static_cast<const float*>(args.x)[i * p.k + kq];
+      const float a = LoadF32(args.x, i * p.k + kq, args.bf16);
       float* ar = acc + i * gp;
       for (int64_t j = 0; j < gp; j += VL) Store(ar + j, Load(ar + j) + a * Load(brow + j));
     }

@@ -240,13 +240,10 @@ def pack_variables(variables: dict, tile_size: int, dtype: Any = None,
 
     if "params" not in variables or "tw_mask" not in variables:
         raise ValueError(f"variables must hold 'params' and 'tw_mask', got {sorted(variables)}")
-    params = traverse_util.flatten_dict(_plain(variables["params"]))
-    masks = traverse_util.flatten_dict(_plain(variables["tw_mask"]))
-    layers: dict = {}
-    for path, leaf in masks.items():
-        layers.setdefault(path[:-1], {})[path[-1]] = np.asarray(leaf)
+    params = traverse_util.flatten_dict(patterns.plain_dict(variables["params"]))
     packed = {}
-    for layer, mask in layers.items():
+    for layer, mask in patterns.layer_masks(variables["tw_mask"]).items():
+        mask = {key: np.asarray(v) for key, v in mask.items()}
         key = layer + ("kernel",)
         if key not in params:
             raise ValueError(f"params has no kernel at {'/'.join(key)} for tw_mask layer {'/'.join(layer)}")
@@ -258,10 +255,6 @@ def pack_variables(variables: dict, tile_size: int, dtype: Any = None,
     out["params"] = traverse_util.unflatten_dict(params)
     out[PACKED_COLLECTION] = traverse_util.unflatten_dict(packed)
     return out
-
-
-def _plain(tree: Any) -> Any:
-    return {k: _plain(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
 
 
 _FIELDS = ("columns", "row_offsets", "rows", "values", "residue_rows", "residue_cols", "residue_values")
@@ -280,7 +273,7 @@ def save(path: str, variables: dict) -> None:
     from safetensors.numpy import save_file
 
     tensors, dtypes, statics = {}, {}, {}
-    for path_, leaf in traverse_util.flatten_dict(_plain(variables)).items():
+    for path_, leaf in traverse_util.flatten_dict(patterns.plain_dict(variables)).items():
         name = "/".join(path_)
         if isinstance(leaf, PackedTiles):
             statics[name] = {s: getattr(leaf, s) for s in _STATICS}

@@ -62,7 +62,7 @@ LayerMask = dict  # {'columns': (N,) bool, 'rows': (T, K) bool, 'elements': (K, 
 __all__ = [
     "LayerMask", "Pattern", "TW2D", "TW1D", "TEW", "EW", "VW", "BW", "get",
     "num_tiles", "keep_all", "expand", "dense_mask", "check_positive_int", "check_tile_size",
-    "check_sparsity",
+    "check_sparsity", "layer_masks", "plain_dict",
     "check_layer_mask",
 ]
 
@@ -129,6 +129,25 @@ def check_layer_mask(mask: Any, k: int, n: int, tile_size: int, where: str = "la
             raise ValueError(
                 f"{where}: tw_mask '{key}' has shape {got}, expected {shape} for a kernel of "
                 f"shape {(k, n)} with tile_size={tile_size}")
+
+
+def layer_masks(tw_mask: Any) -> dict[tuple, LayerMask]:
+    """{layer path (tuple of str): layer mask} for every layer mask in a ``tw_mask`` tree.
+
+    >>> layer_masks({'enc': {'q': keep_all(2, 3, 2)}}).keys()
+    dict_keys([('enc', 'q')])
+    """
+    from flax import traverse_util
+
+    layers: dict[tuple, LayerMask] = {}
+    for path, leaf in traverse_util.flatten_dict(plain_dict(tw_mask)).items():
+        layers.setdefault(path[:-1], {})[path[-1]] = leaf
+    return layers
+
+
+def plain_dict(tree: Any) -> Any:
+    """Nested mappings (FrozenDict included) as nested plain dicts; other leaves as they are."""
+    return {k: plain_dict(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -472,7 +491,7 @@ class VW(Pattern):
             rank = jnp.argsort(jnp.argsort(-sc, axis=1, stable=True), axis=1, stable=True)
             rank = jnp.where(eligible, rank, v)
             keys.append((rank, sc, eligible))
-            layouts.append((rows, n, pad))
+            layouts.append((rows, n))
         sizes = [s.size for s in scores]
 
         def keep(group, n_keep):
@@ -489,7 +508,7 @@ class VW(Pattern):
             flat = keep(cat, total - _target(sparsity, total))
             kept_flat = jnp.split(flat, np.cumsum([g[0].size for g in keys])[:-1])
         elements = []
-        for f, (rows, n, pad) in zip(kept_flat, layouts):
+        for f, (rows, n) in zip(kept_flat, layouts):
             elements.append(f.reshape(-1, n)[:rows])
         return _element_masks(elements, ctx.tile_size)
 

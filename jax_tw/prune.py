@@ -148,21 +148,6 @@ def _path_key(entry: Any) -> str:
     return str(entry)
 
 
-def _mask_layers(tw_mask: Any) -> dict[Path, dict]:
-    """{layer path: layer mask} for every layer mask in a tw_mask tree."""
-    flat = traverse_util.flatten_dict(_to_dict(tw_mask))
-    layers: dict[Path, dict] = {}
-    for path, leaf in flat.items():
-        layers.setdefault(path[:-1], {})[path[-1]] = leaf
-    return layers
-
-
-def _to_dict(tree: Any) -> Any:
-    if hasattr(tree, "items"):
-        return {k: _to_dict(v) for k, v in tree.items()}
-    return tree
-
-
 def _kernel_path(layer: Path) -> Path:
     return tuple(layer) + ("kernel",)
 
@@ -220,7 +205,7 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
     patterns.check_sparsity(final, "the schedule's final sparsity")
     if not 0.0 <= min_keep < 1.0:
         raise ValueError(f"min_keep must be in [0, 1), got {min_keep!r}")
-    mask_layers = _mask_layers(tw_mask)
+    mask_layers = patterns.layer_masks(tw_mask)
     if not mask_layers:
         raise ValueError("tw_mask holds no layer masks: pass the model's variables['tw_mask']")
     pruned = [p for p in mask_layers if layers(_kernel_path(p))]
@@ -229,7 +214,7 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
         {path + (key,): jnp.asarray(v) for path, m in mask_layers.items() for key, v in m.items()})
 
     def kernels(tree: Any, what: str) -> dict[Path, jax.Array]:
-        flat = traverse_util.flatten_dict(_to_dict(tree))
+        flat = traverse_util.flatten_dict(patterns.plain_dict(tree))
         out = {}
         for p in pruned:
             kp = _kernel_path(p)
@@ -240,7 +225,8 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
         return out
 
     def init_fn(params: Any) -> PruneState:
-        for p, w in kernels(params, "params").items():
+        weights = kernels(params, "params")
+        for p, w in weights.items():
             if jnp.ndim(w) != 2:
                 raise ValueError(f"params {'/'.join(_kernel_path(p))} has shape {jnp.shape(w)}; "
                                  "expected a (K, N) kernel")
@@ -248,8 +234,7 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
                                       where=f"tw_mask {'/'.join(p)}")
         scores = {}
         if score == "taylor":
-            scores = {names[p]: jnp.zeros(jnp.shape(w), jnp.float32)
-                      for p, w in kernels(params, "params").items()}
+            scores = {names[p]: jnp.zeros(jnp.shape(w), jnp.float32) for p, w in weights.items()}
         return PruneState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32),
                           initial_masks, scores)
 
@@ -275,7 +260,7 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
                     g[p].astype(jnp.float32) * w[p].astype(jnp.float32))
         target = jnp.asarray(schedule(state.count), jnp.float32)
         due = (state.count % update_every == 0) & (target > state.sparsity)
-        layer_masks = _mask_layers(state.masks)
+        layer_masks = patterns.layer_masks(state.masks)
 
         def recompute(_):
             if score == "taylor":
@@ -355,7 +340,7 @@ def sparsity(tw_mask: Any, tile_size: int = 128,
         tw_mask = masks(tw_mask)
     tile_size = patterns.check_tile_size(tile_size)
     per_layer, kept, total = {}, 0, 0
-    for path, m in _mask_layers(tw_mask).items():
+    for path, m in patterns.layer_masks(tw_mask).items():
         if not layers(_kernel_path(path)):
             continue
         k, n = np.shape(m["elements"])
