@@ -27,7 +27,9 @@ BERT_BASE = [(768, 768), (768, 3072), (3072, 768)]
 BERT_LARGE = [(1024, 1024), (1024, 4096), (4096, 1024)]
 
 
-def _time_pair(f_dense, f_tw, args_dense, args_tw, repeats: int) -> tuple[float, float]:
+def time_pair(f_dense, f_tw, args_dense, args_tw, repeats: int) -> tuple[float, float]:
+    """Medians (seconds) of ``f_dense(*args_dense)`` and ``f_tw(*args_tw)``, timed interleaved
+    after one warm-up call each."""
     jax.block_until_ready(f_dense(*args_dense))
     jax.block_until_ready(f_tw(*args_tw))
     dense, tw = [], []
@@ -60,7 +62,7 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
                 [mask] = patterns.TW2D()([np.abs(w32)], s, tile_size=tile_size, min_keep=0.0)
                 p = jax.device_put(packing.pack(w, jax.tree.map(np.asarray, mask), tile_size,
                                                 keep_dense=False))
-                t_dense, t_tw = _time_pair(dense_fn, tw_fn, (x, wj), (x, p), repeats)
+                t_dense, t_tw = time_pair(dense_fn, tw_fn, (x, wj), (x, p), repeats)
                 ratio = t_dense / t_tw
                 rows.append({
                     "k": k, "n": n, "m": m, "dtype": np.dtype(dtype).name, "sparsity": s,

