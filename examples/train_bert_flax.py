@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--score", default="magnitude", choices=["magnitude", "taylor"])
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (warm-up, then linear decay)")
+    ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (linear warm-up, then cosine decay to 5%%)")
     ap.add_argument("--max-len", type=int, default=64, help="tokens per sentence, [CLS] and [SEP] included")
     ap.add_argument("--prune-begin", type=float, default=0.1, help="ramp start, as a fraction of training")
     ap.add_argument("--prune-end", type=float, default=0.6, help="ramp end, as a fraction of training")
@@ -109,13 +109,14 @@ def batches(tokens: list[list[int]], labels: np.ndarray, batch: int, max_len: in
         order = np.argsort([len(t) for t in tokens], kind="stable")
         groups = [order[i:i + batch] for i in range(0, n, batch)]
     for idx in groups:
-        longest = max(len(tokens[j]) for j in idx)
+        longest = max(len(tokens[j]) for j in idx)  # tokens longer than max_len are cut
         length = min(max_len, -(-longest // LENGTH_STEP) * LENGTH_STEP)
         ids = np.zeros((batch, length), np.int32)
         mask = np.zeros((batch, length), np.int32)
         for r, j in enumerate(idx):
-            ids[r, :len(tokens[j])] = tokens[j]
-            mask[r, :len(tokens[j])] = 1
+            t = tokens[j][:length]
+            ids[r, :len(t)] = t
+            mask[r, :len(t)] = 1
         y = np.zeros(batch, np.int32)
         y[:len(idx)] = labels[idx]
         yield ids, mask, y, np.arange(batch) < len(idx)

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/venv.sh examples
-exec .venv/bin/python examples/prune_mlp.py "$@"
+exec .venv/bin/python examples/train_bert_flax.py "$@"

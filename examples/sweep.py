@@ -1,0 +1,122 @@
+"""The paper's comparison: the same fine-tune-and-prune recipe for several patterns and sparsities.
+
+    python examples/sweep.py                                   # every pattern at 50/75/90%
+    python examples/sweep.py --patterns tw2d,bw --sparsities 0.75 --epochs 2
+    python examples/sweep.py --report-only                     # redraw table and plot
+
+Each run is ``train_bert_flax.py`` with the given pattern and sparsity (other flags after
+``--`` go to every run). Results accumulate in ``<out>/sweep.json`` (a run already there with
+the same settings is skipped, so an interrupted sweep resumes); ``sweep.md`` (a table) and
+``sweep.png`` (test accuracy vs sparsity per pattern, the dense fine-tune as a line) are redrawn
+after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_bert_flax  # noqa: E402
+
+LABELS = {"dense": "dense", "ew": "EW", "vw": "VW", "bw": "BW", "tw1d": "TW-1D", "tw2d": "TW-2D",
+          "tew": "TEW"}
+
+
+def run_key(r: dict) -> tuple:
+    return (r["pattern"], round(r["target_sparsity"], 4), r["tile_size"], r["epochs"], r["seed"],
+            tuple(r.get("extra_args", [])))
+
+
+def write_report(results: list[dict], out: Path) -> None:
+    """sweep.md and sweep.png from the results."""
+    results = sorted(results, key=lambda r: (list(LABELS).index(r["pattern"]), r["target_sparsity"]))
+    lines = ["| pattern | target | measured sparsity | G | epochs | dev acc | test acc | packed vs dense "
+             "inference | run time |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {LABELS[r['pattern']]} | {r['target_sparsity']:.0%} | {r['sparsity']:.2%} | "
+            f"{r['tile_size']} | {r['epochs']:g} | {r['dev_accuracy']:.2%} | {r['test_accuracy']:.2%} | "
+            f"{r['packed_speedup']:.2f}x | {r['total_seconds'] / 60:.1f} min |")
+    commands = sorted({r["command"] for r in results})
+    text = ("# Rotten Tomatoes polarity, all-MiniLM-L6-v2, pruned while fine-tuning\n\n"
+            + "\n".join(lines) + "\n\nProduced by:\n\n" + "\n".join(f"    {c}" for c in commands) + "\n")
+    (out / "sweep.md").write_text(text)
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pattern, label in LABELS.items():
+        rows = [r for r in results if r["pattern"] == pattern]
+        if not rows:
+            continue
+        if pattern == "dense":
+            acc = sum(r["test_accuracy"] for r in rows) / len(rows)
+            ax.axhline(100 * acc, color="black", ls="--", lw=1, label=f"dense ({100 * acc:.1f}%)")
+        else:
+            ax.plot([100 * r["target_sparsity"] for r in rows], [100 * r["test_accuracy"] for r in rows],
+                    marker="o", label=label)
+    ax.set_xlabel("sparsity of the pruned layers (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("all-MiniLM-L6-v2 on Rotten Tomatoes sentences")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--patterns", default="dense,tw2d,tew,tw1d,bw,vw,ew")
+    ap.add_argument("--sparsities", default="0.5,0.75,0.9")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--tile-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = args.out / "sweep.json"
+    results = json.loads(store.read_text()) if store.exists() else []
+    if args.report_only:
+        write_report(results, args.out)
+        return results
+    done = {run_key(r) for r in results}
+    for pattern in args.patterns.split(","):
+        for sparsity in ([0.0] if pattern == "dense" else [float(s) for s in args.sparsities.split(",")]):
+            run = ["--pattern", pattern, "--sparsity", str(sparsity), "--epochs", str(args.epochs),
+                   "--tile-size", str(args.tile_size), "--seed", str(args.seed),
+                   "--out-dir", str(args.out / "runs" / f"{pattern}-{sparsity:g}"), *extra]
+            key = (pattern, round(sparsity, 4), args.tile_size, args.epochs, args.seed, tuple(extra))
+            if key in done:
+                print(f"skip {pattern} at {sparsity:.0%}: already in {store}")
+                continue
+            print(f"== {pattern} at {sparsity:.0%}", flush=True)
+            started = time.perf_counter()
+            r = train_bert_flax.main(run + ["--quiet"])
+            r.pop("layer_sparsity")
+            r["extra_args"] = extra
+            r["command"] = ("python examples/sweep.py " + " ".join(
+                ["--patterns", args.patterns, "--sparsities", args.sparsities, "--epochs", str(args.epochs),
+                 "--tile-size", str(args.tile_size), "--seed", str(args.seed)] + (["--", *extra] if extra else [])))
+            print(f"   test accuracy {r['test_accuracy']:.2%}, sparsity {r['sparsity']:.2%}, "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+            results.append(r)
+            store.write_text(json.dumps(results, indent=1) + "\n")
+            write_report(results, args.out)
+    return results
+
+
+if __name__ == "__main__":
+    main()
