@@ -146,3 +146,33 @@ def test_fetch_failures_are_clear(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="sha256 5d7c06e0.*refusing"):
         rotten_tomatoes.fetch(tmp_path / "bad")
     assert not (tmp_path / "bad").exists()  # nothing cached from a file that failed the check
+
+
+def test_sweep_runs_each_setting_once_and_reports(tmp_path, monkeypatch):
+    import sweep
+    import train_bert_flax
+
+    calls = []
+
+    def fake_main(argv):
+        args = train_bert_flax.parse_args(argv)
+        calls.append((args.pattern, args.sparsity))
+        acc = 0.85 - 0.1 * args.sparsity * (args.pattern != "tw2d")
+        return {"pattern": args.pattern, "target_sparsity": args.sparsity if args.pattern != "dense" else 0.0,
+                "sparsity": args.sparsity, "tile_size": args.tile_size, "epochs": args.epochs,
+                "seed": args.seed, "dev_accuracy": acc, "test_accuracy": acc, "packed_speedup": 1.5,
+                "total_seconds": 60.0, "layer_sparsity": {}}
+
+    monkeypatch.setattr(train_bert_flax, "main", fake_main)
+    argv = ["--patterns", "dense,tw2d,bw", "--sparsities", "0.5,0.75", "--out", str(tmp_path)]
+    results = sweep.main(argv)
+    assert calls == [("dense", 0.0), ("tw2d", 0.5), ("tw2d", 0.75), ("bw", 0.5), ("bw", 0.75)]
+    assert len(results) == 5
+    sweep.main(argv + ["--", "--lr", "1e-4"])  # other settings: run again
+    assert len(calls) == 10
+    sweep.main(argv)  # all done: nothing runs
+    assert len(calls) == 10
+    table = (tmp_path / "sweep.md").read_text()
+    assert table.count("| TW-2D | 75% |") == 2 and "| BW | 50% | 50.00% | 64 | 1 | 80.00% |" in table
+    assert "--lr 1e-4" in table
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
