@@ -44,8 +44,12 @@ def time_pair(f_dense, f_tw, args_dense, args_tw, repeats: int) -> tuple[float, 
 
 
 def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backend: str | None,
-        seed: int = 0) -> list[dict[str, Any]]:
-    """Times every (shape, dtype, sparsity); returns one row dict per measurement."""
+        seed: int = 0, pattern: str = "tw2d") -> list[dict[str, Any]]:
+    """Times every (shape, dtype, sparsity); returns one row dict per measurement.
+
+    ``pattern`` (a :func:`jax_tw.patterns.get` name) makes the masks; EW/VW/BW masks pack
+    into an element-wise residue only, which measures the residue path."""
+    make_masks = patterns.get(pattern)
     rng = np.random.default_rng(seed)
     name = ops._choose(backend)
     dense_fn = jax.jit(lambda x, w: jnp.dot(x, w))
@@ -59,13 +63,13 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
             x = jnp.asarray(x32.astype(dtype))
             wj = jnp.asarray(w)
             for s in sparsities:
-                [mask] = patterns.TW2D()([np.abs(w32)], s, tile_size=tile_size, min_keep=0.0)
+                [mask] = make_masks([np.abs(w32)], s, tile_size=tile_size, min_keep=0.0)
                 p = jax.device_put(packing.pack(w, jax.tree.map(np.asarray, mask), tile_size,
                                                 keep_dense=False))
                 t_dense, t_tw = time_pair(dense_fn, tw_fn, (x, wj), (x, p), repeats)
                 ratio = t_dense / t_tw
                 rows.append({
-                    "k": k, "n": n, "m": m, "dtype": np.dtype(dtype).name, "sparsity": s,
+                    "k": k, "n": n, "m": m, "dtype": np.dtype(dtype).name, "pattern": pattern, "sparsity": s,
                     "measured_sparsity": 1.0 - p.density(), "backend": name,
                     "dense_ms": 1e3 * t_dense, "tw_ms": 1e3 * t_tw, "ratio": ratio,
                     "fraction_of_ideal": ratio * (1.0 - s),
@@ -74,12 +78,12 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'shape (MxKxN)':>18} {'dtype':>8} {'sparsity':>8} {'backend':>7} {'dense ms':>9} "
+    head = (f"{'shape (MxKxN)':>18} {'dtype':>8} {'pattern':>7} {'sparsity':>8} {'backend':>7} {'dense ms':>9} "
             f"{'TW ms':>8} {'ratio':>6} {'of ideal':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['m']:>6}x{r['k']:>5}x{r['n']:>5} {r['dtype']:>8} {r['sparsity']:>8.0%} "
+            f"{r['m']:>6}x{r['k']:>5}x{r['n']:>5} {r['dtype']:>8} {r['pattern']:>7} {r['sparsity']:>8.0%} "
             f"{r['backend']:>7} {r['dense_ms']:>9.2f} {r['tw_ms']:>8.2f} {r['ratio']:>5.2f}x "
             f"{r['fraction_of_ideal']:>8.2f}")
     return "\n".join(lines)
@@ -114,6 +118,7 @@ def main(argv=None) -> list[dict[str, Any]]:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="float32")
     ap.add_argument("--sparsities", default="0,0.25,0.5,0.75,0.9")
     ap.add_argument("--tile-size", type=int, default=128)
+    ap.add_argument("--pattern", default="tw2d", help="mask pattern: tw2d, tw1d, tew, ew, vw, bw")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--backend", default=None, help="xla, cpu or dense (default: automatic)")
     ap.add_argument("--json", help="write the rows to this JSON file")
@@ -128,7 +133,7 @@ def main(argv=None) -> list[dict[str, Any]]:
     m, repeats = args.m, args.repeats
     if args.quick:
         shapes, m, repeats, sparsities = [(96, 160)], 64, 3, [0.0, 0.5, 0.9]
-    rows = run(shapes, m, dtypes, sparsities, args.tile_size, repeats, args.backend)
+    rows = run(shapes, m, dtypes, sparsities, args.tile_size, repeats, args.backend, pattern=args.pattern)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

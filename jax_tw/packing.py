@@ -64,6 +64,12 @@ class PackedTiles:
     def dtype(self) -> np.dtype:
         return np.dtype(jnp.result_type(self.values))
 
+    def cost(self) -> float:
+        """Estimated work relative to the dense kernel: tile density plus ``RESIDUE_COST`` times
+        the residue density (see ``DENSE_ABOVE``)."""
+        residue = int(np.shape(self.residue_rows)[0]) / (self.k * self.n)
+        return self.density() - residue + RESIDUE_COST * residue
+
     def density(self) -> float:
         """Fraction of the K x N weights held (tiles, without their padding, plus residue)."""
         offsets = np.asarray(self.row_offsets)
@@ -80,14 +86,22 @@ class PackedTiles:
 # packing of x) is the safer choice there.
 DENSE_ABOVE = 0.75
 
+# What one residue weight costs, in dense weights, in the fallback rule: packing keeps the dense
+# kernel when ``tile density + RESIDUE_COST * residue density > DENSE_ABOVE``. The residue is a
+# gather/scatter-add per weight, far slower than a GEMM's multiply-add. Residue-only layers
+# (`python -m jax_tw.bench --pattern ew --sparsities 0.75,0.95,0.99 --backend cpu`, M = 2048,
+# BERT-base shapes, f32) cost 50-78 dense weights per residue weight (BUILD_NOTES.md has the
+# table), so a residue above about 1.5% of the weights makes the dense dot faster.
+RESIDUE_COST = 50.0
+
 
 def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int,
          keep_dense: bool | None = None) -> PackedTiles:
     """Packs a layer's kernel (K, N) under its layer mask, on the host (not under jit).
 
     ``keep_dense``: also keep the masked dense kernel (for the dense fallback of
-    :func:`jax_tw.ops.tw_matmul`); ``None`` keeps it when the layer's density exceeds
-    ``DENSE_ABOVE``.
+    :func:`jax_tw.ops.tw_matmul`); ``None`` keeps it when the estimated cost of the tiles and
+    residue (:meth:`PackedTiles.cost`) exceeds ``DENSE_ABOVE``.
 
     >>> import numpy as np
     >>> w = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -134,7 +148,7 @@ def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int,
         residue_values=w[res_r, res_c], dense=None, k=k, n=n, tile_size=tile_size,
         max_depth=int(max((len(r) for r in tile_rows), default=0)))
     if keep_dense is None:
-        keep_dense = packed.density() > DENSE_ABOVE
+        keep_dense = packed.cost() > DENSE_ABOVE
     if keep_dense:
         packed = dataclasses.replace(packed, dense=unpack(packed))
     return packed

@@ -295,3 +295,19 @@ def test_bench_quick_prints_ratios(tmp_path, capsys):
     import json
     assert json.loads(out_json.read_text()) == rows
     assert out_png.stat().st_size > 1000
+
+
+def test_dense_fallback_counts_the_residue_cost():
+    """A residue costs RESIDUE_COST dense weights each: an EW layer (all residue) or a TEW layer
+    with a few percent of residue packs with the dense kernel; a tiny residue does not."""
+    rng = np.random.default_rng(11)
+    w = rng.normal(size=(64, 96)).astype(np.float32)
+    [ew] = patterns.EW()([np.abs(w)], 0.75, tile_size=16, min_keep=0.0)
+    p = packing.pack(w, jax.tree.map(np.asarray, ew), 16)
+    assert p.density() == pytest.approx(0.25, abs=0.01) and p.dense is not None
+    for residue, dense in ((0.05, True), (0.002, False)):
+        [tew] = patterns.TEW(residue=residue)([np.abs(w)], 0.75, tile_size=16, min_keep=0.0)
+        p = packing.pack(w, jax.tree.map(np.asarray, tew), 16)
+        assert p.density() == pytest.approx(0.25, abs=0.01)
+        assert p.cost() == pytest.approx(p.density() + (packing.RESIDUE_COST - 1) * len(p.residue_rows) / w.size)
+        assert (p.dense is not None) == dense, (residue, p.cost())
