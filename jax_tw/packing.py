@@ -15,7 +15,9 @@ residue weights)::
     residue_cols    int32 (E,)         W[residue_rows[e], residue_cols[e]] = residue_values[e],
     residue_values  dtype (E,)         sorted by (row, col), outside the tiles
     dense           dtype (K, N)     or None: the masked dense kernel, kept when the layer is so
-                                     dense that tiles would run slower (see DENSE_ABOVE)
+                                     dense that tiles would run slower (see DENSE_ABOVE). A cache
+                                     of unpack(): replace values or residue_values only together
+                                     with dense=None (or pack again), or it goes stale
     k, n, tile_size, max_depth       static ints (max_depth = the deepest tile's kept rows)
 
 Why ``values`` is (R, G) row-major: a tile's weights are then one contiguous ``K_t x G`` block,
