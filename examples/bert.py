@@ -70,21 +70,26 @@ class Embeddings(nn.Module):
         return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
-def _linear(features: int, tile_size: int, plain: bool, name: str) -> nn.Module:
-    """A TWDense layer, or with ``plain`` an nn.Dense with the same params (no mask, no tiles)."""
-    return nn.Dense(features, name=name) if plain else TWDense(features, tile_size=tile_size, name=name)
+class _Block(nn.Module):
+    """A part of an encoder layer whose linear layers are TWDense (or, ``plain``, nn.Dense)."""
 
-
-class Attention(nn.Module):
     config: BertConfig
     tile_size: int
     plain: bool = False
 
+    def linear(self, features: int, name: str) -> nn.Module:
+        """A TWDense layer, or with ``plain`` an nn.Dense with the same params (no mask, no tiles)."""
+        if self.plain:
+            return nn.Dense(features, name=name)
+        return TWDense(features, tile_size=self.tile_size, name=name)
+
+
+class Attention(_Block):
     @nn.compact
     def __call__(self, x, bias, deterministic: bool):
         c = self.config
         heads, width = c.num_attention_heads, c.hidden_size // c.num_attention_heads
-        dense = lambda name: _linear(c.hidden_size, self.tile_size, self.plain, name)
+        dense = lambda name: self.linear(c.hidden_size, name)
         split = lambda t: t.reshape(t.shape[:-1] + (heads, width))
         q, k, v = (split(dense(name)(x)) for name in ("query", "key", "value"))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(width).astype(q.dtype) + bias
@@ -95,17 +100,13 @@ class Attention(nn.Module):
         return nn.LayerNorm(epsilon=c.layer_norm_eps, name="norm")(x + out)
 
 
-class Layer(nn.Module):
-    config: BertConfig
-    tile_size: int
-    plain: bool = False
-
+class Layer(_Block):
     @nn.compact
     def __call__(self, x, bias, deterministic: bool):
         c = self.config
         x = Attention(c, self.tile_size, self.plain, name="attention")(x, bias, deterministic)
-        h = nn.gelu(_linear(c.intermediate_size, self.tile_size, self.plain, "ffn1")(x), approximate=False)
-        h = _linear(c.hidden_size, self.tile_size, self.plain, "ffn2")(h)
+        h = nn.gelu(self.linear(c.intermediate_size, "ffn1")(x), approximate=False)
+        h = self.linear(c.hidden_size, "ffn2")(h)
         h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
         return nn.LayerNorm(epsilon=c.layer_norm_eps, name="ffn_norm")(x + h)
 
@@ -238,13 +239,10 @@ def init_classifier(model: BertClassifier, key, pretrained: dict[str, Any], max_
     """Variables of ``model`` (params + tw_mask) with the encoder and pooler from ``pretrained``."""
     ids = jnp.zeros((1, max_len), jnp.int32)
     variables = model.init(key, ids, jnp.ones_like(ids))
-    params = dict(variables["params"])
-    pretrained = dict(pretrained)
-    pooler = pretrained.pop("pooler")
-    check_same_structure(pretrained, params["encoder"], "the checkpoint")
-    params["encoder"] = pretrained
-    params["pooler"] = pooler
-    return {**variables, "params": params}
+    encoder = {k: v for k, v in pretrained.items() if k != "pooler"}
+    loaded = {"encoder": encoder, "pooler": pretrained["pooler"]}
+    check_same_structure(loaded, {k: variables["params"][k] for k in loaded}, "the checkpoint")
+    return {**variables, "params": {**variables["params"], **loaded}}
 
 
 def tokenizer(max_len: int, path: str | Path | None = None):

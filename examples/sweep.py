@@ -104,7 +104,8 @@ def main(argv=None) -> list[dict]:
             run = ["--pattern", pattern, "--sparsity", str(sparsity), "--epochs", str(args.epochs),
                    "--tile-size", str(args.tile_size), "--seed", str(args.seed),
                    "--out-dir", str(args.out / "runs" / f"{pattern}-{sparsity:g}"), *extra]
-            key = (pattern, round(sparsity, 4), args.tile_size, args.epochs, args.seed, tuple(extra))
+            key = run_key({"pattern": pattern, "target_sparsity": sparsity, "tile_size": args.tile_size,
+                           "epochs": args.epochs, "seed": args.seed, "extra_args": extra})
             if key in done:
                 print(f"skip {pattern} at {sparsity:.0%}: already in {store}")
                 continue

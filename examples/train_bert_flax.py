@@ -92,11 +92,12 @@ def make_pattern(args) -> patterns.Pattern | None:
 
 
 def batches(tokens: list[list[int]], labels: np.ndarray, batch: int, max_len: int, rng=None):
-    """Yields (ids, attention_mask, labels, valid) with ``batch`` rows padded to a multiple of 16.
+    """Yields (ids, attention_mask, labels, idx) with ``batch`` rows padded to a multiple of 16;
+    row r holds sentence ``idx[r]`` (rows past ``len(idx)`` are empty).
 
     With ``rng`` (training): shuffled, grouped by length within windows of 50 batches, partial
     last batch dropped. Without (evaluation): sorted by length, every sentence once, the last
-    batch filled with empty rows (``valid`` False).
+    batch filled with empty rows.
     """
     n = len(tokens)
     if rng is not None:
@@ -111,24 +112,21 @@ def batches(tokens: list[list[int]], labels: np.ndarray, batch: int, max_len: in
     for idx in groups:
         longest = max(len(tokens[j]) for j in idx)  # tokens longer than max_len are cut
         length = min(max_len, -(-longest // LENGTH_STEP) * LENGTH_STEP)
-        ids = np.zeros((batch, length), np.int32)
-        mask = np.zeros((batch, length), np.int32)
-        for r, j in enumerate(idx):
-            t = tokens[j][:length]
-            ids[r, :len(t)] = t
-            mask[r, :len(t)] = 1
+        ids, mask = pad([tokens[j] for j in idx], batch, length)
         y = np.zeros(batch, np.int32)
         y[:len(idx)] = labels[idx]
-        yield ids, mask, y, np.arange(batch) < len(idx)
+        yield ids, mask, y, idx
 
 
-def masked_params(params, masks, tile_size: int):
-    """params with every TWDense kernel multiplied by its mask (pruned weights exactly 0)."""
-    flat = traverse_util.flatten_dict(patterns.plain_dict(params))
-    for layer, m in patterns.layer_masks(masks).items():
-        key = layer + ("kernel",)
-        flat[key] = jnp.where(patterns.dense_mask(m, tile_size), flat[key], 0)
-    return traverse_util.unflatten_dict(flat)
+def pad(sentences: list[list[int]], rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, attention_mask), both (rows, length): the sentences cut to ``length``, zero-padded."""
+    ids = np.zeros((rows, length), np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    for r, t in enumerate(sentences):
+        t = t[:length]
+        ids[r, :len(t)] = t
+        mask[r, :len(t)] = 1
+    return ids, mask
 
 
 def main(argv=None) -> dict:
@@ -183,13 +181,12 @@ def main(argv=None) -> dict:
     def predict(variables, name):
         tokens, labels = split[name]
         out = np.zeros((len(labels), 2), np.float32)
-        order = np.argsort([len(t) for t in tokens], kind="stable")
-        for b, (ids, mask, _, valid) in enumerate(batches(tokens, labels, 64, args.max_len)):
-            out[order[b * 64:b * 64 + valid.sum()]] = np.asarray(logits_fn(variables, ids, mask))[valid]
+        for ids, mask, _, idx in batches(tokens, labels, 64, args.max_len):
+            out[idx] = np.asarray(logits_fn(variables, ids, mask))[:len(idx)]
         return out
 
-    def accuracy(variables, name):
-        return float(np.mean(predict(variables, name).argmax(-1) == split[name][1]))
+    def accuracy(logits, name):
+        return float(np.mean(logits.argmax(-1) == split[name][1]))
 
     rng = np.random.default_rng(args.seed + 1)
     bar = tqdm(total=total, desc=f"{args.pattern} -> {args.sparsity:.0%}" if pattern else "dense",
@@ -198,13 +195,13 @@ def main(argv=None) -> dict:
     while step < total:
         for ids, mask, y, _ in batches(*split["train"], args.batch, args.max_len, rng):
             params, opt_state, loss, acc = train_step(params, opt_state, ids, mask, y, step)
-            losses.append(float(loss))
-            accs.append(float(acc))
+            losses.append(loss)  # device values: read back only when the bar is refreshed
+            accs.append(acc)
             step += 1
-            if pattern is not None and (step % 10 == 0 or step == total):
-                sp = prune.sparsity(opt_state, args.tile_size).total
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", acc=f"{np.mean(accs[-20:]):.2f}",
-                            sparsity=f"{sp:.1%}")
+            if step % 10 == 0 or step == total:
+                sp = prune.sparsity(opt_state, args.tile_size).total if pattern is not None else 0.0
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", acc=f"{np.mean(accs[-20:]):.2f}",
+                                sparsity=f"{sp:.1%}")
             bar.update()
             if step == total:
                 break
@@ -216,12 +213,14 @@ def main(argv=None) -> dict:
     if not args.quiet and pattern is not None:
         print("per-layer sparsity:")
         print(report)
-    trained = {"params": masked_params(params, masks, args.tile_size), "tw_mask": masks}
+    trained = {"params": params, "tw_mask": masks}  # prune.step keeps pruned weights at exactly 0
+    dense_logits = {name: predict(trained, name) for name in ("dev", "test")}
     result = {
         "pattern": args.pattern, "target_sparsity": args.sparsity if pattern else 0.0,
         "sparsity": report.total, "tile_size": args.tile_size, "seed": args.seed,
         "epochs": args.epochs, "steps": total, "final_train_loss": float(np.mean(losses[-20:])),
-        "dev_accuracy": accuracy(trained, "dev"), "test_accuracy": accuracy(trained, "test"),
+        "dev_accuracy": accuracy(dense_logits["dev"], "dev"),
+        "test_accuracy": accuracy(dense_logits["test"], "test"),
         "layer_sparsity": report.layers, "train_seconds": round(train_seconds, 1),
     }
     say(f"dev accuracy {result['dev_accuracy']:.2%}, test accuracy {result['test_accuracy']:.2%}, "
@@ -229,20 +228,16 @@ def main(argv=None) -> dict:
 
     # Pack, check predictions, time packed vs dense inference in one run.
     packed = packing.pack_variables(trained, args.tile_size)
-    dense_logits, packed_logits = predict(trained, "test"), predict(packed, "test")
-    result["packed_agreement"] = float(np.mean(dense_logits.argmax(-1) == packed_logits.argmax(-1)))
-    result["packed_max_logit_diff"] = float(np.abs(dense_logits - packed_logits).max())
-    roundtrip = all(
-        np.array_equal(packing.unpack(t), np.asarray(traverse_util.flatten_dict(
-            patterns.plain_dict(trained["params"]))[path[:-1] + ("kernel",)]))
-        for path, t in traverse_util.flatten_dict(patterns.plain_dict(packed[packing.PACKED_COLLECTION])).items())
+    packed_logits = predict(packed, "test")
+    result["packed_agreement"] = float(np.mean(dense_logits["test"].argmax(-1) == packed_logits.argmax(-1)))
+    result["packed_max_logit_diff"] = float(np.abs(dense_logits["test"] - packed_logits).max())
+    kernels = traverse_util.flatten_dict(patterns.plain_dict(params))
+    tiles = traverse_util.flatten_dict(patterns.plain_dict(packed[packing.PACKED_COLLECTION]))
+    roundtrip = all(np.array_equal(packing.unpack(t), np.asarray(kernels[path[:-1] + ("kernel",)]))
+                    for path, t in tiles.items())
     result["packed_roundtrip_exact"] = roundtrip
-    ids = np.zeros((args.time_batch, args.max_len), np.int32)
     tokens = split["test"][0]
-    for r in range(args.time_batch):
-        t = tokens[r % len(tokens)]
-        ids[r, :len(t)] = t
-    mask = (ids > 0).astype(np.int32)
+    ids, mask = pad([tokens[r % len(tokens)] for r in range(args.time_batch)], args.time_batch, args.max_len)
     plain = bert.BertClassifier(config, num_classes=2, tile_size=args.tile_size, plain=True)
     dense_fn = jax.jit(lambda variables, ids, mask: plain.apply(variables, ids, mask))
     t_dense, t_packed = bench.time_pair(dense_fn, logits_fn, ({"params": trained["params"]}, ids, mask),

@@ -103,7 +103,8 @@ def test_eval_batches_cover_every_sentence_once():
     tokens = [list(rng.integers(1000, 2000, rng.integers(3, 40))) for _ in range(37)]
     labels = rng.integers(0, 2, 37)
     seen = []
-    for ids, mask, y, valid in batches(tokens, labels, 8, 32):
+    for ids, mask, y, idx in batches(tokens, labels, 8, 32):
+        valid = np.arange(8) < len(idx)
         assert ids.shape[0] == 8 and ids.shape[1] % 16 == 0 and ids.shape[1] <= 32
         assert np.array_equal(mask > 0, ids > 0)
         seen += [tuple(row[m > 0]) for row, m, v in zip(ids, mask, valid) if v]
@@ -111,7 +112,7 @@ def test_eval_batches_cover_every_sentence_once():
     expected = [tuple(t[:32]) for t in tokens]
     assert sorted(seen) == sorted(expected)
     train = list(batches(tokens, labels, 8, 32, np.random.default_rng(1)))
-    assert len(train) == 37 // 8 and all(v.all() for *_, v in train)
+    assert len(train) == 37 // 8 and all(len(idx) == 8 for *_, idx in train)
 
 
 @needs_model
