@@ -9,7 +9,8 @@ Backends:
   to where the sparse path would be slower).
 
 ``backend=None`` picks automatically: ``'dense'`` when packing kept the dense kernel (layers
-denser than ``packing.DENSE_ABOVE``, where the measured tile kernel gains nothing),
+whose estimated cost, tile density plus ``packing.RESIDUE_COST`` times residue density, exceeds
+``packing.DENSE_ABOVE``: there the measured tile kernel gains nothing),
 else the custom call of the platform when it was built, else ``'xla'``. Few rows (M <= 32)
 need no fallback: the host kernel then reads the packed values directly and was measured at
 0.9-2.1x of dense for M = 1 at 50-75% sparsity. The environment variable ``JAX_TW_BACKEND`` overrides the automatic choice (for
