@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 CPU_TARGET = "jax_tw_tw_matmul_cpu_v1"
+CUDA_TARGET = "jax_tw_tw_matmul_cuda_v1"
 
 try:
     from jax_tw import _cpu
@@ -17,6 +18,27 @@ else:
     _cpu_error = ""
     for _name, _capsule in _cpu.registrations().items():
         jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+
+
+# The CUDA module is built only where nvcc was found; it links the CUDA runtime statically, so
+# it imports on machines without a GPU (registering a CUDA target there is harmless).
+try:
+    from jax_tw import _cuda
+except ImportError as e:
+    _cuda = None
+    _cuda_error = f"jax_tw._cuda is not built (it needs nvcc and the nvidia-cutlass headers): {e}"
+else:
+    _cuda_error = ""
+    for _name, _capsule in _cuda.registrations().items():
+        jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
+
+
+def cuda_available() -> bool:
+    return _cuda is not None
+
+
+def cuda_import_error() -> str:
+    return _cuda_error
 
 
 def cpu_available() -> bool:
@@ -51,8 +73,42 @@ def cpu_tw_matmul(x2: jax.Array, p) -> jax.Array:
         jnp.asarray(p.residue_cols, jnp.int32), jnp.asarray(p.residue_values)]
     axes = jax.typeof(x2).manual_axis_type.varying
     operands = make_varying(operands, axes)
-    x_type = jax.typeof(x2)
-    out = jax.ShapeDtypeStruct((x2.shape[0], p.n), jnp.float32, sharding=x_type.sharding,
-                               manual_axis_type=x_type.manual_axis_type)
-    call = jax.ffi.ffi_call(CPU_TARGET, out, vmap_method="sequential")
+    call = jax.ffi.ffi_call(CPU_TARGET, _result_type(x2, (x2.shape[0], p.n), jnp.float32),
+                            vmap_method="sequential")
     return call(*operands, n=np.int64(p.n), tile_size=np.int64(p.tile_size))
+
+
+def _result_type(x2, shape, dtype):
+    """A custom call's result typed like x under shard_map (see cpu_tw_matmul)."""
+    x_type = jax.typeof(x2)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=x_type.sharding,
+                                manual_axis_type=x_type.manual_axis_type)
+
+
+def cuda_tw_matmul(x2: jax.Array, p, bias: jax.Array, out_dtype) -> jax.Array:
+    """The CUDA custom call: (M, K) x packed tiles + bias (N,) f32 -> (M, N) in ``out_dtype``
+    (x's dtype, or float32). The residue is not part of it.
+
+    The call asks XLA for x in column-major layout (each input feature one contiguous M-vector),
+    so the kernel's K gather is a contiguous 16-byte load. It needs M and the weight rows in
+    whole 16-byte runs: M is padded to a multiple of 8 (bf16) or 4 (f32) rows and the weight
+    rows to such a multiple of columns; the padding is sliced off again.
+    """
+    vec = 16 // jnp.dtype(x2.dtype).itemsize
+    m = x2.shape[0]
+    m_pad = max(vec, -(-m // vec) * vec)
+    if m_pad != m:
+        x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
+    values = jnp.asarray(p.values)
+    g_pad = -(-p.tile_size // vec) * vec
+    if g_pad != p.tile_size:
+        values = jnp.pad(values, ((0, 0), (0, g_pad - p.tile_size)))
+    operands = [x2] + [jnp.asarray(a, jnp.int32) for a in (p.columns, p.row_offsets, p.rows)] + [
+        values, jnp.asarray(bias, jnp.float32)]
+    operands = make_varying(operands, jax.typeof(x2).manual_axis_type.varying)
+    call = jax.ffi.ffi_call(
+        CUDA_TARGET, _result_type(x2, (m_pad, p.n), out_dtype), vmap_method="sequential",
+        # major-to-minor: (1, 0) is column-major for x; the rest in their default layouts
+        input_layouts=[(1, 0), None, None, None, None, None])
+    y = call(*operands, n=np.int64(p.n), tile_size=np.int64(p.tile_size))
+    return y[:m] if m_pad != m else y

@@ -5,13 +5,15 @@ Backends:
 * ``'xla'``  the pure-XLA reference: gathers plus one batched ``dot_general`` over tiles padded
   to the deepest tile. Runs everywhere; every kernel is checked against it.
 * ``'cpu'``  the XLA FFI custom call of the ``jax_tw._cpu`` extension (host kernel).
+* ``'cuda'`` the XLA FFI custom call of the ``jax_tw._cuda`` extension (CUDA kernel; the bias is
+  fused into it, and a TEW residue is added by XLA afterwards in float32).
 * ``'dense'`` ``x @ unpack(packed)`` with XLA's dense dot (what the automatic choice falls back
   to where the sparse path would be slower).
 
 ``backend=None`` picks automatically: ``'dense'`` when packing kept the dense kernel (layers
 whose estimated cost, tile density plus ``packing.RESIDUE_COST`` times residue density, exceeds
 ``packing.DENSE_ABOVE``: there the measured tile kernel gains nothing),
-else the custom call of the platform when it was built, else ``'xla'``. Few rows (M <= 32)
+else the custom call of the platform (``'cpu'`` or ``'cuda'``) when it was built, else ``'xla'``. Few rows (M <= 32)
 need no fallback: the host kernel then reads the packed values directly and was measured at
 0.9-2.1x of dense for M = 1 at 50-75% sparsity. The environment variable ``JAX_TW_BACKEND`` overrides the automatic choice (for
 testing). Gradients: ``dx`` is itself a tile-wise product (scatter-added into the kept K
@@ -32,12 +34,14 @@ from jax_tw.packing import PackedTiles
 
 __all__ = ["tw_matmul", "available_backends", "BACKENDS"]
 
-BACKENDS = ("xla", "cpu", "dense")
+BACKENDS = ("xla", "cpu", "cuda", "dense")
 
 
 def available_backends() -> tuple[str, ...]:
-    """The backends this installation can run (``'cpu'`` only if the extension was built)."""
-    return ("xla", "dense") + (("cpu",) if _ffi.cpu_available() else ())
+    """The backends this installation has (``'cpu'`` and ``'cuda'`` only where their extension
+    was built; ``'cuda'`` also needs a GPU to run, but lowers for one anywhere)."""
+    return (("xla", "dense") + (("cpu",) if _ffi.cpu_available() else ())
+            + (("cuda",) if _ffi.cuda_available() else ()))
 
 
 def _choose(backend: str | None, packed: PackedTiles | None = None) -> str:
@@ -46,13 +50,20 @@ def _choose(backend: str | None, packed: PackedTiles | None = None) -> str:
     if backend is None:
         if packed is not None and packed.dense is not None:
             return "dense"  # packing kept the dense kernel: the tiles would be slower
-        return "cpu" if _ffi.cpu_available() and jax.default_backend() == "cpu" else "xla"
+        platform = jax.default_backend()
+        if platform == "cpu" and _ffi.cpu_available():
+            return "cpu"
+        if platform == "gpu" and _ffi.cuda_available():
+            return "cuda"
+        return "xla"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (or None for automatic), got {backend!r}")
     if backend == "cpu":
         if not _ffi.cpu_available():
             raise ValueError("backend='cpu' was requested but jax_tw was built without its CPU "
                              f"extension ({_ffi.cpu_import_error()})")
+    if backend == "cuda" and not _ffi.cuda_available():
+        raise ValueError(f"backend='cuda' was requested but {_ffi.cuda_import_error()}")
     return backend
 
 
@@ -82,6 +93,11 @@ def _forward_xla(x2: jax.Array, p: PackedTiles) -> jax.Array:
         out = jnp.einsum("mtd,tdg->mtg", xg, w.astype(jnp.float32))
         out = out.reshape(m, -1)[:, :c]
         y = y.at[:, jnp.asarray(p.columns)].set(out)
+    return _add_residue(y, x2, p)
+
+
+def _add_residue(y, x2, p: PackedTiles):
+    """y (M, N) f32 plus the element-wise residue's product, if the layer has one."""
     if np.shape(p.residue_rows)[0]:
         contrib = x2[:, p.residue_rows].astype(jnp.float32) * jnp.asarray(p.residue_values, jnp.float32)
         y = y.at[:, jnp.asarray(p.residue_cols)].add(contrib)
@@ -117,12 +133,26 @@ def _backward_xla(x2, p: PackedTiles, dy):
 
 # ----------------------------------------------------------------------------- custom_vjp
 
-def _forward(backend: str, x2, p: PackedTiles):
+def _forward(backend: str, x2, p: PackedTiles, bias):
+    """x2 @ W + bias in x2's dtype, accumulated in f32; bias is f32 (N,) or None."""
+    if backend == "cuda":
+        b = jnp.zeros((p.n,), jnp.float32) if bias is None else bias
+        if not np.shape(p.residue_rows)[0]:
+            return _ffi.cuda_tw_matmul(x2, p, b, x2.dtype)  # bias fused, written in x's dtype
+        return _add_residue(_ffi.cuda_tw_matmul(x2, p, b, jnp.float32), x2, p).astype(x2.dtype)
     if backend == "cpu":
-        return _ffi.cpu_tw_matmul(x2, p)
-    if backend == "dense":
-        return jnp.dot(x2.astype(jnp.float32), _dense_kernel(p).astype(jnp.float32))
-    return _forward_xla(x2, p)
+        y = _ffi.cpu_tw_matmul(x2, p)
+    elif backend == "dense":
+        w = _dense_kernel(p)
+        if jax.default_backend() == "cpu":  # XLA:CPU has no bf16 x bf16 -> f32 dot
+            y = jnp.dot(x2.astype(jnp.float32), w.astype(jnp.float32))
+        else:
+            y = jnp.dot(x2, w.astype(x2.dtype), preferred_element_type=jnp.float32)
+    else:
+        y = _forward_xla(x2, p)
+    if bias is not None:
+        y = y + bias
+    return y.astype(x2.dtype)
 
 
 def _dense_kernel(p: PackedTiles) -> jax.Array:
@@ -144,15 +174,16 @@ def _dense_kernel(p: PackedTiles) -> jax.Array:
 
 def _make_matmul(backend: str):
     @jax.custom_vjp
-    def matmul(x2, p):
-        return _forward(backend, x2, p)
+    def matmul(x2, p, bias):
+        return _forward(backend, x2, p, bias)
 
-    def fwd(x2, p):
-        return matmul(x2, p), (x2, p)
+    def fwd(x2, p, bias):
+        return matmul(x2, p, bias), (x2, p, bias)
 
     def bwd(res, dy):
-        x2, p = res
-        dx, dvalues, dres = _backward_xla(x2, p, dy.astype(jnp.float32))
+        x2, p, bias = res
+        dy = dy.astype(jnp.float32)
+        dx, dvalues, dres = _backward_xla(x2, p, dy)
         zeros = jax.tree.map(lambda a: np.zeros(np.shape(a), jax.dtypes.float0)
                              if jnp.issubdtype(jnp.result_type(a), jnp.integer) else None, p)
         dp = PackedTiles(
@@ -162,7 +193,7 @@ def _make_matmul(backend: str):
             residue_values=dres.astype(jnp.result_type(p.residue_values)),
             dense=None if p.dense is None else jnp.zeros_like(p.dense),
             k=p.k, n=p.n, tile_size=p.tile_size, max_depth=p.max_depth)
-        return dx.astype(x2.dtype), dp
+        return dx.astype(x2.dtype), dp, (None if bias is None else jnp.sum(dy, axis=0))
 
     matmul.defvjp(fwd, bwd)
     return matmul
@@ -202,10 +233,10 @@ def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | N
     leaves, tree = jax.tree.flatten(packed)
     packed = jax.tree.unflatten(tree, _ffi.make_varying(
         [jnp.asarray(a) for a in leaves], jax.typeof(x2).manual_axis_type.varying))
-    y = _MATMULS[name](x2, packed)
     if bias is not None:
         bias = jnp.asarray(bias)
         if bias.shape != (packed.n,):
             raise ValueError(f"bias must have shape ({packed.n},), got {bias.shape}")
-        y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype).reshape(*lead, packed.n)
+        [bias] = _ffi.make_varying([bias.astype(jnp.float32)], jax.typeof(x2).manual_axis_type.varying)
+    y = _MATMULS[name](x2, packed, bias)
+    return y.reshape(*lead, packed.n)

@@ -1,0 +1,424 @@
+// The XLA FFI handler of tw_matmul on NVIDIA GPUs, and its kernels (CuTe, from CUTLASS).
+//
+//   y[M, N] = x[M, K] @ W + bias, W given as packed tiles (cpu/packed_tiles.h), f32 accumulation.
+//
+// x arrives feature-major: the custom call asks XLA for x in column-major layout, so the M values
+// of one input feature are contiguous. A tile's kept K index then selects one contiguous run of
+// x, and the K gather is fused into the kernel's global-to-shared copies (16-byte cp.async per
+// thread, zero-filled past the tile's depth): there is no gather pass.
+//
+// One launch runs every tile of a layer: a CTA computes a BM x BN block of one tile's outputs (M
+// block x column chunk; a tile of G <= BN columns is one chunk), CTAs of the deepest tiles
+// first. The main loop is the multi-stage cp.async pipeline of CuTe's sm80 GEMM tutorial over
+// the tile's own depth. The epilogue adds the bias and scatters each result column to its kept
+// output column; a second kernel writes the bias into the pruned columns.
+//
+// bf16: tensor cores (mma.sync m16n8k16, ldmatrix.trans from swizzled shared memory). f32: plain
+// f32 FMA on the CUDA cores (exact f32, no TF32). Both run on sm_80 and later (A100, H100, H200).
+//
+// Corrupt tiles handed over under jit cannot be validated on the host (they live on the GPU):
+// every index the kernels read is range-checked on the device, so they never touch memory out
+// of bounds; jax_tw validates concrete tiles on the host before the call.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <exception>
+#include <string>
+
+#include <cute/tensor.hpp>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_tw {
+namespace cuda {
+namespace {
+
+using namespace cute;
+
+// bf16 on tensor cores: CTA tile 128 x 128 x 32, 4 warps (2 x 2) of 32 x 32 MMA tiles, 3 stages.
+// x (M-major) and the tile's weights (N-major) share one shared-memory layout and copy pattern.
+struct Bf16Config {
+  using T = cute::bfloat16_t;
+  using BM = _128;
+  using BN = _128;
+  using BK = _32;
+  using Stages = _3;
+  using TiledMma = TiledMMA<MMA_Atom<SM80_16x8x16_F32BF16BF16F32_TN>, Layout<Shape<_2, _2, _1>>,
+                            Tile<_32, _32, _16>>;
+  using SmemLayoutAtom =
+      decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, Stride<_1, _64>>{}));
+  using SmemCopyAtom = Copy_Atom<SM75_U16x8_LDSM_T, T>;
+  // Thread layout of the 16-byte global-to-shared copies (8 values along M or N each).
+  using GmemCopy = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>, T>{},
+                                            Layout<Shape<_16, _8>, Stride<_1, _16>>{},
+                                            Layout<Shape<_8, _1>>{}));
+};
+
+// f32 on CUDA cores: CTA tile 128 x 128 x 8, 256 threads of 8 x 8 outputs, 3 stages.
+struct F32Config {
+  using T = float;
+  using BM = _128;
+  using BN = _128;
+  using BK = _8;
+  using Stages = _3;
+  using TiledMma = TiledMMA<MMA_Atom<UniversalFMA<float, float, float, float>>,
+                            Layout<Shape<_16, _16, _1>>>;
+  using SmemLayoutAtom = Layout<Shape<_128, _8>>;
+  using SmemCopyAtom = Copy_Atom<AutoVectorizingCopy, T>;
+  using GmemCopy = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>, T>{},
+                                            Layout<Shape<_32, _8>>{}, Layout<Shape<_4, _1>>{}));
+};
+
+struct Params {
+  const void* xt;            // x, element (m, k) at xt[k * m_rows + m]
+  const void* values;        // [r, ldv]: row q holds the G weights of kept row q (zero past G)
+  const int32_t* columns;    // [c]
+  const int32_t* row_offsets;  // [t + 1]
+  const int32_t* rows;       // [r]
+  const int32_t* order;      // [t]: tiles, deepest first
+  const float* bias;         // [n]
+  void* y;                   // [m_rows, n], row-major
+  int64_t m_rows, k, n, g, ldv, c, t, r;
+  int64_t m_blocks, n_chunks;
+};
+
+__device__ __forceinline__ int64_t Clamp(int64_t v, int64_t lo, int64_t hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
+// Tile i's range of kept rows, clamped so that corrupt offsets stay inside rows[0, r).
+__device__ __forceinline__ void TileRange(const Params& p, int64_t i, int64_t& begin,
+                                          int64_t& end) {
+  begin = Clamp(p.row_offsets[i], 0, p.r);
+  end = Clamp(p.row_offsets[i + 1], begin, p.r);
+}
+
+template <class Cfg>
+struct SharedStorage {
+  using SmemLayout = decltype(tile_to_shape(typename Cfg::SmemLayoutAtom{},
+                                            make_shape(typename Cfg::BM{}, typename Cfg::BK{},
+                                                       typename Cfg::Stages{})));
+  static_assert(Cfg::BM::value == Cfg::BN::value, "A and B share one shared-memory layout");
+  cute::ArrayEngine<typename Cfg::T, cosize_v<SmemLayout>> a;
+  cute::ArrayEngine<typename Cfg::T, cosize_v<SmemLayout>> b;
+};
+
+template <class Cfg, class TOut>
+__global__ void __launch_bounds__(decltype(size(typename Cfg::TiledMma{}))::value)
+    TileGemmKernel(Params p) {
+  using T = typename Cfg::T;
+  using BM = typename Cfg::BM;
+  using BN = typename Cfg::BN;
+  using BK = typename Cfg::BK;
+  using Storage = SharedStorage<Cfg>;
+  constexpr int kVec = 16 / sizeof(T);  // values per 16-byte copy
+  constexpr int kStages = Cfg::Stages::value;
+
+  // Which (tile, column chunk, M block) this CTA computes: deepest tiles first.
+  const int64_t bid = blockIdx.x;
+  const int64_t mb = bid % p.m_blocks;
+  const int64_t unit = bid / p.m_blocks;
+  const int64_t chunk = unit % p.n_chunks;
+  const int64_t tile = Clamp(p.order[unit / p.n_chunks], 0, p.t - 1);
+  int64_t begin, end;
+  TileRange(p, tile, begin, end);
+  const int64_t depth = end - begin;
+  const int64_t col0 = tile * p.g + chunk * BN::value;  // first kept column of this chunk
+  const int64_t width = Clamp(p.c - col0, 0, Clamp(p.g - chunk * BN::value, 0, BN::value));
+  const int64_t m0 = mb * BM::value;
+
+  extern __shared__ char smem_raw[];
+  Storage& smem = *reinterpret_cast<Storage*>(smem_raw);
+  typename Storage::SmemLayout smem_layout;
+  Tensor sA = make_tensor(make_smem_ptr(smem.a.begin()), smem_layout);  // (BM, BK, stage)
+  Tensor sB = make_tensor(make_smem_ptr(smem.b.begin()), smem_layout);  // (BN, BK, stage)
+
+  // Global-to-shared: each thread copies 16-byte runs at fixed (m or n, k) coordinates of the
+  // CTA tile; the source address of a run is computed here, which is where the gather happens.
+  typename Cfg::GmemCopy gmem_copy;
+  auto thr_copy = gmem_copy.get_slice(threadIdx.x);
+  Tensor tAsA = thr_copy.partition_D(sA);  // (CPY, CPY_M, CPY_K, stage)
+  Tensor tBsB = thr_copy.partition_D(sB);
+  Tensor tCoord = thr_copy.partition_S(make_identity_tensor(make_shape(BM{}, BK{})));
+  CUTE_STATIC_ASSERT_V(size<0>(tAsA) == Int<kVec>{});
+
+  const T* xt = static_cast<const T*>(p.xt);
+  const T* values = static_cast<const T*>(p.values);
+  auto load_stage = [&](int64_t k_tile, int stage) {
+    CUTE_UNROLL
+    for (int j = 0; j < size<2>(tAsA); ++j) {
+      const int64_t q = k_tile * BK::value + get<1>(tCoord(0, 0, j));  // position in the tile
+      const bool in_tile = q < depth;
+      const int64_t krow = in_tile ? p.rows[begin + q] : 0;
+      const bool krow_ok = in_tile && krow >= 0 && krow < p.k;
+      CUTE_UNROLL
+      for (int i = 0; i < size<1>(tAsA); ++i) {
+        const int64_t mn = get<0>(tCoord(0, i, j));
+        const bool a_ok = krow_ok && m0 + mn < p.m_rows;
+        const T* a_src = xt + (a_ok ? krow * p.m_rows + m0 + mn : 0);
+        SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
+            *reinterpret_cast<const uint128_t*>(a_src),
+            *reinterpret_cast<uint128_t*>(&tAsA(0, i, j, stage)), a_ok);
+        const int64_t ncol = chunk * BN::value + mn;  // column within the tile's G
+        const bool b_ok = in_tile && ncol < p.ldv;
+        const T* b_src = values + (b_ok ? (begin + q) * p.ldv + ncol : 0);
+        SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
+            *reinterpret_cast<const uint128_t*>(b_src),
+            *reinterpret_cast<uint128_t*>(&tBsB(0, i, j, stage)), b_ok);
+      }
+    }
+  };
+
+  typename Cfg::TiledMma mma;
+  auto thr_mma = mma.get_slice(threadIdx.x);
+  Tensor cC = make_identity_tensor(make_shape(BM{}, BN{}));
+  Tensor tCcC = thr_mma.partition_C(cC);                    // (MMA, MMA_M, MMA_N) coordinates
+  Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
+  Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));  // (MMA, MMA_N, MMA_K)
+  Tensor acc = partition_fragment_C(mma, make_shape(BM{}, BN{}));
+  clear(acc);
+
+  auto s2r_copy_a = make_tiled_copy_A(typename Cfg::SmemCopyAtom{}, mma);
+  auto s2r_thr_a = s2r_copy_a.get_slice(threadIdx.x);
+  Tensor tXsA = s2r_thr_a.partition_S(sA);  // (CPY, MMA_M, MMA_K, stage)
+  Tensor tXrA = s2r_thr_a.retile_D(tCrA);
+  auto s2r_copy_b = make_tiled_copy_B(typename Cfg::SmemCopyAtom{}, mma);
+  auto s2r_thr_b = s2r_copy_b.get_slice(threadIdx.x);
+  Tensor tXsB = s2r_thr_b.partition_S(sB);
+  Tensor tXrB = s2r_thr_b.retile_D(tCrB);
+
+  // The pipeline of CuTe's sm80 tutorial: kStages - 1 k-tiles in flight while one is computed.
+  int k_tile_count = static_cast<int>((depth + BK::value - 1) / BK::value);
+  int64_t k_tile_next = 0;
+  CUTE_UNROLL
+  for (int stage = 0; stage < kStages - 1; ++stage) {
+    load_stage(k_tile_next, stage);
+    cp_async_fence();
+    --k_tile_count;
+    if (k_tile_count > 0) ++k_tile_next;
+  }
+  int read_stage = 0, write_stage = kStages - 1;
+  Tensor tXsA_p = tXsA(_, _, _, read_stage);
+  Tensor tXsB_p = tXsB(_, _, _, read_stage);
+  constexpr int kBlocks = decltype(size<2>(tCrA))::value;
+  if (kBlocks > 1) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    copy(s2r_copy_a, tXsA_p(_, _, Int<0>{}), tXrA(_, _, Int<0>{}));
+    copy(s2r_copy_b, tXsB_p(_, _, Int<0>{}), tXrB(_, _, Int<0>{}));
+  }
+  CUTE_NO_UNROLL
+  while (k_tile_count > -(kStages - 1)) {
+    CUTE_UNROLL
+    for (int kb = 0; kb < kBlocks; ++kb) {
+      if (kb == kBlocks - 1) {
+        tXsA_p = tXsA(_, _, _, read_stage);
+        tXsB_p = tXsB(_, _, _, read_stage);
+        cp_async_wait<kStages - 2>();
+        __syncthreads();
+      }
+      const int kb_next = (kb + 1) % kBlocks;
+      copy(s2r_copy_a, tXsA_p(_, _, kb_next), tXrA(_, _, kb_next));
+      copy(s2r_copy_b, tXsB_p(_, _, kb_next), tXrB(_, _, kb_next));
+      if (kb == 0) {
+        load_stage(k_tile_next, write_stage);
+        cp_async_fence();
+        --k_tile_count;
+        if (k_tile_count > 0) ++k_tile_next;
+        write_stage = read_stage;
+        read_stage = read_stage == kStages - 1 ? 0 : read_stage + 1;
+      }
+      gemm(mma, tCrA(_, _, kb), tCrB(_, _, kb), acc);
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: bias, then scatter to the kept output columns.
+  TOut* y = static_cast<TOut*>(p.y);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) {
+    const int64_t mm = m0 + get<0>(tCcC(i));
+    const int64_t jj = get<1>(tCcC(i));
+    if (mm < p.m_rows && jj < width) {
+      const int64_t col = p.columns[col0 + jj];
+      if (col >= 0 && col < p.n) y[mm * p.n + col] = static_cast<TOut>(acc(i) + p.bias[col]);
+    }
+  }
+}
+
+// order[rank] = tile, deepest tiles first (ties by index): a rank sort, t is at most a few
+// thousand.
+__global__ void OrderTilesKernel(Params p, int32_t* order) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.t;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t b, e;
+    TileRange(p, i, b, e);
+    const int64_t di = e - b;
+    int64_t rank = 0;
+    for (int64_t j = 0; j < p.t; ++j) {
+      TileRange(p, j, b, e);
+      const int64_t dj = e - b;
+      rank += dj > di || (dj == di && j < i);
+    }
+    order[rank] = static_cast<int32_t>(i);
+  }
+}
+
+__global__ void MarkKeptKernel(Params p, uint8_t* kept) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.c;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t col = p.columns[i];
+    if (col >= 0 && col < p.n) kept[col] = 1;
+  }
+}
+
+// y[:, j] = bias[j] for every column j that no tile keeps.
+template <class TOut>
+__global__ void FillPrunedKernel(Params p, const uint8_t* kept) {
+  TOut* y = static_cast<TOut*>(p.y);
+  const int64_t total = p.m_rows * p.n;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = i % p.n;
+    if (!kept[j]) y[i] = static_cast<TOut>(p.bias[j]);
+  }
+}
+
+ffi::Error CudaError(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("tw_matmul (CUDA): ") + what + ": " +
+                              cudaGetErrorString(e));
+}
+
+int GridFor(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<int>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
+}
+
+template <class Cfg, class TOut>
+ffi::Error Launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, Params p) {
+  // Pruned columns: bias (or zeros).
+  if (p.c < p.n) {
+    auto kept = scratch.Allocate(p.n, 16);
+    if (!kept) return ffi::Error::Internal("tw_matmul (CUDA): no scratch memory for the column flags");
+    uint8_t* flags = static_cast<uint8_t*>(*kept);
+    if (cudaMemsetAsync(flags, 0, p.n, stream) != cudaSuccess) return CudaError("cudaMemsetAsync");
+    if (p.c > 0) MarkKeptKernel<<<GridFor(p.c, 256), 256, 0, stream>>>(p, flags);
+    FillPrunedKernel<TOut><<<GridFor(p.m_rows * p.n, 256), 256, 0, stream>>>(p, flags);
+    if (ffi::Error err = CudaError("pruned-column kernels"); err.failure()) return err;
+  }
+  if (p.t == 0) return ffi::Error::Success();
+  auto order = scratch.Allocate(p.t * sizeof(int32_t), 16);
+  if (!order) return ffi::Error::Internal("tw_matmul (CUDA): no scratch memory for the tile order");
+  p.order = static_cast<int32_t*>(*order);
+  OrderTilesKernel<<<GridFor(p.t, 256), 256, 0, stream>>>(p, static_cast<int32_t*>(*order));
+  if (ffi::Error err = CudaError("tile-order kernel"); err.failure()) return err;
+
+  p.m_blocks = (p.m_rows + Cfg::BM::value - 1) / Cfg::BM::value;
+  p.n_chunks = (p.g + Cfg::BN::value - 1) / Cfg::BN::value;
+  const int64_t blocks = p.m_blocks * p.n_chunks * p.t;
+  if (blocks > 0x7fffffff)
+    return ffi::Error::InvalidArgument("tw_matmul (CUDA): too many CTAs (" +
+                                       std::to_string(blocks) + ") for one launch");
+  const int smem = static_cast<int>(sizeof(SharedStorage<Cfg>));
+  auto kernel = TileGemmKernel<Cfg, TOut>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
+      cudaSuccess)
+    return CudaError("cudaFuncSetAttribute");
+  const int threads = decltype(size(typename Cfg::TiledMma{}))::value;
+  kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(p);
+  return CudaError("tile GEMM kernel");
+}
+
+ffi::Error TwMatmulCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                            ffi::Buffer<ffi::S32> columns, ffi::Buffer<ffi::S32> row_offsets,
+                            ffi::Buffer<ffi::S32> rows, ffi::AnyBuffer values,
+                            ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> y, int64_t n,
+                            int64_t tile_size) {
+  try {
+    const auto xd = x.dimensions();
+    if (xd.size() != 2) return ffi::Error::InvalidArgument("tw_matmul (CUDA): x must be 2-D (M, K)");
+    const ffi::DataType xt = x.element_type(), yt = y->element_type();
+    const bool bf16 = xt == ffi::DataType::BF16;
+    if (!bf16 && xt != ffi::DataType::F32)
+      return ffi::Error::InvalidArgument("tw_matmul (CUDA): x must be float32 or bfloat16");
+    if (values.element_type() != xt)
+      return ffi::Error::InvalidArgument("tw_matmul (CUDA): values and x must share a dtype");
+    if (yt != xt && yt != ffi::DataType::F32)
+      return ffi::Error::InvalidArgument("tw_matmul (CUDA): the output must be x's dtype or float32");
+    const int64_t vec = bf16 ? 8 : 4;  // values per 16-byte copy
+    Params p{};
+    p.m_rows = xd[0];
+    p.k = xd[1];
+    p.n = n;
+    p.g = tile_size;
+    p.c = columns.element_count();
+    p.t = row_offsets.element_count() - 1;
+    p.r = rows.element_count();
+    const auto vd = values.dimensions();
+    if (vd.size() != 2 || vd[0] != p.r || vd[1] < p.g || vd[1] % vec)
+      return ffi::Error::InvalidArgument(
+          "tw_matmul (CUDA): values must be (len(rows), L) with L >= tile_size and a multiple of " +
+          std::to_string(vec));
+    p.ldv = vd[1];
+    if (p.k <= 0 || n <= 0 || tile_size <= 0)
+      return ffi::Error::InvalidArgument("tw_matmul (CUDA): K, n and tile_size must be positive");
+    if (p.m_rows % vec)
+      return ffi::Error::InvalidArgument("tw_matmul (CUDA): M must be a multiple of " +
+                                         std::to_string(vec) + ", got " + std::to_string(p.m_rows));
+    if (p.t < 0 || p.t != (p.c + p.g - 1) / p.g || p.c > n)
+      return ffi::Error::InvalidArgument(
+          "tw_matmul (CUDA): corrupt packed tiles: row_offsets must have ceil(len(columns) / "
+          "tile_size) + 1 entries and len(columns) <= n");
+    if (bias.element_count() != n)
+      return ffi::Error::InvalidArgument("tw_matmul (CUDA): bias must have n entries");
+    const auto yd = y->dimensions();
+    if (yd.size() != 2 || yd[0] != p.m_rows || yd[1] != n)
+      return ffi::Error::InvalidArgument("tw_matmul (CUDA): output must be (M, n)");
+    if (p.m_rows == 0) return ffi::Error::Success();
+    p.xt = x.untyped_data();
+    p.values = values.untyped_data();
+    p.columns = columns.typed_data();
+    p.row_offsets = row_offsets.typed_data();
+    p.rows = rows.typed_data();
+    p.bias = bias.typed_data();
+    p.y = y->untyped_data();
+    if (!bf16) return Launch<F32Config, float>(stream, scratch, p);
+    if (yt == ffi::DataType::F32) return Launch<Bf16Config, float>(stream, scratch, p);
+    return Launch<Bf16Config, cute::bfloat16_t>(stream, scratch, p);
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("tw_matmul (CUDA): ") + e.what());
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace jax_tw
+
+// Target jax_tw_tw_matmul_cuda_v1: x (column-major), columns, row_offsets, rows, values, bias
+// -> y (x's dtype, or f32); attributes n, tile_size (int64).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxTwTwMatmulCuda, jax_tw::cuda::TwMatmulCudaImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::ScratchAllocator>()
+        .Arg<ffi::AnyBuffer>()         // x (M, K), column-major
+        .Arg<ffi::Buffer<ffi::S32>>()  // columns (C,)
+        .Arg<ffi::Buffer<ffi::S32>>()  // row_offsets (T + 1,)
+        .Arg<ffi::Buffer<ffi::S32>>()  // rows (R,)
+        .Arg<ffi::AnyBuffer>()         // values (R, L)
+        .Arg<ffi::Buffer<ffi::F32>>()  // bias (N,)
+        .Ret<ffi::AnyBuffer>()         // y (M, N)
+        .Attr<int64_t>("n")
+        .Attr<int64_t>("tile_size"));
+
+// Number of CUDA devices the runtime sees, or minus the CUDA error code (a check that the
+// statically linked runtime loads without a GPU).
+extern "C" int JaxTwCudaDeviceCount() {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  return e == cudaSuccess ? count : -static_cast<int>(e);
+}

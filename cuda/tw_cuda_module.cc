@@ -1,0 +1,19 @@
+// jax_tw._cuda: the pybind11 module of the CUDA custom-call targets (kernels in tw_cuda.cu).
+#include <pybind11/pybind11.h>
+
+#include "xla/ffi/api/c_api.h"
+
+extern "C" XLA_FFI_Error* JaxTwTwMatmulCuda(XLA_FFI_CallFrame* call_frame);
+extern "C" int JaxTwCudaDeviceCount();
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "jax_tw CUDA kernels (XLA FFI custom-call targets, platform CUDA)";
+  m.def("registrations", [] {
+    pybind11::dict d;
+    d["jax_tw_tw_matmul_cuda_v1"] =
+        pybind11::capsule(reinterpret_cast<void*>(JaxTwTwMatmulCuda));
+    return d;
+  });
+  m.def("device_count", &JaxTwCudaDeviceCount,
+        "CUDA devices the runtime sees, or minus the CUDA error code (no driver: -35 or -100).");
+}
