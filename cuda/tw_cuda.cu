@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <string>
 
@@ -300,6 +301,12 @@ int GridFor(int64_t n, int threads) {
 
 template <class Cfg, class TOut>
 ffi::Error Launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, Params p) {
+  // Test hook: JAX_TW_POISON_OUTPUT=1 fills y with NaN first (all bits set is a NaN in f32 and
+  // bf16), so any entry the kernels fail to write shows up in the results.
+  if (const char* poison = std::getenv("JAX_TW_POISON_OUTPUT"); poison && poison[0] == '1') {
+    if (cudaMemsetAsync(p.y, 0xff, p.m_rows * p.n * sizeof(TOut), stream) != cudaSuccess)
+      return CudaError("cudaMemsetAsync (poison)");
+  }
   // Pruned columns: bias (or zeros).
   if (p.c < p.n) {
     auto kept = scratch.Allocate(p.n, 16);

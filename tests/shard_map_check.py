@@ -4,6 +4,7 @@ import os
 import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"  # also on a machine with a GPU
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

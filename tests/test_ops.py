@@ -10,8 +10,9 @@ import pytest
 from jax.test_util import check_grads
 
 from jax_tw import _ffi, ops, packing, patterns
+from twcheck import runnable_backends
 
-BACKENDS = ["xla", "dense"] + (["cpu"] if _ffi.cpu_available() else [])
+BACKENDS = runnable_backends()
 
 
 def _layer(k, n, g, sparsity, dtype=np.float32, seed=0, pattern=None, empty_tiles=False):
@@ -156,18 +157,19 @@ def test_bf16_error_within_xla_bf16_error(backend, m):
     assert err <= 2 * xla_err + 1e-6, (err, xla_err)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "cuda")] or ["cpu"])
 @pytest.mark.parametrize("m", [1, 7, 200])  # the few-rows path and the blocked path
-def test_poisoned_output_is_fully_written(m, monkeypatch):
-    """The host kernel fills its output with NaN first (test hook): every entry must be
+def test_poisoned_output_is_fully_written(backend, m, monkeypatch):
+    """The kernels fill their output with NaN first (test hook): every entry must be
     overwritten, including pruned columns and tiles with no kept rows."""
-    if "cpu" not in BACKENDS:
-        pytest.skip("jax_tw._cpu not built")
+    if backend not in BACKENDS:
+        pytest.skip(f"no {backend} custom call runs here")
     monkeypatch.setenv("JAX_TW_POISON_OUTPUT", "1")
     for pattern in (patterns.TW2D(), patterns.TEW(residue=0.05)):
         _, _, p = _layer(32, 50, 8, 0.8, empty_tiles=True, pattern=pattern)
         assert len(p.columns) < 50  # some columns pruned
         x = np.random.default_rng(5).normal(size=(m, 32)).astype(np.float32)
-        y = np.asarray(ops.tw_matmul(x, p, backend="cpu"))
+        y = np.asarray(ops.tw_matmul(x, p, backend=backend))
         assert np.isfinite(y).all()
         np.testing.assert_allclose(y, _reference(x, packing.unpack(p)), rtol=1e-5, atol=1e-5)
 
@@ -254,7 +256,8 @@ def test_environment_variable_selects_backend(monkeypatch):
         assert _ffi.CPU_TARGET in hlo
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", runnable_backends() if jax.default_backend() == "cpu"
+                         else ["xla", "dense"] + (["cpu"] if _ffi.cpu_available() else []))
 def test_shard_map_on_four_cpu_devices(backend):
     """Batch-sharded x, replicated tiles: forward, refusal of a wrong out_specs, and gradients.
     In a subprocess: the device count is fixed when jax starts."""

@@ -7,9 +7,10 @@ from flax import linen as nn
 
 from jax_tw import _ffi, packing, patterns, prune
 from jax_tw.nn import TWDense
+from twcheck import runnable_backends
 
 G = 8
-BACKENDS = ["xla"] + (["cpu"] if _ffi.cpu_available() else [])
+BACKENDS = runnable_backends(base=("xla",))
 
 
 class Model(nn.Module):

@@ -1,6 +1,21 @@
 """Independent numpy references for the tests: mask expansion and pattern properties."""
 
+import jax
 import numpy as np
+
+from jax_tw import _ffi
+
+
+def runnable_backends(base=("xla", "dense")):
+    """The tw_matmul backends the tests can run here: the host custom call on a CPU platform,
+    the CUDA custom call on a GPU platform (where each was built)."""
+    on_gpu = jax.default_backend() == "gpu"
+    out = list(base)
+    if not on_gpu and _ffi.cpu_available():
+        out.append("cpu")
+    if on_gpu and _ffi.cuda_available():
+        out.append("cuda")
+    return out
 
 
 def expand_reference(columns, rows, tile_size):

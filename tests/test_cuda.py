@@ -1,0 +1,200 @@
+"""The CUDA path. On any machine: the module is built where nvcc is, imports without a GPU or
+driver, carries sm_80 and sm_90 machine code of its kernels, and jitted models lower to its
+custom call with x requested feature-major. On a GPU the numerical tests of test_ops.py and
+test_packed_model.py also run the 'cuda' backend (twcheck.runnable_backends), and the tests
+marked below check what only a GPU can."""
+
+import dataclasses
+import os
+import re
+import shutil
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from jax_tw import _ffi, ops, packing, patterns
+from jax_tw.nn import TWDense
+
+needs_cuda_module = pytest.mark.skipif(not _ffi.cuda_available(), reason=_ffi.cuda_import_error())
+needs_gpu = pytest.mark.skipif(not (_ffi.cuda_available() and jax.default_backend() == "gpu"),
+                               reason="needs a GPU and jax_tw._cuda")
+
+
+def test_cuda_module_is_built_where_nvcc_is():
+    if not shutil.which("nvcc"):
+        pytest.skip("no nvcc on this machine: the CUDA module is not expected")
+    if os.environ.get("JAX_TW_CUDA") == "OFF":
+        pytest.skip("JAX_TW_CUDA=OFF")
+    assert _ffi.cuda_available(), _ffi.cuda_import_error()
+
+
+@needs_cuda_module
+def test_cuda_module_imports_and_counts_devices():
+    """Statically linked runtime: it loads without a driver and reports an error code there."""
+    count = _ffi._cuda.device_count()
+    assert isinstance(count, int)
+    assert (count > 0) == (jax.default_backend() == "gpu"), count
+
+
+def fatbin_cubins(path):
+    """(sm, kind, payload) of every entry in the .nv_fatbin section of a shared object
+    (kind 1: PTX, 2: ELF machine code)."""
+    data = open(path, "rb").read()
+    assert data[:4] == b"\x7fELF" and data[4] == 2, "not a 64-bit ELF file"
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names = sections[shstrndx][4]
+
+    def name(sec):
+        start = names + sec[0]
+        return data[start:data.index(b"\0", start)].decode()
+
+    [fatbin] = [s for s in sections if name(s) == ".nv_fatbin"]
+    out, pos, end = [], fatbin[4], fatbin[4] + fatbin[5]
+    while pos + 16 <= end:
+        magic, _, header_size, fat_size = struct.unpack_from("<IHHQ", data, pos)
+        if magic != 0xBA55ED50:  # fatbin header magic; the section may be zero-padded
+            break
+        entry = pos + header_size
+        while entry < pos + header_size + fat_size:
+            kind, _, entry_header, padded = struct.unpack_from("<HHII", data, entry)
+            sm, = struct.unpack_from("<I", data, entry + 28)
+            out.append((sm, kind, data[entry + entry_header:entry + entry_header + padded]))
+            entry += entry_header + padded
+        pos += header_size + fat_size
+    return out
+
+
+@needs_cuda_module
+def test_module_carries_sm80_and_sm90_tile_kernels():
+    entries = fatbin_cubins(_ffi._cuda.__file__)
+    elf = {sm: payload for sm, kind, payload in entries if kind == 2}
+    assert {80, 90} <= set(elf), f"machine code for sm_{sorted(elf)}, expected sm_80 and sm_90"
+    for sm in (80, 90):
+        assert elf[sm][:4] == b"\x7fELF", f"sm_{sm} entry is not an uncompressed cubin"
+        for config in (b"Bf16Config", b"F32Config"):
+            assert re.search(rb"TileGemmKernelI\w*?" + config, elf[sm]), (sm, config)
+        assert b"FillPrunedKernel" in elf[sm] and b"OrderTilesKernel" in elf[sm]
+
+
+class PackedModel(nn.Module):
+    dtype: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.gelu(TWDense(96, tile_size=32, dtype=self.dtype, name="fc1")(x))
+        return TWDense(40, tile_size=16, dtype=self.dtype, name="fc2")(x)
+
+
+def _packed_model(dtype):
+    model = PackedModel(dtype=dtype)
+    x = jnp.ones((4, 10, 64), dtype or jnp.float32)
+    variables = jax.tree.map(np.asarray, model.init(jax.random.key(0), x))
+    rng = np.random.default_rng(0)
+    masks = {}
+    for name, k, n, g in (("fc1", 64, 96, 32), ("fc2", 96, 40, 16)):
+        [masks[name]] = patterns.TW2D()([rng.random((k, n)).astype(np.float32)], 0.75, tile_size=g,
+                                        min_keep=0.0)
+    variables["tw_mask"] = jax.tree.map(np.asarray, masks)
+    packed = {}
+    for name, g in (("fc1", 32), ("fc2", 16)):
+        v = {"params": {name: variables["params"][name]}, "tw_mask": {name: variables["tw_mask"][name]}}
+        p = packing.pack_variables(v, tile_size=g, dtype=dtype)
+        for col, tree in p.items():
+            packed.setdefault(col, {}).update(tree)
+    return model, packed, x
+
+
+@needs_cuda_module
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_jitted_model_lowers_to_the_cuda_custom_call(dtype, monkeypatch):
+    """From this machine: the automatic backend on a GPU platform is the CUDA custom call, one
+    per TWDense layer, with x asked for in column-major layout and the bias fused (no add)."""
+    monkeypatch.delenv("JAX_TW_BACKEND", raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    model, packed, x = _packed_model(dtype)
+    for layer in ("fc1", "fc2"):
+        assert packed[packing.PACKED_COLLECTION][layer]["tiles"].dense is None
+    lowered = jax.jit(model.apply).trace(packed, x).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    calls = [line for line in text.splitlines() if _ffi.CUDA_TARGET in line]
+    assert len(calls) == 2, text
+    assert _ffi.CPU_TARGET not in text
+    for call in calls:
+        # operand 0 (x) minor-to-major [0, 1]: column-major; the others default
+        assert re.search(r"operand_layouts = \[dense<\[0, 1\]>", call), call
+        out = "bf16" if dtype else "f32"
+        assert re.search(rf"-> tensor<40x\d+x{out}>", call), call
+
+
+@needs_cuda_module
+def test_gradients_lower_for_cuda(monkeypatch):
+    """Training through packed tiles on a GPU: the forward is the CUDA kernel, the backward the
+    reference path (no second custom call)."""
+    model, packed, x = _packed_model(None)
+
+    tiles = packed[packing.PACKED_COLLECTION]["fc1"]["tiles"]
+
+    def loss(values, x):
+        return jnp.sum(ops.tw_matmul(x, dataclasses.replace(tiles, values=values), backend="cuda") ** 2)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    text = grad.trace(tiles.values, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count(f"@{_ffi.CUDA_TARGET}(") == 1, text
+
+
+@needs_cuda_module
+def test_cuda_backend_named_when_missing_is_a_clear_error(monkeypatch):
+    _, packed, x = _packed_model(None)
+    monkeypatch.setattr(_ffi, "_cuda", None)
+    monkeypatch.setattr(_ffi, "_cuda_error", "jax_tw._cuda is not built (test)")
+    with pytest.raises(ValueError, match=r"backend='cuda' was requested but jax_tw._cuda is not built"):
+        ops.tw_matmul(x, packed[packing.PACKED_COLLECTION]["fc1"]["tiles"], backend="cuda")
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+@pytest.mark.parametrize("m,k,n,g,s", [(1, 64, 96, 32, 0.75), (333, 200, 300, 128, 0.5),
+                                       (1000, 256, 520, 200, 0.75), (64, 48, 72, 12, 0.6)])
+def test_cuda_kernel_matches_float64_reference(dtype, m, k, n, g, s):
+    """Awkward shapes: M = 1 and M not a multiple of 8, N not a multiple of G, G above the
+    CTA's 128 columns (two chunks), G not a multiple of 8 (padded weight rows), empty tiles."""
+    rng = np.random.default_rng(m + k)
+    w = rng.normal(size=(k, n)).astype(dtype)
+    [mask] = patterns.TW2D()([rng.random((k, n)).astype(np.float32)], s, tile_size=g, min_keep=0.0)
+    mask = jax.tree.map(np.asarray, mask)
+    mask["rows"] = mask["rows"].copy()
+    mask["rows"][::3] = False  # tiles with no kept rows
+    p = packing.pack(w, mask, g)
+    x = rng.normal(size=(m, k)).astype(dtype)
+    bias = rng.normal(size=(n,)).astype(np.float32)
+    y = jax.jit(lambda x, p, b: ops.tw_matmul(x, p, b, backend="cuda"))(x, p, bias)
+    want = np.asarray(x, np.float64) @ np.asarray(packing.unpack(p), np.float64) + bias
+    got = np.asarray(y, np.float64)
+    if dtype == np.float32:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    else:  # bf16 inputs exactly representable; f32 accumulation; one bf16 rounding of y
+        np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-2 * np.abs(want).max())
+
+
+@needs_gpu
+def test_cuda_kernel_is_memory_safe_on_corrupt_tiles():
+    """Under jit the tiles cannot be checked on the host: out-of-range indices must be ignored
+    by the kernel, not read (the GPU check runs this under compute-sanitizer)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 96)).astype(np.float32)
+    [mask] = patterns.TW2D()([rng.random((64, 96)).astype(np.float32)], 0.5, tile_size=32, min_keep=0.0)
+    p = packing.pack(w, jax.tree.map(np.asarray, mask), 32)
+    f = jax.jit(lambda x, p: _ffi.cuda_tw_matmul(x, p, jnp.zeros(96, jnp.float32), jnp.float32))
+    x = jnp.ones((16, 64), jnp.float32)
+    for bad in (dataclasses.replace(p, rows=p.rows + 10 ** 6), dataclasses.replace(p, columns=p.columns - 10 ** 6),
+                dataclasses.replace(p, row_offsets=p.row_offsets * 1000)):
+        y = np.asarray(jax.block_until_ready(f(x, bad)))
+        assert y.shape == (16, 96)
