@@ -5,7 +5,7 @@
 // x arrives feature-major: the custom call asks XLA for x in column-major layout, so the M values
 // of one input feature are contiguous. A tile's kept K index then selects one contiguous run of
 // x, and the K gather is fused into the kernel's global-to-shared copies (16-byte cp.async per
-// thread, zero-filled past the tile's depth): there is no gather pass.
+// thread; zeros past the tile's depth): there is no gather pass.
 //
 // One launch runs every tile of a layer: a CTA computes a BM x BN block of one tile's outputs (M
 // block x column chunk; a tile of G <= BN columns is one chunk), CTAs of the deepest tiles
@@ -96,6 +96,18 @@ __device__ __forceinline__ void TileRange(const Params& p, int64_t i, int64_t& b
   end = Clamp(p.row_offsets[i + 1], begin, p.r);
 }
 
+// 16 bytes from global to shared memory: cp.async where ok, else zeros stored directly (no
+// address is formed from an invalid index, not even for a zero-byte copy).
+template <class T>
+__device__ __forceinline__ void CopyOrZero(bool ok, const T* src, T* dst) {
+  if (ok) {
+    SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src),
+                                               *reinterpret_cast<uint128_t*>(dst));
+  } else {
+    *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+  }
+}
+
 template <class Cfg>
 struct SharedStorage {
   using SmemLayout = decltype(tile_to_shape(typename Cfg::SmemLayoutAtom{},
@@ -130,7 +142,7 @@ __global__ void __launch_bounds__(decltype(size(typename Cfg::TiledMma{}))::valu
   const int64_t width = Clamp(p.c - col0, 0, Clamp(p.g - chunk * BN::value, 0, BN::value));
   const int64_t m0 = mb * BM::value;
 
-  extern __shared__ char smem_raw[];
+  extern __shared__ __align__(128) char smem_raw[];
   Storage& smem = *reinterpret_cast<Storage*>(smem_raw);
   typename Storage::SmemLayout smem_layout;
   Tensor sA = make_tensor(make_smem_ptr(smem.a.begin()), smem_layout);  // (BM, BK, stage)
@@ -158,16 +170,10 @@ __global__ void __launch_bounds__(decltype(size(typename Cfg::TiledMma{}))::valu
       for (int i = 0; i < size<1>(tAsA); ++i) {
         const int64_t mn = get<0>(tCoord(0, i, j));
         const bool a_ok = krow_ok && m0 + mn < p.m_rows;
-        const T* a_src = xt + (a_ok ? krow * p.m_rows + m0 + mn : 0);
-        SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
-            *reinterpret_cast<const uint128_t*>(a_src),
-            *reinterpret_cast<uint128_t*>(&tAsA(0, i, j, stage)), a_ok);
+        CopyOrZero(a_ok, xt + krow * p.m_rows + m0 + mn, &tAsA(0, i, j, stage));
         const int64_t ncol = chunk * BN::value + mn;  // column within the tile's G
         const bool b_ok = in_tile && ncol < p.ldv;
-        const T* b_src = values + (b_ok ? (begin + q) * p.ldv + ncol : 0);
-        SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
-            *reinterpret_cast<const uint128_t*>(b_src),
-            *reinterpret_cast<uint128_t*>(&tBsB(0, i, j, stage)), b_ok);
+        CopyOrZero(b_ok, values + (begin + q) * p.ldv + ncol, &tBsB(0, i, j, stage));
       }
     }
   };

@@ -3,6 +3,7 @@
     python -m jax_tw.bench                       # BERT-base shapes, M = 2048, f32
     python -m jax_tw.bench --json out.json --plot speedup.png
     python -m jax_tw.bench --quick               # tiny shapes, a few repeats (used by the tests)
+    python -m jax_tw.bench --shapes both -m 16384 --dtype bfloat16   # on a GPU (scripts/gpu_check.sh)
 
 For every shape, dtype and sparsity, the dense dot and the TW call are timed *interleaved* (dense,
 TW, dense, TW, ...) so that a noisy machine slows both alike; the table reports the medians and
@@ -27,24 +28,29 @@ BERT_BASE = [(768, 768), (768, 3072), (3072, 768)]
 BERT_LARGE = [(1024, 1024), (1024, 4096), (4096, 1024)]
 
 
-def time_pair(f_dense, f_tw, args_dense, args_tw, repeats: int) -> tuple[float, float]:
-    """Medians (seconds) of ``f_dense(*args_dense)`` and ``f_tw(*args_tw)``, timed interleaved
-    after one warm-up call each."""
+def time_pair(f_dense, f_tw, args_dense, args_tw, repeats: int, inner: int = 1) -> tuple[float, float]:
+    """Medians (seconds per call) of ``f_dense(*args_dense)`` and ``f_tw(*args_tw)``, timed
+    interleaved after one warm-up call each. Each sample times ``inner`` calls queued back to
+    back (on a GPU one call can be shorter than its dispatch from Python)."""
     jax.block_until_ready(f_dense(*args_dense))
     jax.block_until_ready(f_tw(*args_tw))
+
+    def sample(f, args):
+        t = time.perf_counter()
+        for _ in range(inner):
+            out = f(*args)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t) / inner
+
     dense, tw = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f_dense(*args_dense))
-        dense.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        jax.block_until_ready(f_tw(*args_tw))
-        tw.append(time.perf_counter() - t)
+        dense.append(sample(f_dense, args_dense))
+        tw.append(sample(f_tw, args_tw))
     return float(np.median(dense)), float(np.median(tw))
 
 
 def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backend: str | None,
-        seed: int = 0, pattern: str = "tw2d") -> list[dict[str, Any]]:
+        seed: int = 0, pattern: str = "tw2d", inner: int = 1) -> list[dict[str, Any]]:
     """Times every (shape, dtype, sparsity); returns one row dict per measurement.
 
     ``pattern`` (a :func:`jax_tw.patterns.get` name) makes the masks; EW/VW/BW masks pack
@@ -66,7 +72,7 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
                 [mask] = make_masks([np.abs(w32)], s, tile_size=tile_size, min_keep=0.0)
                 p = jax.device_put(packing.pack(w, jax.tree.map(np.asarray, mask), tile_size,
                                                 keep_dense=False))
-                t_dense, t_tw = time_pair(dense_fn, tw_fn, (x, wj), (x, p), repeats)
+                t_dense, t_tw = time_pair(dense_fn, tw_fn, (x, wj), (x, p), repeats, inner)
                 ratio = t_dense / t_tw
                 rows.append({
                     "k": k, "n": n, "m": m, "dtype": np.dtype(dtype).name, "pattern": pattern, "sparsity": s,
@@ -120,7 +126,9 @@ def main(argv=None) -> list[dict[str, Any]]:
     ap.add_argument("--tile-size", type=int, default=128)
     ap.add_argument("--pattern", default="tw2d", help="mask pattern: tw2d, tw1d, tew, ew, vw, bw")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--backend", default=None, help="xla, cpu or dense (default: automatic)")
+    ap.add_argument("--backend", default=None, help="xla, cpu, cuda or dense (default: automatic)")
+    ap.add_argument("--inner", type=int, default=None,
+                    help="calls per timed sample (default: 1 on a CPU, 20 on a GPU)")
     ap.add_argument("--json", help="write the rows to this JSON file")
     ap.add_argument("--plot", help="draw speedup vs sparsity to this PNG")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and repeats (smoke test)")
@@ -133,7 +141,9 @@ def main(argv=None) -> list[dict[str, Any]]:
     m, repeats = args.m, args.repeats
     if args.quick:
         shapes, m, repeats, sparsities = [(96, 160)], 64, 3, [0.0, 0.5, 0.9]
-    rows = run(shapes, m, dtypes, sparsities, args.tile_size, repeats, args.backend, pattern=args.pattern)
+    inner = args.inner or (20 if jax.default_backend() == "gpu" else 1)
+    rows = run(shapes, m, dtypes, sparsities, args.tile_size, repeats, args.backend,
+               pattern=args.pattern, inner=inner)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

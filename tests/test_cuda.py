@@ -157,6 +157,71 @@ def test_cuda_backend_named_when_missing_is_a_clear_error(monkeypatch):
         ops.tw_matmul(x, packed[packing.PACKED_COLLECTION]["fc1"]["tiles"], backend="cuda")
 
 
+def _emulated_kernel(calls):
+    """A stand-in for jax.ffi.ffi_call of the CUDA target, computing the kernel's contract on
+    the host with numpy (independently of the library's reference path). It checks what the
+    kernel requires of its operands and records each call's layouts and shapes."""
+    real_ffi_call = jax.ffi.ffi_call
+
+    def ffi_call(target, result, vmap_method=None, input_layouts=None, **kw):
+        if target != _ffi.CUDA_TARGET:
+            return real_ffi_call(target, result, vmap_method=vmap_method, input_layouts=input_layouts, **kw)
+
+        def call(x, columns, row_offsets, rows, values, bias, *, n, tile_size):
+            calls.append(dict(layouts=input_layouts, x=x.shape, values=values.shape, out=result.dtype))
+
+            def host(x, columns, row_offsets, rows, values, bias):
+                vec = 16 // x.dtype.itemsize
+                assert x.shape[0] % vec == 0 and values.shape[1] % vec == 0
+                assert values.shape[1] >= tile_size and bias.dtype == np.float32
+                xf, vf = np.asarray(x, np.float64), np.asarray(values, np.float64)
+                y = np.broadcast_to(np.asarray(bias, np.float64), (x.shape[0], int(n))).copy()
+                for t in range(len(row_offsets) - 1):
+                    q = slice(row_offsets[t], row_offsets[t + 1])
+                    cols = columns[t * tile_size:(t + 1) * tile_size]
+                    y[:, cols] += xf[:, rows[q]] @ vf[q, :len(cols)]
+                return y.astype(result.dtype)
+
+            return jax.pure_callback(host, jax.ShapeDtypeStruct(result.shape, result.dtype),
+                                     x, columns, row_offsets, rows, values, bias)
+        return call
+    return ffi_call
+
+
+@needs_cuda_module
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+@pytest.mark.parametrize("m,g,pattern", [(1, 12, patterns.TW2D()), (13, 32, patterns.TEW(residue=0.05)),
+                                         (40, 8, patterns.TW2D())])
+def test_cuda_path_glue_with_an_emulated_kernel(dtype, m, g, pattern, monkeypatch):
+    """The Python side of the CUDA path on this machine: padding of M and of the weight rows,
+    column-major x, fused bias, output dtype (f32 when XLA adds a residue), slicing, grads."""
+    calls = []
+    monkeypatch.setattr(jax.ffi, "ffi_call", _emulated_kernel(calls))
+    rng = np.random.default_rng(m + g)
+    k, n = 48, 70
+    w = rng.normal(size=(k, n)).astype(dtype)
+    [mask] = pattern([rng.random((k, n)).astype(np.float32)], 0.6, tile_size=g, min_keep=0.0)
+    p = packing.pack(w, jax.tree.map(np.asarray, mask), g, keep_dense=False)
+    has_residue = np.shape(p.residue_rows)[0] > 0
+    assert has_residue == isinstance(pattern, patterns.TEW)
+    x = rng.normal(size=(m, k)).astype(dtype)
+    bias = rng.normal(size=(n,)).astype(np.float32)
+    y = jax.jit(lambda x, b: ops.tw_matmul(x, p, b, backend="cuda"))(x, bias)
+    assert y.shape == (m, n) and y.dtype == np.dtype(dtype)
+    want = np.asarray(x, np.float64) @ np.asarray(packing.unpack(p), np.float64) + bias
+    tol = 1e-5 if dtype == np.float32 else 2 ** -7
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=tol, atol=tol * np.abs(want).max())
+    [c] = calls
+    vec = 16 // np.dtype(dtype).itemsize
+    assert c["layouts"][0] == (1, 0) and c["x"] == (max(vec, -(-m // vec) * vec), k)
+    assert c["values"][1] == -(-g // vec) * vec
+    assert c["out"] == (np.float32 if has_residue else np.dtype(dtype))
+    if dtype == np.float32:  # gradients: the reference backward around the custom forward
+        gx = jax.grad(lambda x: jnp.sum(ops.tw_matmul(x, p, bias, backend="cuda") ** 2))(x)
+        gx_ref = jax.grad(lambda x: jnp.sum((x @ packing.unpack(p) + bias) ** 2))(x)
+        np.testing.assert_allclose(gx, gx_ref, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 @needs_gpu
