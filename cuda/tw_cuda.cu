@@ -281,16 +281,16 @@ __global__ void MarkKeptKernel(Params p, uint8_t* kept) {
   }
 }
 
-// y[:, j] = bias[j] for every column j that no tile keeps.
+// y[:, j] = bias[j] for every column j that no tile keeps. A thread owns one column (threads of
+// kept columns leave at once) and walks the rows with the grid's y stride: no per-element
+// division, work in proportion to the pruned entries.
 template <class TOut>
 __global__ void FillPrunedKernel(Params p, const uint8_t* kept) {
+  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (j >= p.n || kept[j]) return;
   TOut* y = static_cast<TOut*>(p.y);
-  const int64_t total = p.m_rows * p.n;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t j = i % p.n;
-    if (!kept[j]) y[i] = static_cast<TOut>(p.bias[j]);
-  }
+  const TOut b = static_cast<TOut>(p.bias[j]);
+  for (int64_t i = blockIdx.y; i < p.m_rows; i += gridDim.y) y[i * p.n + j] = b;
 }
 
 ffi::Error CudaError(const char* what) {
@@ -320,7 +320,9 @@ ffi::Error Launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, Params p)
     uint8_t* flags = static_cast<uint8_t*>(*kept);
     if (cudaMemsetAsync(flags, 0, p.n, stream) != cudaSuccess) return CudaError("cudaMemsetAsync");
     if (p.c > 0) MarkKeptKernel<<<GridFor(p.c, 256), 256, 0, stream>>>(p, flags);
-    FillPrunedKernel<TOut><<<GridFor(p.m_rows * p.n, 256), 256, 0, stream>>>(p, flags);
+    const dim3 grid(static_cast<unsigned>((p.n + 255) / 256),
+                    static_cast<unsigned>(p.m_rows < 1024 ? p.m_rows : 1024));
+    FillPrunedKernel<TOut><<<grid, 256, 0, stream>>>(p, flags);
     if (ffi::Error err = CudaError("pruned-column kernels"); err.failure()) return err;
   }
   if (p.t == 0) return ffi::Error::Success();

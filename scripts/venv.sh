@@ -10,9 +10,11 @@ cd "$(dirname "$0")/.."
 # JAX_TW_CUDA=ON|OFF|AUTO forces it on or off.
 cuda_flags=()
 if [ "${JAX_TW_CUDA:-AUTO}" != OFF ] && command -v nvcc >/dev/null; then
-  .venv/bin/python -m pip install --quiet --no-deps "nvidia-cutlass==4.2.0.0"
-  cutlass=$(.venv/bin/python -c "import importlib.util as u, os; print(os.path.join(list(u.find_spec('cutlass_library').submodule_search_locations)[0], 'source', 'include'))")
-  cuda_flags=(-Ccmake.define.JAX_TW_CUTLASS_INCLUDE="$cutlass")
+  # Into a folder of its own, not the venv's site-packages: pip would report its undeclared
+  # dependencies as missing at every later install.
+  [ -d .venv/cutlass/cutlass_library ] ||
+    .venv/bin/python -m pip install --quiet --no-deps --target .venv/cutlass "nvidia-cutlass==4.2.0.0"
+  cuda_flags=(-Ccmake.define.JAX_TW_CUTLASS_INCLUDE="$PWD/.venv/cutlass/cutlass_library/source/include")
 fi
 .venv/bin/python -m pip install --quiet ".[$1]" -Ccmake.define.JAX_TW_CUDA="${JAX_TW_CUDA:-AUTO}" "${cuda_flags[@]}"
 # The pretrained all-MiniLM-L6-v2 for the BERT example and its tests: --no-deps, because its

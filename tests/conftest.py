@@ -7,5 +7,6 @@ os.environ.setdefault(
 import jax  # noqa: E402
 
 # On a GPU, XLA's f32 dots default to TF32: the reference paths the tests compare against must
-# be full f32 there (no effect on the CPU).
-jax.config.update("jax_default_matmul_precision", "highest")
+# be full f32 there.
+if jax.default_backend() == "gpu":
+    jax.config.update("jax_default_matmul_precision", "highest")
