@@ -5,10 +5,13 @@ test_packed_model.py also run the 'cuda' backend (twcheck.runnable_backends), an
 marked below check what only a GPU can."""
 
 import dataclasses
+import importlib.util
 import os
+import pathlib
 import re
 import shutil
 import struct
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +22,7 @@ from flax import linen as nn
 from jax_tw import _ffi, ops, packing, patterns
 from jax_tw.nn import TWDense
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 needs_cuda_module = pytest.mark.skipif(not _ffi.cuda_available(), reason=_ffi.cuda_import_error())
 needs_gpu = pytest.mark.skipif(not (_ffi.cuda_available() and jax.default_backend() == "gpu"),
                                reason="needs a GPU and jax_tw._cuda")
@@ -38,6 +42,32 @@ def test_cuda_module_imports_and_counts_devices():
     count = _ffi._cuda.device_count()
     assert isinstance(count, int)
     assert (count > 0) == (jax.default_backend() == "gpu"), count
+
+
+def _cutlass_include():
+    """The CUTLASS headers the build used: $JAX_TW_CUTLASS_INCLUDE, the nvidia-cutlass package,
+    or where scripts/venv.sh puts them."""
+    candidates = [os.environ.get("JAX_TW_CUTLASS_INCLUDE", "")]
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec and spec.submodule_search_locations:
+        candidates.append(os.path.join(list(spec.submodule_search_locations)[0], "source", "include"))
+    candidates.append(str(ROOT / ".venv" / "cutlass" / "cutlass_library" / "source" / "include"))
+    return next((c for c in candidates if c and os.path.exists(os.path.join(c, "cute", "tensor.hpp"))), None)
+
+
+def test_kernel_index_assumptions_hold_for_its_cute_layouts(tmp_path):
+    """tests/cuda_layout_check.cu, compiled with nvcc and run on the host: the 16-byte copies land
+    on contiguous aligned shared memory at the coordinates the kernel computes their sources
+    from, each stage is written exactly once, and the epilogue covers the tile exactly once."""
+    nvcc, include = shutil.which("nvcc"), _cutlass_include()
+    if not nvcc or not include:
+        pytest.skip("needs nvcc and the CUTLASS headers (nvidia-cutlass)")
+    exe = tmp_path / "layout_check"
+    subprocess.run([nvcc, "-std=c++17", "-O1", "--expt-relaxed-constexpr", f"-I{ROOT / 'cuda'}",
+                    f"-I{include}", str(ROOT / "tests" / "cuda_layout_check.cu"), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=300)
+    done = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "layout ok" in done.stdout, done.stdout + done.stderr
 
 
 def fatbin_cubins(path):
