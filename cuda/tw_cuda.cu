@@ -75,7 +75,6 @@ __device__ __forceinline__ void CopyOrZero(bool ok, const T* src, T* dst) {
   }
 }
 
-
 template <class Cfg, class TOut>
 __global__ void __launch_bounds__(decltype(size(typename Cfg::TiledMma{}))::value)
     TileGemmKernel(Params p) {
