@@ -47,7 +47,7 @@ $PY -P -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_ops.py 
 
 if [ -n "$gpu" ] && command -v compute-sanitizer >/dev/null; then
   step "compute-sanitizer memcheck: small kernel tests"
-  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 99 \
+  timeout 180 compute-sanitizer --tool memcheck --error-exitcode 99 \
     $PY -P -m pytest -q -x -p no:cacheprovider tests/test_cuda.py -k "memory_safe or float64_reference" \
     >"$OUT/memcheck.log" 2>&1
   rc=$?
