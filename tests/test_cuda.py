@@ -70,22 +70,22 @@ def test_kernel_index_assumptions_hold_for_its_cute_layouts(tmp_path):
     assert done.returncode == 0 and "layout ok" in done.stdout, done.stdout + done.stderr
 
 
+def _elf_sections(data):
+    """{name: (offset, size)} of the sections of a 64-bit little-endian ELF image."""
+    assert data[:4] == b"\x7fELF" and data[4] == 2, "not a 64-bit ELF image"
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names = headers[shstrndx][4]
+    return {data[names + h[0]:data.index(b"\0", names + h[0])].decode(): (h[4], h[5]) for h in headers}
+
+
 def fatbin_cubins(path):
     """(sm, kind, payload) of every entry in the .nv_fatbin section of a shared object
     (kind 1: PTX, 2: ELF machine code)."""
     data = open(path, "rb").read()
-    assert data[:4] == b"\x7fELF" and data[4] == 2, "not a 64-bit ELF file"
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
-    names = sections[shstrndx][4]
-
-    def name(sec):
-        start = names + sec[0]
-        return data[start:data.index(b"\0", start)].decode()
-
-    [fatbin] = [s for s in sections if name(s) == ".nv_fatbin"]
-    out, pos, end = [], fatbin[4], fatbin[4] + fatbin[5]
+    start, size = _elf_sections(data)[".nv_fatbin"]
+    out, pos, end = [], start, start + size
     while pos + 16 <= end:
         magic, _, header_size, fat_size = struct.unpack_from("<IHHQ", data, pos)
         if magic != 0xBA55ED50:  # fatbin header magic; the section may be zero-padded
@@ -102,14 +102,20 @@ def fatbin_cubins(path):
 
 @needs_cuda_module
 def test_module_carries_sm80_and_sm90_tile_kernels():
+    """Machine code for both architectures, and real code: a kernel compiled for an architecture
+    its instructions are not enabled on builds silently to a stub of a few instructions (the
+    plain-sm_90 trap of BUILD-FACTS), so each tile GEMM's code size is checked too."""
     entries = fatbin_cubins(_ffi._cuda.__file__)
     elf = {sm: payload for sm, kind, payload in entries if kind == 2}
     assert {80, 90} <= set(elf), f"machine code for sm_{sorted(elf)}, expected sm_80 and sm_90"
     for sm in (80, 90):
-        assert elf[sm][:4] == b"\x7fELF", f"sm_{sm} entry is not an uncompressed cubin"
-        for config in (b"Bf16Config", b"F32Config"):
-            assert re.search(rb"TileGemmKernelI\w*?" + config, elf[sm]), (sm, config)
-        assert b"FillPrunedKernel" in elf[sm] and b"OrderTilesKernel" in elf[sm]
+        text = {name: size for name, (_, size) in _elf_sections(elf[sm]).items() if name.startswith(".text.")}
+        for config in ("Bf16Config", "F32Config"):
+            sizes = [size for name, size in text.items() if re.search(rf"TileGemmKernelI\w*?{config}", name)]
+            assert sizes, (sm, config, sorted(text))
+            assert min(sizes) > 16384, f"sm_{sm} {config} tile GEMM is only {min(sizes)} bytes: a stub?"
+        for helper in ("FillPrunedKernel", "OrderTilesKernel", "MarkKeptKernel"):
+            assert any(helper in name for name in text), (sm, helper)
 
 
 class PackedModel(nn.Module):
