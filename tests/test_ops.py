@@ -256,8 +256,8 @@ def test_environment_variable_selects_backend(monkeypatch):
         assert _ffi.CPU_TARGET in hlo
 
 
-@pytest.mark.parametrize("backend", runnable_backends() if jax.default_backend() == "cpu"
-                         else ["xla", "dense"] + (["cpu"] if _ffi.cpu_available() else []))
+# The subprocess runs on 4 CPU devices whatever this machine has: the CPU platform's backends.
+@pytest.mark.parametrize("backend", ["xla", "dense"] + (["cpu"] if _ffi.cpu_available() else []))
 def test_shard_map_on_four_cpu_devices(backend):
     """Batch-sharded x, replicated tiles: forward, refusal of a wrong out_specs, and gradients.
     In a subprocess: the device count is fixed when jax starts."""
