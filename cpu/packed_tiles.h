@@ -16,8 +16,10 @@
 // operand of the tile's small dense GEMM, read one K row (G contiguous values) at a time by the
 // micro-kernels; the last tile is padded to G so every tile has the same width.
 //
-// Validate() checks every index before a kernel touches memory, so corrupt tiles give an error
-// message instead of an out-of-bounds access.
+// Validate() checks every index before a host kernel touches memory, so corrupt tiles give an
+// error message instead of an out-of-bounds access. ValidateSizes() is the part that needs no
+// index data: the CUDA handler (whose indices live on the GPU) runs it, and its kernels
+// range-check each index they read.
 #pragma once
 
 #include <cstdint>
@@ -40,13 +42,38 @@ struct PackedTilesView {
     return w < g ? w : g;
   }
 
-  // Returns an empty string if the view is consistent, else what is wrong.
-  std::string Validate() const {
+  // The view of a layer's index buffers (anything with element_count() and typed_data(), e.g.
+  // XLA FFI buffers), without a residue; the sizes are taken from the buffers.
+  template <class IndexBuffer>
+  static PackedTilesView Of(int64_t k, int64_t n, int64_t g, IndexBuffer& columns,
+                            IndexBuffer& row_offsets, IndexBuffer& rows) {
+    PackedTilesView p;
+    p.k = k;
+    p.n = n;
+    p.g = g;
+    p.c = columns.element_count();
+    p.t = row_offsets.element_count() - 1;
+    p.r = rows.element_count();
+    p.columns = columns.typed_data();
+    p.row_offsets = row_offsets.typed_data();
+    p.rows = rows.typed_data();
+    return p;
+  }
+
+  // The checks that need only the sizes (the index arrays may live on a GPU): an empty string
+  // if they hold, else what is wrong.
+  std::string ValidateSizes() const {
     if (k <= 0 || n <= 0 || g <= 0) return "k, n and tile_size must be positive";
     if (c > n) return "more kept columns than n";
     if (t != (c + g - 1) / g)
       return "row_offsets has " + std::to_string(t + 1) + " entries, expected " +
              std::to_string((c + g - 1) / g + 1);
+    return "";
+  }
+
+  // Every check, the indices included (host memory only): empty if the view is consistent.
+  std::string Validate() const {
+    if (std::string bad = ValidateSizes(); !bad.empty()) return bad;
     for (int64_t i = 0; i < c; ++i) {
       if (columns[i] < 0 || columns[i] >= n) return "column index out of [0, n)";
       if (i && columns[i] <= columns[i - 1]) return "columns are not strictly increasing";

@@ -124,17 +124,8 @@ ffi::Error TwMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
       return ffi::Error::InvalidArgument("tw_matmul: x must be float32 or bfloat16");
     if (values.element_type() != x.element_type() || residue_values.element_type() != x.element_type())
       return ffi::Error::InvalidArgument("tw_matmul: values, residue_values and x must share a dtype");
-    PackedTilesView p;
-    p.k = xd[1];
-    p.n = n;
-    p.g = tile_size;
-    p.c = columns.element_count();
-    p.t = row_offsets.element_count() - 1;
-    p.r = rows.element_count();
+    PackedTilesView p = PackedTilesView::Of(xd[1], n, tile_size, columns, row_offsets, rows);
     p.e = residue_rows.element_count();
-    p.columns = columns.typed_data();
-    p.row_offsets = row_offsets.typed_data();
-    p.rows = rows.typed_data();
     p.residue_rows = residue_rows.typed_data();
     p.residue_cols = residue_cols.typed_data();
     if (p.t < 0) return ffi::Error::InvalidArgument("tw_matmul: row_offsets is empty");

@@ -28,6 +28,7 @@
 
 #include <cute/tensor.hpp>
 
+#include "packed_tiles.h"
 #include "tw_cuda_config.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -39,16 +40,15 @@ namespace {
 
 using namespace cute;
 
-struct Params {
+// The layer's packed tiles (the format's one C++ definition; index arrays on the GPU) and the
+// rest of a call.
+struct Params : PackedTilesView {
   const void* xt;            // x, element (m, k) at xt[k * m_rows + m]
   const void* values;        // [r, ldv]: row q holds the G weights of kept row q (zero past G)
-  const int32_t* columns;    // [c]
-  const int32_t* row_offsets;  // [t + 1]
-  const int32_t* rows;       // [r]
   const int32_t* order;      // [t]: tiles, deepest first
   const float* bias;         // [n]
   void* y;                   // [m_rows, n], row-major
-  int64_t m_rows, k, n, g, ldv, c, t, r;
+  int64_t m_rows, ldv;
   int64_t m_blocks, n_chunks;
 };
 
@@ -323,28 +323,20 @@ ffi::Error TwMatmulCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, 
       return ffi::Error::InvalidArgument("tw_matmul (CUDA): the output must be x's dtype or float32");
     const int64_t vec = bf16 ? 8 : 4;  // values per 16-byte copy
     Params p{};
+    static_cast<PackedTilesView&>(p) =
+        PackedTilesView::Of(xd[1], n, tile_size, columns, row_offsets, rows);
     p.m_rows = xd[0];
-    p.k = xd[1];
-    p.n = n;
-    p.g = tile_size;
-    p.c = columns.element_count();
-    p.t = row_offsets.element_count() - 1;
-    p.r = rows.element_count();
+    if (std::string bad = p.ValidateSizes(); !bad.empty())
+      return ffi::Error::InvalidArgument("tw_matmul (CUDA): corrupt packed tiles: " + bad);
     const auto vd = values.dimensions();
     if (vd.size() != 2 || vd[0] != p.r || vd[1] < p.g || vd[1] % vec)
       return ffi::Error::InvalidArgument(
           "tw_matmul (CUDA): values must be (len(rows), L) with L >= tile_size and a multiple of " +
           std::to_string(vec));
     p.ldv = vd[1];
-    if (p.k <= 0 || n <= 0 || tile_size <= 0)
-      return ffi::Error::InvalidArgument("tw_matmul (CUDA): K, n and tile_size must be positive");
     if (p.m_rows % vec)
       return ffi::Error::InvalidArgument("tw_matmul (CUDA): M must be a multiple of " +
                                          std::to_string(vec) + ", got " + std::to_string(p.m_rows));
-    if (p.t < 0 || p.t != (p.c + p.g - 1) / p.g || p.c > n)
-      return ffi::Error::InvalidArgument(
-          "tw_matmul (CUDA): corrupt packed tiles: row_offsets must have ceil(len(columns) / "
-          "tile_size) + 1 entries and len(columns) <= n");
     if (bias.element_count() != n)
       return ffi::Error::InvalidArgument("tw_matmul (CUDA): bias must have n entries");
     const auto yd = y->dimensions();
@@ -353,9 +345,6 @@ ffi::Error TwMatmulCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, 
     if (p.m_rows == 0) return ffi::Error::Success();
     p.xt = x.untyped_data();
     p.values = values.untyped_data();
-    p.columns = columns.typed_data();
-    p.row_offsets = row_offsets.typed_data();
-    p.rows = rows.typed_data();
     p.bias = bias.typed_data();
     p.y = y->untyped_data();
     if (!bf16) return Launch<F32Config, float>(stream, scratch, p);

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,28 +11,24 @@ import numpy as np
 CPU_TARGET = "jax_tw_tw_matmul_cpu_v1"
 CUDA_TARGET = "jax_tw_tw_matmul_cuda_v1"
 
-try:
-    from jax_tw import _cpu
-except ImportError as e:  # built without the extension, or running from a source tree
-    _cpu = None
-    _cpu_error = f"jax_tw._cpu failed to import: {e}"
-else:
-    _cpu_error = ""
-    for _name, _capsule in _cpu.registrations().items():
-        jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+def _load(name: str, platform: str, why: str):
+    """Imports the extension ``jax_tw.<name>`` and registers its FFI targets for ``platform``;
+    returns (module or None, the import error prefixed with ``why``)."""
+    try:
+        module = importlib.import_module(f"jax_tw.{name}")
+    except ImportError as e:
+        return None, f"{why}: {e}"
+    for target, capsule in module.registrations().items():
+        jax.ffi.register_ffi_target(target, capsule, platform=platform)
+    return module, ""
 
 
+# The CPU module is missing where jax_tw was built without it, or runs from a source tree.
+_cpu, _cpu_error = _load("_cpu", "cpu", "jax_tw._cpu failed to import")
 # The CUDA module is built only where nvcc was found; it links the CUDA runtime statically, so
 # it imports on machines without a GPU (registering a CUDA target there is harmless).
-try:
-    from jax_tw import _cuda
-except ImportError as e:
-    _cuda = None
-    _cuda_error = f"jax_tw._cuda is not built (it needs nvcc and the nvidia-cutlass headers): {e}"
-else:
-    _cuda_error = ""
-    for _name, _capsule in _cuda.registrations().items():
-        jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
+_cuda, _cuda_error = _load("_cuda", "CUDA", "jax_tw._cuda is not built (it needs nvcc and the "
+                           "nvidia-cutlass headers)")
 
 
 def cuda_available() -> bool:
