@@ -1,8 +1,8 @@
 // jax_tw._cpu: the XLA FFI handler of tw_matmul on the host, and its pybind11 module.
 //
 //   y[M, N] f32 = x[M, K] @ W + residue, W given as packed tiles (packed_tiles.h).
-// Work runs on XLA's intra-op thread pool in two phases: (1) work items (tile, block of rows)
-// compute the tiles; (2) blocks of rows zero the pruned columns and add the residue.
+// Work runs on XLA's intra-op thread pool: the tiles' weights are copied in parallel over tiles,
+// then blocks of rows compute every tile (tw_kernel.h), then blocks of rows add the residue.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -73,41 +73,37 @@ std::string ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
   return state->error;
 }
 
-// Phases 0 and 1 of a call with more than kSmallRows rows (see tw_kernel.h).
-std::string TileGemm(ffi::ThreadPool& pool, const TileGemmArgs& args, int64_t blocks) {
+// Rows of x per work item: enough items for every thread to take several (the last ones to
+// finish are then short), each a whole number of panels and at most kRowsPerItem rows.
+int64_t RowsPerItem(int64_t m, int64_t threads) {
+  const int64_t mr = kKernel.mr, items = 8 * std::max<int64_t>(threads, 1);
+  const int64_t rows = ((m + items - 1) / items + mr - 1) / mr * mr;
+  return std::min(std::max(rows, 4 * mr), kRowsPerItem / mr * mr);
+}
+
+// A call with more than kSmallRows rows (see tw_kernel.h).
+std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   const PackedTilesView& p = *args.p;
-  const int64_t m = args.m;
-  // Phase 0: x into row panels, and every tile's weights into f32 micro-panels. The buffers
-  // are reused across calls by this thread; workers see them through plain pointers (a
+  // Step 1: every tile's weights into f32 micro-panels, each copy on its own 64-byte line. The
+  // buffer is reused across calls by this thread; workers see it through plain pointers (a
   // thread_local named inside a worker would be the worker's own).
-  thread_local std::vector<float> panel_buffer, weight_buffer;
-  const int64_t npanels = (m + kKernel.mr - 1) / kKernel.mr;
-  panel_buffer.resize(npanels * p.k * kKernel.mr);
-  float* panels = panel_buffer.data();
-  std::vector<int64_t> weight_offset(p.t + 1, 0);
-  for (int64_t t = 0; t < p.t; ++t)  // each tile's copy starts on a 64-byte line
-    weight_offset[t + 1] = weight_offset[t] + (kKernel.weight_size(p, t) + 15) / 16 * 16;
-  weight_buffer.resize(weight_offset[p.t] + 16);
+  thread_local std::vector<float> weight_buffer;
+  std::vector<int64_t> weight_offsets(p.t + 1, 0);
+  for (int64_t t = 0; t < p.t; ++t)
+    weight_offsets[t + 1] = weight_offsets[t] + (kKernel.weight_size(p, t) + 15) / 16 * 16;
+  weight_buffer.resize(weight_offsets[p.t] + 16);
   const auto addr = reinterpret_cast<uintptr_t>(weight_buffer.data());
   float* weights = weight_buffer.data() + ((64 - addr % 64) % 64) / sizeof(float);
-  const int64_t per_block = kRowsPerItem / kKernel.mr;
-  std::string err = ParallelFor(pool, blocks + p.t, [&](int64_t i) {
-    if (i < blocks) {
-      kKernel.pack(args, panels, i * per_block, std::min(npanels, (i + 1) * per_block));
-    } else {
-      kKernel.pack_weights(args, i - blocks, weights + weight_offset[i - blocks]);
-    }
+  std::string err = ParallelFor(pool, p.t, [&](int64_t t) {
+    kKernel.pack_weights(args, t, weights + weight_offsets[t]);
   });
   if (!err.empty()) return err;
-  // Phase 1: the tiles, longest first so the last items to finish are short.
-  std::vector<int64_t> order(p.t);
-  for (int64_t t = 0; t < p.t; ++t) order[t] = t;
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return p.depth(a) > p.depth(b); });
-  return ParallelFor(pool, p.t * blocks, [&](int64_t item) {
-    const int64_t tile = order[item / blocks], b = item % blocks;
-    kKernel.tile(args, panels, weights + weight_offset[tile], tile, b * kRowsPerItem,
-                 std::min(m, (b + 1) * kRowsPerItem));
+  args.weights = weights;
+  args.weight_offsets = weight_offsets.data();
+  // Step 2: blocks of rows, every tile each.
+  const int64_t rows = RowsPerItem(args.m, pool.num_threads());
+  return ParallelFor(pool, (args.m + rows - 1) / rows, [&](int64_t b) {
+    kKernel.rows(args, b * rows, std::min(args.m, (b + 1) * rows));
   });
 }
 
@@ -140,25 +136,7 @@ ffi::Error TwMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
     std::string bad = p.Validate();
     if (!bad.empty()) return ffi::Error::InvalidArgument("tw_matmul: corrupt packed tiles: " + bad);
 
-    // Each pruned column goes to the first tile whose last column lies beyond it (the last tile
-    // takes the columns past every tile); with no tiles at all, phase 2 zeroes everything.
-    std::vector<int32_t> zero_cols;
-    std::vector<int64_t> zero_offsets(p.t + 1, 0);
-    {
-      std::vector<char> kept(n, 0);
-      for (int64_t i = 0; i < p.c; ++i) kept[p.columns[i]] = 1;
-      int64_t tile = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        while (tile + 1 < p.t && p.columns[std::min(p.c, (tile + 1) * p.g) - 1] < j) ++tile;
-        if (!kept[j]) {
-          zero_cols.push_back(static_cast<int32_t>(j));
-          if (p.t) ++zero_offsets[tile + 1];
-        }
-      }
-      for (int64_t t = 0; t < p.t; ++t) zero_offsets[t + 1] += zero_offsets[t];
-    }
-    TileGemmArgs args{&p,     x.untyped_data(), values.untyped_data(), bf16,
-                      xd[0],  y->typed_data(),  zero_cols.data(),      zero_offsets.data()};
+    TileGemmArgs args{&p, x.untyped_data(), values.untyped_data(), bf16, xd[0], y->typed_data()};
     // Test hook: JAX_TW_POISON_OUTPUT=1 fills y with NaN first, so any entry the kernel fails to
     // write shows up in the results.
     if (const char* poison = std::getenv("JAX_TW_POISON_OUTPUT"); poison && poison[0] == '1')
@@ -167,18 +145,18 @@ ffi::Error TwMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
     const int64_t blocks = (m + kRowsPerItem - 1) / kRowsPerItem;
     std::string err;
     if (m <= kSmallRows) {
+      if (p.c < n) std::fill(args.y, args.y + m * n, 0.f);  // the pruned columns
       err = ParallelFor(pool, p.t, [&](int64_t tile) { kKernel.small_tile(args, tile); });
     } else {
-      err = TileGemm(pool, args, blocks);
+      err = TileGemm(pool, args);
     }
     if (!err.empty()) return ffi::Error::Internal("tw_matmul: " + err);
-    // Phase 2: with no tiles, zero every column; then add the residue.
+    // Then the residue, in blocks of rows.
     const void* rv = residue_values.untyped_data();
-    if (p.t == 0 || p.e > 0) err = ParallelFor(pool, blocks, [&](int64_t b) {
+    if (p.e > 0) err = ParallelFor(pool, blocks, [&](int64_t b) {
       const int64_t m1 = std::min(m, (b + 1) * kRowsPerItem);
       for (int64_t i = b * kRowsPerItem; i < m1; ++i) {
         float* yr = args.y + i * n;
-        if (p.t == 0) std::fill(yr, yr + n, 0.f);
         for (int64_t e = 0; e < p.e; ++e) {
           const float xv = LoadF32(args.x, i * p.k + p.residue_rows[e], bf16);
           const float wv = LoadF32(rv, e, bf16);

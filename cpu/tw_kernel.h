@@ -1,13 +1,20 @@
 // Host kernel for tile-wise matmul over packed tiles: y[M, N] (f32) = x[M, K] @ W_packed.
 //
-// Calls with M <= kSmallRows read the packed values directly (SmallTile). Otherwise, per call:
-//  1. Pack x once into row panels: panels[p][k][i] = x[p * MR + i][k] (f32, zero past M). A
-//     panel holds MR rows of x feature-major, so the MR values a micro-kernel needs at depth k
-//     are contiguous whatever k is: the K gather of every tile then costs one index load per k,
-//     fused into the micro-kernel's loads (no per-tile gather pass).
-//  2. Each tile's weights are copied once into f32 micro-panels (contiguous KC x NR blocks).
-//  3. Work items (tile, block of kRowsPerItem rows) run a register-blocked GEMM of the block's
-//     panels against the tile's weights and scatter the result to the tile's output columns.
+// Calls with M <= kSmallRows read the packed values directly (SmallTile). Otherwise:
+//  1. Each tile's weights are copied once per call into f32 micro-panels (contiguous KC x NR
+//     blocks), in parallel over tiles.
+//  2. Work items are blocks of rows of x; each computes every tile for its rows, so that its
+//     part of x and of y stays in the core's L2 cache from start to finish:
+//     a. pack its rows of x into panels: panel[q][i] = x[m0 + i][q] (f32, zero past M). A panel
+//        holds MR rows of x feature-major, so the MR values a micro-kernel needs at depth q are
+//        contiguous whatever q is: the K gather of every tile costs one index load per q, fused
+//        into the micro-kernel's loads (no per-tile gather pass);
+//     b. zero its rows of y where columns are pruned;
+//     c. per tile, a register-blocked GEMM of the panels against the tile's weights, scattered
+//        to the tile's output columns.
+//  Writing whole rows of y from one core matters: when work items were (tile, rows), every tile
+//  rewrote scattered columns of the same rows of y from whichever core ran it, and the zeroing
+//  of pruned columns alone cost as much as the tiles' arithmetic at N = 768.
 #pragma once
 
 #include <cstdint>
@@ -24,10 +31,9 @@ struct TileGemmArgs {
   bool bf16;
   int64_t m;
   float* y;            // [m, n]
-  // Pruned output columns, split among the tiles (tile t zeroes
-  // zero_cols[zero_offsets[t], zero_offsets[t+1]) in its epilogue, while those rows are hot).
-  const int32_t* zero_cols;
-  const int64_t* zero_offsets;
+  // The tiles' weights as f32 micro-panels (step 1): tile t's at weights + weight_offsets[t].
+  const float* weights = nullptr;
+  const int64_t* weight_offsets = nullptr;
 };
 
 // Element i of an f32 or bf16 (raw bits) array, as f32.
@@ -39,21 +45,19 @@ inline float LoadF32(const void* base, int64_t i, bool bf16) {
   return f;
 }
 
-// Rows of M that one work item covers (a multiple of every ISA's panel height MR).
+// Most rows of x one work item covers: its panels and rows of y must fit in L2 together.
 constexpr int64_t kRowsPerItem = 192;
 
 struct TileKernel {
   const char* isa;
   int64_t mr;  // panel height
-  // Packs panels [p_begin, p_end) of x into `panels` (layout above).
-  void (*pack)(const TileGemmArgs&, float* panels, int64_t p_begin, int64_t p_end);
   // Floats of the micro-panel copy of a tile's weights, and the copy itself (64-byte aligned b).
   int64_t (*weight_size)(const PackedTilesView&, int64_t tile);
   void (*pack_weights)(const TileGemmArgs&, int64_t tile, float* b);
-  // Rows [m_begin, m_end) (m_begin a multiple of MR) of tile `tile`, weights from pack_weights.
-  void (*tile)(const TileGemmArgs&, const float* panels, const float* weights, int64_t tile,
-               int64_t m_begin, int64_t m_end);
-  // All rows of tile `tile` when M <= kSmallRows: reads the packed values directly, no copies.
+  // Rows [m_begin, m_end) of y, every tile (step 2); needs args.weights.
+  void (*rows)(const TileGemmArgs&, int64_t m_begin, int64_t m_end);
+  // All rows of tile `tile` when M <= kSmallRows: reads the packed values directly, no copies;
+  // pruned columns are left alone (the caller zeroes y first).
   void (*small_tile)(const TileGemmArgs&, int64_t tile);
 };
 

@@ -35,7 +35,6 @@ namespace {
 constexpr int NV = 2;            // vectors per micro-tile row
 constexpr int NR = VL * NV;      // micro-tile width
 constexpr int64_t KC = 256;      // depth of a block (B micro-panel KC x NR in L1)
-static_assert(kRowsPerItem % MR == 0, "work items must hold whole panels");
 
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 
@@ -101,29 +100,25 @@ void PackRowsGather(const float* x, int64_t k, float* panel, int64_t m0) {
 }
 #endif
 
-void Pack(const TileGemmArgs& args, float* panels, int64_t p_begin, int64_t p_end) {
+// Rows [m0, m0 + npanels * MR) of x into `panels` (rows past M are zero).
+void Pack(const TileGemmArgs& args, float* panels, int64_t m0, int64_t npanels) {
   const int64_t k = args.p->k;
-  for (int64_t pi = p_begin; pi < p_end; ++pi) {
+  for (int64_t pi = 0; pi < npanels; ++pi) {
     float* panel = panels + pi * k * MR;
+    const int64_t first = m0 + pi * MR;
 #if defined(TW_ISA_AVX512)
     // Gather indices are int32: (MR - 1) * k + k must fit.
-    if (!args.bf16 && (pi + 1) * MR <= args.m && MR * k < (int64_t{1} << 31)) {
-      PackRowsGather(static_cast<const float*>(args.x), k, panel, pi * MR);
+    if (!args.bf16 && first + MR <= args.m && MR * k < (int64_t{1} << 31)) {
+      PackRowsGather(static_cast<const float*>(args.x), k, panel, first);
       continue;
     }
 #endif
     if (args.bf16) {
-      PackRows(static_cast<const uint16_t*>(args.x), k, args.m, panel, pi * MR);
+      PackRows(static_cast<const uint16_t*>(args.x), k, args.m, panel, first);
     } else {
-      PackRows(static_cast<const float*>(args.x), k, args.m, panel, pi * MR);
+      PackRows(static_cast<const float*>(args.x), k, args.m, panel, first);
     }
   }
-}
-
-// The pruned output columns assigned to `tile`, zeroed in one row of y.
-inline void ZeroPruned(const TileGemmArgs& args, int64_t tile, float* yr) {
-  for (int64_t z = args.zero_offsets[tile]; z < args.zero_offsets[tile + 1]; ++z)
-    yr[args.zero_cols[z]] = 0.f;
 }
 
 // A scratch buffer whose data start on a 64-byte line, so no vector load is split across lines.
@@ -155,39 +150,38 @@ int64_t WeightSize(const PackedTilesView& p, int64_t tile) {
   return (p.width(tile) + NR - 1) / NR * NR * p.depth(tile);
 }
 
-void Tile(const TileGemmArgs& args, const float* panels, const float* bbuf, int64_t tile,
-          int64_t m_begin, int64_t m_end) {
-  thread_local AlignedBuffer cscratch;
+// Rows [m_begin, m_end) of y: pack those rows of x, zero the rows of y, then every tile.
+void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end) {
+  thread_local AlignedBuffer panel_scratch, cscratch;
   const PackedTilesView& p = *args.p;
-  const int64_t depth = p.depth(tile), width = p.width(tile);
-  const int32_t* out_cols = p.columns + tile * p.g;
-  if (depth == 0) {  // no kept rows: the tile's columns are zero
-    for (int64_t i = m_begin; i < m_end; ++i) {
-      for (int64_t j = 0; j < width; ++j) args.y[i * p.n + out_cols[j]] = 0.f;
-      ZeroPruned(args, tile, args.y + i * p.n);
-    }
-    return;
-  }
-  const int64_t gp = (width + NR - 1) / NR * NR;  // width padded to whole micro-tiles
-  const int32_t* kept = p.rows + p.row_offsets[tile];
   const int64_t rows = m_end - m_begin;
   const int64_t npanels = (rows + MR - 1) / MR;
-  const float* first = panels + (m_begin / MR) * p.k * MR;
-  float* cbuf = cscratch.Get(npanels * MR * gp);
-  for (int64_t k0 = 0; k0 < depth; k0 += KC) {
-    const int64_t kc = std::min(KC, depth - k0);
-    for (int64_t jp = 0; jp < gp; jp += NR) {
-      const float* b = bbuf + (jp / NR) * depth * NR + k0 * NR;
-      for (int64_t ip = 0; ip < npanels; ++ip)
-        Micro(kc, first + ip * p.k * MR, kept + k0, b, cbuf + ip * MR * gp + jp, gp, k0 > 0);
+  float* panels = panel_scratch.Get(npanels * p.k * MR);
+  Pack(args, panels, m_begin, npanels);
+  float* y = args.y + m_begin * p.n;
+  std::fill(y, y + rows * p.n, 0.f);  // pruned columns and empty tiles stay zero
+  float* cbuf = cscratch.Get(npanels * MR * ((p.g + NR - 1) / NR * NR));
+  for (int64_t tile = 0; tile < p.t; ++tile) {
+    const int64_t depth = p.depth(tile), width = p.width(tile);
+    if (depth == 0) continue;
+    const int64_t gp = (width + NR - 1) / NR * NR;  // width padded to whole micro-tiles
+    const int32_t* kept = p.rows + p.row_offsets[tile];
+    const float* bbuf = args.weights + args.weight_offsets[tile];
+    for (int64_t k0 = 0; k0 < depth; k0 += KC) {
+      const int64_t kc = std::min(KC, depth - k0);
+      for (int64_t jp = 0; jp < gp; jp += NR) {
+        const float* b = bbuf + (jp / NR) * depth * NR + k0 * NR;
+        for (int64_t ip = 0; ip < npanels; ++ip)
+          Micro(kc, panels + ip * p.k * MR, kept + k0, b, cbuf + ip * MR * gp + jp, gp, k0 > 0);
+      }
     }
-  }
-  // Epilogue: scatter each result column to its original position.
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* cr = cbuf + i * gp;
-    float* yr = args.y + (m_begin + i) * p.n;
-    for (int64_t j = 0; j < width; ++j) yr[out_cols[j]] = cr[j];
-    ZeroPruned(args, tile, yr);
+    // Epilogue: scatter each result column to its place in y (these rows are in L2).
+    const int32_t* out_cols = p.columns + tile * p.g;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* cr = cbuf + i * gp;
+      float* yr = y + i * p.n;
+      for (int64_t j = 0; j < width; ++j) yr[out_cols[j]] = cr[j];
+    }
   }
 }
 
@@ -214,16 +208,14 @@ void SmallTile(const TileGemmArgs& args, int64_t tile) {
       for (int64_t j = 0; j < gp; j += VL) Store(ar + j, Load(ar + j) + a * Load(brow + j));
     }
   }
-  for (int64_t i = 0; i < args.m; ++i) {
+  for (int64_t i = 0; i < args.m; ++i)
     for (int64_t j = 0; j < width; ++j) args.y[i * p.n + out_cols[j]] = acc[i * gp + j];
-    ZeroPruned(args, tile, args.y + i * p.n);
-  }
 }
 
 }  // namespace
 
 TileKernel Kernel() {
-  return TileKernel{TW_ISA_NAME, MR, Pack, WeightSize, PackWeights, Tile, SmallTile};
+  return TileKernel{TW_ISA_NAME, MR, WeightSize, PackWeights, Rows, SmallTile};
 }
 
 }  // namespace TW_NS

@@ -104,6 +104,7 @@ SHAPES = [  # (lead dims of x, K, N, G, sparsity, empty tiles)
     ((2, 3), 32, 20, 8, 0.75, True),  # leading batch dims, tiles with no kept rows
     ((200,), 48, 64, 16, 0.3, False),  # more than one block of rows
     ((5,), 16, 24, 128, 0.5, False),  # G > N: one narrow tile
+    ((300,), 600, 150, 64, 0.3, False),  # tiles deeper than the host kernel's K block (256)
 ]
 
 
@@ -117,7 +118,8 @@ def test_forward_matches_float64_reference(backend, lead, k, n, g, s, empty):
     y = jax.jit(lambda x, p, b: ops.tw_matmul(x, p, b, backend=backend))(x, p, bias)
     assert y.shape == (*lead, n) and y.dtype == jnp.float32
     want = _reference(x, packing.unpack(p), bias)
-    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-5, atol=1e-5)
+    # f32 rounding grows with the depth of the sums (XLA's own dot needs the same slack at K = 600).
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-5, atol=max(1e-5, 2e-7 * k))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
