@@ -15,7 +15,7 @@ whose estimated cost, tile density plus ``packing.RESIDUE_COST`` times residue d
 ``packing.DENSE_ABOVE``: there the measured tile kernel gains nothing),
 else the custom call of the platform (``'cpu'`` or ``'cuda'``) when it was built, else
 ``'xla'``. Few rows (M <= 32) need no fallback: the host kernel then reads the packed values
-directly and was measured at 0.9-2.1x of dense for M = 1 at 50-75% sparsity. The environment
+directly and was measured at 0.8-2.6x of dense for M = 1 at 50-75% sparsity. The environment
 variable ``JAX_TW_BACKEND`` overrides the automatic choice (for testing). Gradients: ``dx`` is
 itself a tile-wise product (scatter-added into the kept K rows) and ``d(values)`` is formed only
 at kept positions; both run on the reference path, whatever the forward's backend.
