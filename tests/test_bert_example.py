@@ -119,7 +119,7 @@ def test_eval_batches_cover_every_sentence_once():
 def test_smoke_run_prunes_packs_and_agrees(tmp_path):
     import train_bert_flax
 
-    r = train_bert_flax.main(["--smoke", "--quiet", "--out-dir", str(tmp_path)])
+    r = train_bert_flax.main(["--smoke", "--quiet", "--save-params", "--out-dir", str(tmp_path)])
     assert np.isfinite(r["final_train_loss"])
     assert abs(r["sparsity"] - 0.75) < 0.005
     assert len(r["layer_sparsity"]) == 36 and max(r["layer_sparsity"].values()) < 1.0
@@ -128,12 +128,21 @@ def test_smoke_run_prunes_packs_and_agrees(tmp_path):
     assert r["dense_ms"] > 0 and r["packed_ms"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["test_accuracy"] == r["test_accuracy"]
 
+    # That run as a teacher: its saved weights and masks predict what it predicted, and a
+    # student distilled from it still prunes to the target.
+    s = train_bert_flax.main(["--smoke", "--quiet", "--teacher", str(tmp_path),
+                              "--out-dir", str(tmp_path / "student")])
+    assert s["teacher"] == str(tmp_path) and s["distill_alpha"] == 0.5
+    assert s["teacher_test_accuracy"] == r["test_accuracy"]
+    assert np.isfinite(s["final_train_loss"]) and abs(s["sparsity"] - 0.75) < 0.005
+
 
 def test_bad_flags_are_refused():
     from train_bert_flax import parse_args
 
     for bad in (["--sparsity", "1.0"], ["--pattern", "nm"], ["--prune-begin", "0.8", "--prune-end", "0.2"],
-                ["--tile-size", "0"]):
+                ["--tile-size", "0"], ["--distill-alpha", "1.5"], ["--column-share", "1.3"], ["--distill-temp", "0"],
+                ["--teacher", "/nonexistent/run"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
