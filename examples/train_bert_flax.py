@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--column-share", type=float, default=0.5,
                     help="TW-2D/TEW: share of the (log-)density removed by pruning whole columns")
     ap.add_argument("--score", default="magnitude", choices=["magnitude", "taylor"])
+    ap.add_argument("--per-layer", action="store_true",
+                    help="prune every matrix to the target alone (default: one global ranking)")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (linear warm-up, then cosine decay to 5%%)")
@@ -188,7 +190,7 @@ def main(argv=None) -> dict:
         chain.append(prune.step(
             variables["tw_mask"], prune.cubic(args.sparsity, begin=begin, end=end), pattern=pattern,
             tile_size=args.tile_size, update_every=max(1, (end - begin) // args.updates),
-            score=args.score))
+            score=args.score, per_layer=args.per_layer))
     tx = optax.chain(*chain)
     params, opt_state = variables["params"], tx.init(variables["params"])
     current_masks = (lambda s: prune.masks(s)) if pattern is not None else (lambda s: variables["tw_mask"])
@@ -267,6 +269,7 @@ def main(argv=None) -> dict:
         "dev_accuracy": accuracy(dense_logits["dev"], "dev"),
         "test_accuracy": accuracy(dense_logits["test"], "test"),
         "layer_sparsity": report.layers, "train_seconds": round(train_seconds, 1),
+        "score": args.score, "per_layer": args.per_layer, "column_share": args.column_share,
         "teacher": None if teacher is None else str(args.teacher),
         "teacher_test_accuracy": teacher_test_accuracy,
         "distill_alpha": alpha, "distill_temp": temp if teacher is not None else None,
