@@ -2,9 +2,10 @@
 
 The encoder's Q, K, V, attention-out, FFN1 and FFN2 layers (36 matrices) are TWDense; an optax
 chain (adamw, then ``jax_tw.prune.step``) prunes them gradually (cubic ramp) to the target
-sparsity with one global ranking. At the end the script prints dev/test accuracy and per-layer
-sparsity, packs the model into tiles, checks that the packed model predicts exactly what the
-masked-dense model predicts, and times packed inference against the dense model in one run.
+sparsity with one global ranking of Taylor scores. At the end the script prints dev/test
+accuracy and per-layer sparsity, packs the model into tiles, checks that the packed model
+predicts exactly what the masked-dense model predicts, and times packed inference against the
+dense model in one run.
 
     python examples/train_bert_flax.py                          # TW-2D, 75%, the ~10 min default
     python examples/train_bert_flax.py --pattern bw --sparsity 0.5 --epochs 3
@@ -56,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--residue", type=float, default=0.05, help="TEW element-wise share")
     ap.add_argument("--column-share", type=float, default=0.5,
                     help="TW-2D/TEW: share of the (log-)density removed by pruning whole columns")
-    ap.add_argument("--score", default="magnitude", choices=["magnitude", "taylor"])
+    ap.add_argument("--score", default="taylor", choices=["magnitude", "taylor"],
+                    help="importance: (grad * w)^2 summed between mask updates, or |w|")
     ap.add_argument("--per-layer", action="store_true",
                     help="prune every matrix to the target alone (default: one global ranking)")
     ap.add_argument("--epochs", type=float, default=1.0)
@@ -104,8 +106,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}")
     if args.distill_temp <= 0:
         ap.error(f"--distill-temp must be positive, got {args.distill_temp}")
-    if args.teacher is not None and not (args.teacher / "params.safetensors").is_file():
-        ap.error(f"--teacher {args.teacher}: no params.safetensors there (write one with --save-params)")
+    if args.teacher is not None:
+        if not (args.teacher / "params.safetensors").is_file():
+            ap.error(f"--teacher {args.teacher}: no params.safetensors there (write one with --save-params)")
+        # The seed fixes the train/dev/test split: a teacher from another split has seen test sentences.
+        saved = args.teacher / "results.json"
+        seed = json.loads(saved.read_text()).get("seed") if saved.is_file() else None
+        if seed != args.seed:
+            ap.error(f"--teacher {args.teacher} was trained with --seed {seed}, this run has --seed "
+                     f"{args.seed}: they must match (the seed fixes the data split)")
     return args
 
 

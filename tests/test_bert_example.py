@@ -135,6 +135,8 @@ def test_smoke_run_prunes_packs_and_agrees(tmp_path):
     assert s["teacher"] == str(tmp_path) and s["distill_alpha"] == 0.5
     assert s["teacher_test_accuracy"] == r["test_accuracy"]
     assert np.isfinite(s["final_train_loss"]) and abs(s["sparsity"] - 0.75) < 0.005
+    with pytest.raises(SystemExit):  # another seed is another data split: refused
+        train_bert_flax.parse_args(["--smoke", "--teacher", str(tmp_path), "--seed", "3"])
 
 
 def test_bad_flags_are_refused():
