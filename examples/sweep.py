@@ -26,21 +26,28 @@ LABELS = {"dense": "dense", "ew": "EW", "vw": "VW", "bw": "BW", "tw1d": "TW-1D",
           "tew": "TEW"}
 
 
+def score_of(r: dict) -> str:
+    """The run's importance score ('-' for dense); runs from before results.json recorded it
+    used magnitude."""
+    return "-" if r["pattern"] == "dense" else r.get("score") or "magnitude"
+
+
 def run_key(r: dict) -> tuple:
     return (r["pattern"], round(r["target_sparsity"], 4), r["tile_size"], r["epochs"], r["seed"],
-            tuple(r.get("extra_args", [])))
+            score_of(r), tuple(r.get("extra_args", [])))
 
 
 def write_report(results: list[dict], out: Path) -> None:
     """sweep.md and sweep.png from the results."""
     results = sorted(results, key=lambda r: (list(LABELS).index(r["pattern"]), r["target_sparsity"]))
-    lines = ["| pattern | target | measured sparsity | G | epochs | dev acc | test acc | packed vs dense "
-             "inference | run time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| pattern | target | measured sparsity | G | epochs | score | dev acc | test acc | "
+             "packed vs dense inference | run time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(
             f"| {LABELS[r['pattern']]} | {r['target_sparsity']:.0%} | {r['sparsity']:.2%} | "
-            f"{r['tile_size']} | {r['epochs']:g} | {r['dev_accuracy']:.2%} | {r['test_accuracy']:.2%} | "
+            f"{r['tile_size']} | {r['epochs']:g} | {score_of(r)} | "
+            f"{r['dev_accuracy']:.2%} | {r['test_accuracy']:.2%} | "
             f"{r['packed_speedup']:.2f}x | {r['total_seconds'] / 60:.1f} min |")
     commands = sorted({r["command"] for r in results})
     minutes = sum(r["total_seconds"] for r in results) / 60
@@ -105,7 +112,8 @@ def main(argv=None) -> list[dict]:
                    "--tile-size", str(args.tile_size), "--seed", str(args.seed),
                    "--out-dir", str(args.out / "runs" / f"{pattern}-{sparsity:g}"), *extra]
             key = run_key({"pattern": pattern, "target_sparsity": sparsity, "tile_size": args.tile_size,
-                           "epochs": args.epochs, "seed": args.seed, "extra_args": extra})
+                           "epochs": args.epochs, "seed": args.seed, "extra_args": extra,
+                           "score": train_bert_flax.parse_args(run).score, "pattern": pattern})
             if key in done:
                 print(f"skip {pattern} at {sparsity:.0%}: already in {store}")
                 continue

@@ -172,8 +172,8 @@ def test_sweep_runs_each_setting_once_and_reports(tmp_path, monkeypatch):
         acc = 0.85 - 0.1 * args.sparsity * (args.pattern != "tw2d")
         return {"pattern": args.pattern, "target_sparsity": args.sparsity if args.pattern != "dense" else 0.0,
                 "sparsity": args.sparsity, "tile_size": args.tile_size, "epochs": args.epochs,
-                "seed": args.seed, "dev_accuracy": acc, "test_accuracy": acc, "packed_speedup": 1.5,
-                "total_seconds": 60.0, "layer_sparsity": {}}
+                "seed": args.seed, "score": args.score, "dev_accuracy": acc, "test_accuracy": acc,
+                "packed_speedup": 1.5, "total_seconds": 60.0, "layer_sparsity": {}}
 
     monkeypatch.setattr(train_bert_flax, "main", fake_main)
     argv = ["--patterns", "dense,tw2d,bw", "--sparsities", "0.5,0.75", "--out", str(tmp_path)]
@@ -185,6 +185,10 @@ def test_sweep_runs_each_setting_once_and_reports(tmp_path, monkeypatch):
     sweep.main(argv)  # all done: nothing runs
     assert len(calls) == 10
     table = (tmp_path / "sweep.md").read_text()
-    assert table.count("| TW-2D | 75% |") == 2 and "| BW | 50% | 50.00% | 64 | 1 | 80.00% |" in table
+    assert table.count("| TW-2D | 75% |") == 2 and "| BW | 50% | 50.00% | 64 | 1 | taylor | 80.00% |" in table
     assert "--lr 1e-4" in table
+    # Results from before results.json recorded the score used magnitude: not the default's runs.
+    old = {k: v for k, v in results[1].items() if k != "score"}
+    assert sweep.score_of(old) == "magnitude" and sweep.run_key(old) != sweep.run_key(results[1])
+    assert sweep.score_of(results[0]) == "-"  # dense
     assert (tmp_path / "sweep.png").stat().st_size > 1000
