@@ -113,7 +113,7 @@ def main(argv=None) -> list[dict]:
                    "--out-dir", str(args.out / "runs" / f"{pattern}-{sparsity:g}"), *extra]
             key = run_key({"pattern": pattern, "target_sparsity": sparsity, "tile_size": args.tile_size,
                            "epochs": args.epochs, "seed": args.seed, "extra_args": extra,
-                           "score": train_bert_flax.parse_args(run).score, "pattern": pattern})
+                           "score": train_bert_flax.parse_args(run).score})
             if key in done:
                 print(f"skip {pattern} at {sparsity:.0%}: already in {store}")
                 continue

@@ -184,10 +184,10 @@ def main(argv=None) -> dict:
     variables = bert.init_classifier(model, key, pretrained)
     teacher = None
     if args.teacher is not None:  # start from the teacher's weights; its masks stay its own
-        teacher = packing.load(args.teacher / "params.safetensors")
+        teacher = jax.tree.map(jnp.asarray, packing.load(args.teacher / "params.safetensors"))
         bert.check_same_structure(teacher["params"], variables["params"], f"--teacher {args.teacher}")
         bert.check_same_structure(teacher["tw_mask"], variables["tw_mask"], f"--teacher {args.teacher}")
-        variables = {**variables, "params": jax.tree.map(jnp.asarray, teacher["params"])}
+        variables = {**variables, "params": teacher["params"]}
 
     steps_per_epoch = len(split["train"][1]) // args.batch
     total = max(1, round(args.epochs * steps_per_epoch))
@@ -237,7 +237,6 @@ def main(argv=None) -> dict:
 
     teacher_train, teacher_test_accuracy = np.zeros((len(split["train"][1]), 2), np.float32), None
     if teacher is not None:
-        teacher = jax.tree.map(jnp.asarray, teacher)
         teacher_train = predict(teacher, "train")
         teacher_test_accuracy = accuracy(predict(teacher, "test"), "test")
         say(f"teacher {args.teacher}: train accuracy {accuracy(teacher_train, 'train'):.2%}, "
