@@ -192,3 +192,34 @@ def test_sweep_runs_each_setting_once_and_reports(tmp_path, monkeypatch):
     assert sweep.score_of(old) == "magnitude" and sweep.run_key(old) != sweep.run_key(results[1])
     assert sweep.score_of(results[0]) == "-"  # dense
     assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+    # --teacher: its saved dense run is the dense row, and every pruned run distils it.
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "params.safetensors").write_bytes(b"")
+    saved = {"pattern": "dense", "target_sparsity": 0.0, "sparsity": 0.0, "tile_size": 64, "epochs": 3.0,
+             "seed": 0, "score": "taylor", "teacher": None, "dev_accuracy": 0.86, "test_accuracy": 0.87,
+             "packed_speedup": 1.0, "total_seconds": 600.0, "layer_sparsity": {}}
+    (teacher / "results.json").write_text(json.dumps(saved))
+    seen = []
+
+    def distilled_main(argv):
+        seen.append(train_bert_flax.parse_args(argv).teacher)
+        return {**fake_main(argv), "teacher": str(seen[-1])}
+
+    monkeypatch.setattr(train_bert_flax, "main", distilled_main)
+    out = tmp_path / "distilled"
+    results = sweep.main(argv[:-1] + [str(out), "--teacher", str(teacher)])
+    assert seen == [teacher] * 4  # dense is not run again
+    assert len(results) == 5 and sum(r.get("is_teacher", False) for r in results) == 1
+    table = (out / "sweep.md").read_text()
+    assert "| dense | 0% | 0.00% | 64 | 3 | fine-tune (the teacher) | 86.00% | 87.00% |" in table
+    assert table.count("taylor + teacher") == 4 and f"--teacher {teacher}" in table
+    sweep.main(argv[:-1] + [str(out), "--teacher", str(teacher)])
+    assert len(seen) == 4  # all done
+    (teacher / "results.json").write_text(json.dumps({**saved, "seed": 1}))
+    with pytest.raises(SystemExit, match="expected a dense run with --seed 0, got pattern 'dense' with --seed 1"):
+        sweep.main(argv[:-1] + [str(tmp_path / "other"), "--teacher", str(teacher)])
+    (teacher / "params.safetensors").unlink()
+    with pytest.raises(SystemExit, match="expected results.json and params.safetensors"):
+        sweep.main(argv[:-1] + [str(tmp_path / "other"), "--teacher", str(teacher)])
