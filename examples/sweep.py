@@ -138,24 +138,24 @@ def main(argv=None) -> list[dict]:
         write_report(results, args.out)
         return results
     done = {run_key(r) for r in results}
-    teacher = [] if args.teacher is None else ["--teacher", str(args.teacher)]
-    if args.teacher is not None:  # its results are the dense row
+    teacher_flags = [] if args.teacher is None else ["--teacher", str(args.teacher)]
+    if teacher_flags:  # its results are the dense row
         row = load_teacher(args.teacher, args.seed)
         if run_key(row) not in done:
             results.append(row)
             done.add(run_key(row))
             store.write_text(json.dumps(results, indent=1) + "\n")
     for pattern in args.patterns.split(","):
-        if pattern == "dense" and teacher:
+        if pattern == "dense" and teacher_flags:
             continue
         for sparsity in ([0.0] if pattern == "dense" else [float(s) for s in args.sparsities.split(",")]):
             run = ["--pattern", pattern, "--sparsity", str(sparsity), "--epochs", str(args.epochs),
                    "--tile-size", str(args.tile_size), "--seed", str(args.seed),
-                   "--out-dir", str(args.out / "runs" / f"{pattern}-{sparsity:g}"), *teacher, *extra]
+                   "--out-dir", str(args.out / "runs" / f"{pattern}-{sparsity:g}"), *teacher_flags, *extra]
+            flags = train_bert_flax.parse_args(run)
             key = run_key({"pattern": pattern, "target_sparsity": sparsity, "tile_size": args.tile_size,
                            "epochs": args.epochs, "seed": args.seed, "extra_args": extra,
-                           "score": train_bert_flax.parse_args(run).score,
-                           "teacher": str(args.teacher) if teacher else None})
+                           "score": flags.score, "teacher": flags.teacher and str(flags.teacher)})
             if key in done:
                 print(f"skip {pattern} at {sparsity:.0%}: already in {store}")
                 continue
@@ -166,7 +166,7 @@ def main(argv=None) -> list[dict]:
             r["extra_args"] = extra
             r["command"] = ("python examples/sweep.py " + " ".join(
                 ["--patterns", args.patterns, "--sparsities", args.sparsities, "--epochs", str(args.epochs),
-                 "--tile-size", str(args.tile_size), "--seed", str(args.seed), *teacher]
+                 "--tile-size", str(args.tile_size), "--seed", str(args.seed), *teacher_flags]
                 + (["--", *extra] if extra else [])))
             print(f"   test accuracy {r['test_accuracy']:.2%}, sparsity {r['sparsity']:.2%}, "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
