@@ -59,6 +59,28 @@ def make_varying(arrays, axes):
     return out
 
 
+def _fold_batch(call):
+    """Wraps ``call(x2, *operands)`` for ``jax.vmap``: rows of x2 are independent, so batch
+    dimensions of x2 fold into its M (one custom call) while the operands are not batched;
+    batched operands (different tiles per batch element) run one call per element."""
+
+    @jax.custom_batching.custom_vmap
+    def folded(x2, *operands):
+        return call(x2, *operands)
+
+    @folded.def_vmap
+    def rule(axis_size, in_batched, x2, *operands):
+        if not any(in_batched[1:]):
+            b, m, k = x2.shape
+            y = folded(x2.reshape(b * m, k), *operands)
+            return y.reshape(b, m, y.shape[-1]), True
+        args = [a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                for a, batched in zip((x2,) + operands, in_batched)]
+        return jax.lax.map(lambda a: folded(*a), tuple(args)), True
+
+    return folded
+
+
 def cpu_tw_matmul(x2: jax.Array, p) -> jax.Array:
     """The host custom call: (M, K) x packed tiles -> (M, N) float32.
 
@@ -71,9 +93,13 @@ def cpu_tw_matmul(x2: jax.Array, p) -> jax.Array:
         jnp.asarray(p.residue_cols, jnp.int32), jnp.asarray(p.residue_values)]
     axes = jax.typeof(x2).manual_axis_type.varying
     operands = make_varying(operands, axes)
-    call = jax.ffi.ffi_call(CPU_TARGET, _result_type(x2, (x2.shape[0], p.n), jnp.float32),
-                            vmap_method="sequential")
-    return call(*operands, n=np.int64(p.n), tile_size=np.int64(p.tile_size))
+    n, g = np.int64(p.n), np.int64(p.tile_size)
+
+    def call(x2, *operands):
+        return jax.ffi.ffi_call(CPU_TARGET, _result_type(x2, (x2.shape[0], p.n), jnp.float32),
+                                vmap_method="sequential")(x2, *operands, n=n, tile_size=g)
+
+    return _fold_batch(call)(*operands)
 
 
 def _result_type(x2, shape, dtype):
@@ -104,9 +130,13 @@ def cuda_tw_matmul(x2: jax.Array, p, bias: jax.Array, out_dtype) -> jax.Array:
     operands = [x2] + [jnp.asarray(a, jnp.int32) for a in (p.columns, p.row_offsets, p.rows)] + [
         values, jnp.asarray(bias, jnp.float32)]
     operands = make_varying(operands, jax.typeof(x2).manual_axis_type.varying)
-    call = jax.ffi.ffi_call(
-        CUDA_TARGET, _result_type(x2, (m_pad, p.n), out_dtype), vmap_method="sequential",
-        # major-to-minor: (1, 0) is column-major for x; the rest in their default layouts
-        input_layouts=[(1, 0), None, None, None, None, None])
-    y = call(*operands, n=np.int64(p.n), tile_size=np.int64(p.tile_size))
+    n, g = np.int64(p.n), np.int64(p.tile_size)
+
+    def call(x2, *operands):
+        return jax.ffi.ffi_call(
+            CUDA_TARGET, _result_type(x2, (x2.shape[0], p.n), out_dtype), vmap_method="sequential",
+            # major-to-minor: (1, 0) is column-major for x; the rest in their default layouts
+            input_layouts=[(1, 0), None, None, None, None, None])(x2, *operands, n=n, tile_size=g)
+
+    y = _fold_batch(call)(*operands)
     return y[:m] if m_pad != m else y

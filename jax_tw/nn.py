@@ -25,7 +25,9 @@ class TWDense(nn.Module):
 
     The mask lives in the ``tw_mask`` variable collection as a layer mask (see
     :mod:`jax_tw.patterns`): ``columns`` (N,), ``rows`` (ceil(N / tile_size), K) and
-    ``elements`` (K, N), initialised to keep every weight. The forward pass uses only kept
+    ``tile_size`` (an empty (tile_size, 0) array that carries G), initialised to keep every
+    weight; an ``elements`` (K, N) mask joins them where a pattern with a residue (TEW, EW, VW,
+    BW) prunes the layer. The forward pass uses only kept
     weights: a pruned weight has no effect on the output, whatever its stored value. Unpruned,
     the layer equals ``nn.Dense`` bit for bit with the same params.
 
@@ -37,7 +39,7 @@ class TWDense(nn.Module):
     >>> layer = TWDense(features=6, tile_size=4)
     >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 5)))
     >>> jax.tree.map(jnp.shape, variables)
-    {'params': {'bias': (6,), 'kernel': (5, 6)}, 'tw_mask': {'columns': (6,), 'elements': (5, 6), 'rows': (2, 5)}}
+    {'params': {'bias': (6,), 'kernel': (5, 6)}, 'tw_mask': {'columns': (6,), 'rows': (2, 5), 'tile_size': (4, 0)}}
     >>> y = layer.apply(variables, jnp.ones((2, 5)))  # pass both collections
 
     Attributes:
@@ -107,8 +109,12 @@ class TWDense(nn.Module):
                 f"model.apply({{'params': params, '{MASK_COLLECTION}': masks}}, x), where masks come "
                 "from model.init(...) or jax_tw.prune.masks(opt_state)")
         init = lambda key: patterns.keep_all(k, self.features, self.tile_size)[key]
-        mask = {key: self.variable(MASK_COLLECTION, key, init, key).value
-                for key in ("columns", "rows", "elements")}
+        keys = ("columns", "rows", patterns.TILE_KEY)
+        if not self.is_initializing() and not self.has_variable(MASK_COLLECTION, patterns.TILE_KEY):
+            keys = keys[:2]  # a mask built without its tile-size marker: checked against ours
+        mask = {key: self.variable(MASK_COLLECTION, key, init, key).value for key in keys}
+        if self.has_variable(MASK_COLLECTION, "elements"):  # a pattern with a residue made it
+            mask["elements"] = self.get_variable(MASK_COLLECTION, "elements")
         patterns.check_layer_mask(mask, k, self.features, self.tile_size, where=where)
         for key, value in mask.items():
             if jnp.result_type(value) != jnp.bool_:

@@ -14,11 +14,23 @@ Backends:
 whose estimated cost, tile density plus ``packing.RESIDUE_COST`` times residue density, exceeds
 ``packing.DENSE_ABOVE``: there the measured tile kernel gains nothing),
 else the custom call of the platform (``'cpu'`` or ``'cuda'``) when it was built, else
-``'xla'``. Few rows (M <= 32) need no fallback: the host kernel then reads the packed values
+``'xla'``. The platform is the one the computation is lowered for (``lax.platform_dependent``),
+not the default backend: ``jax.jit(f, device=cpu_device)`` on a GPU host runs the host
+kernel, and ``jax.export`` for several platforms holds each platform's call. Few rows (M <= 32) need no fallback: the host kernel then reads the packed values
 directly and was measured at 0.8-2.6x of dense for M = 1 at 50-75% sparsity. The environment
 variable ``JAX_TW_BACKEND`` overrides the automatic choice (for testing). Gradients: ``dx`` is
 itself a tile-wise product (scatter-added into the kept K rows) and ``d(values)`` is formed only
-at kept positions; both run on the reference path, whatever the forward's backend.
+at kept positions; both run on the reference path, whatever the forward's backend. A layer whose
+forward reads the dense cache (``'dense'`` with ``packed.dense`` set) cannot pass gradients to its
+weights (they would reach ``values``, which that forward does not read): differentiating its
+weights raises ValueError; gradients to ``x`` are fine.
+
+Under ``jax.vmap``, batch dimensions of ``x`` fold into M (one custom call) whenever the tiles
+are not batched.
+
+Deployment: ``jax.export`` works on a jitted function that calls ``tw_matmul``; pass
+``disabled_checks=ops.export_checks()`` (the custom-call targets are jax_tw's own, see
+BUILD_NOTES.md for their compatibility promise) and import ``jax_tw`` before deserializing.
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ import numpy as np
 from jax_tw import _ffi, packing
 from jax_tw.packing import PackedTiles
 
-__all__ = ["tw_matmul", "available_backends", "BACKENDS"]
+__all__ = ["tw_matmul", "available_backends", "export_checks", "BACKENDS"]
 
 BACKENDS = ("xla", "cpu", "cuda", "dense")
 
@@ -45,18 +57,29 @@ def available_backends() -> tuple[str, ...]:
             + (("cuda",) if _ffi.cuda_available() else ()))
 
 
+def export_checks() -> list:
+    """The ``disabled_checks`` that ``jax.export.export`` needs for functions calling
+    :func:`tw_matmul`: it allows jax_tw's versioned custom-call targets (``*_v1``)."""
+    return [jax.export.DisabledSafetyCheck.custom_call(t) for t in (_ffi.CPU_TARGET, _ffi.CUDA_TARGET)]
+
+
+def _platform_backend(platform: str) -> str:
+    """The automatic backend on ``platform`` ('cpu' or 'cuda'), given what was built."""
+    if platform == "cpu" and _ffi.cpu_available():
+        return "cpu"
+    if platform == "cuda" and _ffi.cuda_available():
+        return "cuda"
+    return "xla"
+
+
 def _choose(backend: str | None, packed: PackedTiles | None = None) -> str:
+    """The backend name, or ``'auto'``: chosen per platform when the call is lowered."""
     if backend is None:
         backend = os.environ.get("JAX_TW_BACKEND") or None
     if backend is None:
         if packed is not None and packed.dense is not None:
             return "dense"  # packing kept the dense kernel: the tiles would be slower
-        platform = jax.default_backend()
-        if platform == "cpu" and _ffi.cpu_available():
-            return "cpu"
-        if platform == "gpu" and _ffi.cuda_available():
-            return "cuda"
-        return "xla"
+        return "auto"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (or None for automatic), got {backend!r}")
     if backend == "cpu":
@@ -136,6 +159,11 @@ def _backward_xla(x2, p: PackedTiles, dy):
 
 def _forward(backend: str, x2, p: PackedTiles, bias):
     """x2 @ W + bias in x2's dtype, accumulated in f32; bias is f32 (N,) or None."""
+    if backend == "auto":
+        return jax.lax.platform_dependent(
+            x2, p, bias, cpu=lambda *a: _forward(_platform_backend("cpu"), *a),
+            cuda=lambda *a: _forward(_platform_backend("cuda"), *a),
+            default=lambda *a: _forward("xla", *a))
     if backend == "cuda":
         b = jnp.zeros((p.n,), jnp.float32) if bias is None else bias
         if not np.shape(p.residue_rows)[0]:
@@ -145,10 +173,9 @@ def _forward(backend: str, x2, p: PackedTiles, bias):
         y = _ffi.cpu_tw_matmul(x2, p)
     elif backend == "dense":
         w = _dense_kernel(p)
-        if jax.default_backend() == "cpu":  # XLA:CPU has no bf16 x bf16 -> f32 dot
-            y = jnp.dot(x2.astype(jnp.float32), w.astype(jnp.float32))
-        else:
-            y = jnp.dot(x2, w.astype(x2.dtype), preferred_element_type=jnp.float32)
+        y = jax.lax.platform_dependent(  # XLA:CPU has no bf16 x bf16 -> f32 dot
+            x2, w, cpu=lambda x, w: jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32)),
+            default=lambda x, w: jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32))
     else:
         y = _forward_xla(x2, p)
     if bias is not None:
@@ -179,10 +206,21 @@ def _make_matmul(backend: str):
         return _forward(backend, x2, p, bias)
 
     def fwd(x2, p, bias):
+        # symbolic_zeros: every leaf is a CustomVJPPrimal telling whether it is differentiated.
+        if backend == "dense" and p.dense is not None and any(
+                leaf.perturbed for leaf in (p.values, p.residue_values, p.dense)):
+            raise ValueError(
+                "tw_matmul: this layer's packed tiles keep a dense copy of the kernel (packing fell "
+                "back to the dense dot, see packing.DENSE_ABOVE), which its forward reads; gradients "
+                "to its weights would not reach it. To train through packed tiles, pack with "
+                "keep_dense=False (or train the masked model and pack afterwards)")
+        x2, p, bias = jax.tree.map(lambda leaf: leaf.value, (x2, p, bias))
         return matmul(x2, p, bias), (x2, p, bias)
 
     def bwd(res, dy):
         x2, p, bias = res
+        if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+            dy = jnp.zeros(dy.shape, dy.dtype)
         dy = dy.astype(jnp.float32)
         dx, dvalues, dres = _backward_xla(x2, p, dy)
         zeros = jax.tree.map(lambda a: np.zeros(np.shape(a), jax.dtypes.float0)
@@ -196,11 +234,11 @@ def _make_matmul(backend: str):
             k=p.k, n=p.n, tile_size=p.tile_size, max_depth=p.max_depth)
         return dx.astype(x2.dtype), dp, (None if bias is None else jnp.sum(dy, axis=0))
 
-    matmul.defvjp(fwd, bwd)
+    matmul.defvjp(fwd, bwd, symbolic_zeros=True)
     return matmul
 
 
-_MATMULS = {b: _make_matmul(b) for b in BACKENDS}
+_MATMULS = {b: _make_matmul(b) for b in BACKENDS + ("auto",)}
 
 
 def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | None = None) -> jax.Array:
@@ -220,7 +258,10 @@ def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | N
     """
     if not isinstance(packed, PackedTiles):
         raise ValueError(f"packed must be jax_tw.packing.PackedTiles, got {type(packed).__name__}")
-    packing.validate(packed)
+    # Shapes and dtypes only: reading the indices would copy device arrays to the host on every
+    # eager call. Tiles are validated where they are made (pack) and loaded (load); the host
+    # kernel checks every index again, the CUDA kernel clamps them.
+    packing.check_shapes(packed)
     x = jnp.asarray(x)
     if x.ndim < 1 or x.shape[-1] != packed.k:
         raise ValueError(f"x must have shape (..., K={packed.k}), got {x.shape}")

@@ -36,8 +36,8 @@ import numpy as np
 
 from jax_tw import patterns
 
-__all__ = ["PackedTiles", "pack", "unpack", "validate", "pack_variables", "save", "load",
-           "PACKED_COLLECTION"]
+__all__ = ["PackedTiles", "pack", "unpack", "validate", "check_shapes", "pack_variables", "save",
+           "load", "PACKED_COLLECTION"]
 
 
 @jax.tree_util.register_dataclass
@@ -80,6 +80,22 @@ class PackedTiles:
         return kept / (self.k * self.n)
 
 
+def _serialize_statics(statics: tuple) -> bytes:
+    import json
+    return json.dumps(list(statics)).encode()
+
+
+def _deserialize_statics(data: bytes) -> tuple:
+    import json
+    return tuple(json.loads(data.decode()))
+
+
+# jax.export can serialize functions whose arguments or results hold PackedTiles.
+jax.export.register_pytree_node_serialization(
+    PackedTiles, serialized_name="jax_tw.packing.PackedTiles",
+    serialize_auxdata=_serialize_statics, deserialize_auxdata=_deserialize_statics)
+
+
 # Density above which the packed tiles also keep the dense kernel and tw_matmul's automatic
 # backend uses the dense dot. Measured with `python -m jax_tw.bench --repeats 9` (M = 2048,
 # BERT-base shapes, 2-core x86 with AVX-512): the host kernel ran at 0.91-1.18x of dense at 0%
@@ -97,9 +113,12 @@ DENSE_ABOVE = 0.75
 RESIDUE_COST = 50.0
 
 
-def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int,
+def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int | None = None,
          keep_dense: bool | None = None) -> PackedTiles:
     """Packs a layer's kernel (K, N) under its layer mask, on the host (not under jit).
+
+    ``tile_size`` defaults to the one the mask carries; given, it must equal it (a mask
+    built by hand without the ``tile_size`` entry needs it).
 
     ``keep_dense``: also keep the masked dense kernel (for the dense fallback of
     :func:`jax_tw.ops.tw_matmul`); ``None`` keeps it when the estimated cost of the tiles and
@@ -108,8 +127,7 @@ def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int,
     >>> import numpy as np
     >>> w = np.arange(12, dtype=np.float32).reshape(3, 4)
     >>> mask = {'columns': np.array([True, False, True, True]),
-    ...         'rows': np.array([[True, False, True], [False, True, False]]),
-    ...         'elements': np.zeros((3, 4), bool)}
+    ...         'rows': np.array([[True, False, True], [False, True, False]])}
     >>> p = pack(w, mask, tile_size=2)
     >>> p.columns, p.row_offsets, p.rows
     (array([0, 2, 3], dtype=int32), array([0, 2, 3], dtype=int32), array([0, 2, 1], dtype=int32))
@@ -120,7 +138,6 @@ def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int,
     >>> bool((unpack(p) == np.where(patterns.dense_mask(mask, 2), w, 0)).all())
     True
     """
-    tile_size = patterns.check_tile_size(tile_size)
     if isinstance(kernel, jax.core.Tracer):
         raise ValueError("pack runs on the host: call it outside jax.jit with concrete arrays")
     w = np.asarray(kernel)
@@ -129,7 +146,7 @@ def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int,
     if w.dtype not in (np.float32, np.dtype(jnp.bfloat16)):
         raise ValueError(f"kernel dtype must be float32 or bfloat16, got {w.dtype}")
     k, n = w.shape
-    patterns.check_layer_mask(mask, k, n, tile_size, where="pack")
+    tile_size = patterns.check_layer_mask(mask, k, n, tile_size, where="pack")
     keep_cols = np.asarray(mask["columns"], bool)
     keep_rows = np.asarray(mask["rows"], bool)
     columns = np.flatnonzero(keep_cols).astype(np.int32)
@@ -143,12 +160,14 @@ def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int,
         cols = columns[i * tile_size:(i + 1) * tile_size]
         values[offsets[i]:offsets[i + 1], :len(cols)] = w[np.ix_(r, cols)]
     tiles = np.asarray(patterns.expand(keep_cols, keep_rows, tile_size))
-    res_r, res_c = np.nonzero(np.asarray(mask["elements"], bool) & ~tiles)  # row-major order
+    elements = np.asarray(mask["elements"], bool) if "elements" in mask else np.zeros_like(tiles)
+    res_r, res_c = np.nonzero(elements & ~tiles)  # row-major order
     packed = PackedTiles(
         columns=columns, row_offsets=offsets, rows=rows, values=values,
         residue_rows=res_r.astype(np.int32), residue_cols=res_c.astype(np.int32),
         residue_values=w[res_r, res_c], dense=None, k=k, n=n, tile_size=tile_size,
         max_depth=int(max((len(r) for r in tile_rows), default=0)))
+    validate(packed)
     if keep_dense is None:
         keep_dense = packed.cost() > DENSE_ABOVE
     if keep_dense:
@@ -170,60 +189,78 @@ def unpack(packed: PackedTiles) -> np.ndarray:
     return w
 
 
-def validate(packed: PackedTiles) -> None:
-    """Raises ValueError, naming the first inconsistency, unless ``packed`` is well formed.
-
-    Checks every index against its range, sortedness, offsets and shapes, so that a kernel
-    handed these tiles can never read or write out of bounds. Traced arrays are not checked.
-    """
+def check_shapes(packed: PackedTiles) -> None:
+    """Raises ValueError, naming the first inconsistency, unless the shapes, dtypes and static
+    sizes of ``packed`` fit together. Reads no array data (cheap, works on traced tiles)."""
     if not isinstance(packed, PackedTiles):
         raise ValueError(f"expected PackedTiles, got {type(packed).__name__}")
-    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(packed)):
-        return
     k, n, g = packed.k, packed.n, packed.tile_size
     if k <= 0 or n <= 0:
         raise ValueError(f"packed tiles: k and n must be positive, got k={k}, n={n}")
     patterns.check_tile_size(g)
+    dtype = lambda a: np.dtype(a.dtype) if hasattr(a, "dtype") else np.asarray(a).dtype
+    for name in ("columns", "row_offsets", "rows", "residue_rows", "residue_cols"):
+        a = getattr(packed, name)
+        if np.ndim(a) != 1 or dtype(a) != np.int32:
+            raise ValueError(f"packed tiles: {name} must be 1-D int32, got {dtype(a)} {np.shape(a)}")
+    vdtype = dtype(packed.values)
+    if vdtype not in (np.float32, np.dtype(jnp.bfloat16)):
+        raise ValueError(f"packed tiles: values dtype must be float32 or bfloat16, got {vdtype}")
+    c, r = np.shape(packed.columns)[0], np.shape(packed.rows)[0]
+    t = -(-c // g)
+    if c > n:
+        raise ValueError(f"packed tiles: {c} kept columns, more than n={n}")
+    if np.shape(packed.row_offsets)[0] != t + 1:
+        raise ValueError(f"packed tiles: row_offsets has length {np.shape(packed.row_offsets)[0]}, "
+                         f"expected {t + 1} for {c} columns in tiles of {g}")
+    if t and not 0 < packed.max_depth <= k or not t and packed.max_depth:
+        raise ValueError(f"packed tiles: max_depth={packed.max_depth} must lie in (0, k={k}] "
+                         f"for {t} tiles (0 without tiles)")
+    if np.shape(packed.values) != (r, g):
+        raise ValueError(f"packed tiles: values has shape {np.shape(packed.values)}, expected {(r, g)}")
+    res = [np.shape(getattr(packed, f)) for f in ("residue_rows", "residue_cols", "residue_values")]
+    if len(res[2]) != 1 or not res[0] == res[1] == res[2]:
+        raise ValueError("packed tiles: residue_rows, residue_cols and residue_values must have "
+                         f"one length, got shapes {res}")
+    if dtype(packed.residue_values) != vdtype:
+        raise ValueError(f"packed tiles: residue_values dtype {dtype(packed.residue_values)} "
+                         f"!= values dtype {vdtype}")
+    if packed.dense is not None and (np.shape(packed.dense) != (k, n) or dtype(packed.dense) != vdtype):
+        raise ValueError(f"packed tiles: dense must be {vdtype} {(k, n)}, "
+                         f"got {dtype(packed.dense)} {np.shape(packed.dense)}")
+
+
+def validate(packed: PackedTiles) -> None:
+    """Raises ValueError, naming the first inconsistency, unless ``packed`` is well formed.
+
+    Checks every index against its range, sortedness, offsets and shapes, so that a kernel
+    handed these tiles can never read or write out of bounds. Reads the arrays (on a GPU, a
+    copy to the host): :func:`pack` and :func:`load` run it; tiles built or edited by hand
+    should pass it before use. Traced arrays get only :func:`check_shapes`.
+    """
+    check_shapes(packed)
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(packed)):
+        return
+    k, n, g = packed.k, packed.n, packed.tile_size
     cols, offs, rows = (np.asarray(a) for a in (packed.columns, packed.row_offsets, packed.rows))
-    vals = np.asarray(packed.values)
-    res = [np.asarray(a) for a in (packed.residue_rows, packed.residue_cols, packed.residue_values)]
-    for name, a in (("columns", cols), ("row_offsets", offs), ("rows", rows),
-                    ("residue_rows", res[0]), ("residue_cols", res[1])):
-        if a.ndim != 1 or a.dtype != np.int32:
-            raise ValueError(f"packed tiles: {name} must be 1-D int32, got {a.dtype} {a.shape}")
-    if vals.dtype not in (np.float32, np.dtype(jnp.bfloat16)):
-        raise ValueError(f"packed tiles: values dtype must be float32 or bfloat16, got {vals.dtype}")
-    c, t = len(cols), -(-len(cols) // g)
-    if c > n or (c and (cols[0] < 0 or cols[-1] >= n or np.any(np.diff(cols) <= 0))):
+    res_r, res_c = np.asarray(packed.residue_rows), np.asarray(packed.residue_cols)
+    t = len(offs) - 1
+    if len(cols) and (cols[0] < 0 or cols[-1] >= n or np.any(np.diff(cols) <= 0)):
         raise ValueError(f"packed tiles: columns must be strictly increasing in [0, {n})")
-    if len(offs) != t + 1:
-        raise ValueError(f"packed tiles: row_offsets has length {len(offs)}, expected {t + 1} "
-                         f"for {c} columns in tiles of {g}")
     if offs[0] != 0 or np.any(np.diff(offs) < 0) or offs[-1] != len(rows):
         raise ValueError(f"packed tiles: row_offsets must rise from 0 to len(rows)={len(rows)}, "
                          f"got {offs.tolist() if len(offs) < 20 else '...'}")
     depth = np.diff(offs)
-    if t and (depth.max() > k or depth.max() != packed.max_depth):
+    if t and depth.max() != packed.max_depth:
         raise ValueError(f"packed tiles: the deepest tile has {depth.max()} rows; expected "
-                         f"max_depth={packed.max_depth} <= k={k}")
+                         f"max_depth={packed.max_depth}")
     if len(rows) and (rows.min() < 0 or rows.max() >= k):
         raise ValueError(f"packed tiles: rows must lie in [0, {k}), got [{rows.min()}, {rows.max()}]")
     tile_of_row = np.repeat(np.arange(t), depth)
     if np.any((np.diff(rows) <= 0) & (tile_of_row[1:] == tile_of_row[:-1])):
         raise ValueError("packed tiles: rows must be strictly increasing within each tile")
-    if vals.shape != (len(rows), g):
-        raise ValueError(f"packed tiles: values has shape {vals.shape}, expected {(len(rows), g)}")
-    if not (len(res[0]) == len(res[1]) == len(res[2])) or res[2].ndim != 1:
-        raise ValueError("packed tiles: residue_rows, residue_cols and residue_values must have "
-                         f"one length, got {[len(a) for a in res]}")
-    if res[2].dtype != vals.dtype:
-        raise ValueError(f"packed tiles: residue_values dtype {res[2].dtype} != values dtype {vals.dtype}")
-    if len(res[0]) and (res[0].min() < 0 or res[0].max() >= k or res[1].min() < 0 or res[1].max() >= n):
+    if len(res_r) and (res_r.min() < 0 or res_r.max() >= k or res_c.min() < 0 or res_c.max() >= n):
         raise ValueError(f"packed tiles: residue indices must lie in [0, {k}) x [0, {n})")
-    if packed.dense is not None:
-        d = np.asarray(packed.dense)
-        if d.shape != (k, n) or d.dtype != vals.dtype:
-            raise ValueError(f"packed tiles: dense must be {vals.dtype} {(k, n)}, got {d.dtype} {d.shape}")
 
 
 # ----------------------------------------------------------------------------- model variables
@@ -231,7 +268,7 @@ def validate(packed: PackedTiles) -> None:
 PACKED_COLLECTION = "tw_packed"
 
 
-def pack_variables(variables: dict, tile_size: int, dtype: Any = None,
+def pack_variables(variables: dict, tile_size: int | None = None, dtype: Any = None,
                    keep_dense: bool | None = None) -> dict:
     """Converts a trained model's variables (``params`` + ``tw_mask``) into packed variables.
 
@@ -239,14 +276,15 @@ def pack_variables(variables: dict, tile_size: int, dtype: Any = None,
     ``{'tw_packed': {...layer path...: {'tiles': PackedTiles}}}``; other params are kept. The same
     model definition then runs inference over packed tiles: :class:`jax_tw.nn.TWDense` uses its
     tiles whenever the ``tw_packed`` collection is given. ``dtype`` (e.g. ``jnp.bfloat16``)
-    casts the packed weights; by default they keep the params' dtype. ``keep_dense`` is passed
-    to :func:`pack`.
+    casts the packed weights; by default they keep the params' dtype. ``tile_size`` defaults
+    to the one each mask carries (given, it must equal it); ``keep_dense`` is passed to
+    :func:`pack`.
 
     >>> import jax, jax.numpy as jnp
     >>> from jax_tw.nn import TWDense
     >>> layer = TWDense(8, tile_size=4)
     >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 6)))
-    >>> packed = pack_variables(variables, tile_size=4)
+    >>> packed = pack_variables(variables)
     >>> sorted(packed), sorted(packed['params'])
     (['params', 'tw_packed'], ['bias'])
     >>> bool(jnp.allclose(layer.apply(packed, jnp.ones((1, 6))), layer.apply(variables, jnp.ones((1, 6)))))
@@ -266,7 +304,10 @@ def pack_variables(variables: dict, tile_size: int, dtype: Any = None,
         kernel = np.asarray(params.pop(key))
         if dtype is not None:
             kernel = kernel.astype(dtype)
-        packed[layer + ("tiles",)] = pack(kernel, mask, tile_size, keep_dense)
+        try:
+            packed[layer + ("tiles",)] = pack(kernel, mask, tile_size, keep_dense)
+        except ValueError as e:
+            raise ValueError(f"tw_mask {'/'.join(layer) or '(the root module)'}: {e}") from None
     out = {k: v for k, v in variables.items() if k not in ("params", "tw_mask")}
     out["params"] = traverse_util.unflatten_dict(params)
     out[PACKED_COLLECTION] = traverse_util.unflatten_dict(packed)

@@ -3,9 +3,11 @@
 A *layer mask* is the ``tw_mask`` collection entry of one :class:`jax_tw.nn.TWDense`
 layer with kernel ``(K, N)`` and tile size ``G``::
 
-    {'columns':  bool (N,),      # output columns kept by column pruning
-     'rows':     bool (T, K),    # T = ceil(N / G): K rows kept by each tile
-     'elements': bool (K, N)}    # weights kept outside the tiles (TEW residue, baselines)
+    {'columns':   bool (N,),      # output columns kept by column pruning
+     'rows':      bool (T, K),    # T = ceil(N / G): K rows kept by each tile
+     'tile_size': bool (G, 0),    # carries G in its static shape (no data): see mask_tile_size
+     'elements':  bool (K, N)}    # weights kept outside the tiles (TEW residue, baselines);
+                                  # absent where a pattern has none (TW-2D, TW-1D)
 
 Tiles are formed from the kept columns, left to right: the i-th kept column (0-based)
 belongs to tile ``i // G``, so every tile but the last has exactly ``G`` kept columns.
@@ -50,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,8 +65,10 @@ __all__ = [
     "LayerMask", "Pattern", "TW2D", "TW1D", "TEW", "EW", "VW", "BW", "get",
     "num_tiles", "keep_all", "expand", "dense_mask", "check_positive_int", "check_tile_size",
     "check_sparsity", "layer_masks", "plain_dict",
-    "check_layer_mask",
+    "check_layer_mask", "mask_tile_size", "tile_marker",
 ]
+
+TILE_KEY = "tile_size"  # the mask entry that carries G
 
 
 # ----------------------------------------------------------------------------- validation
@@ -95,6 +99,8 @@ def check_sparsity(sparsity: Any, name: str = "sparsity") -> None:
         raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}")
     if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {float(value)!r}")
+    if np.float32(value) >= 1.0:  # sparsities are computed in float32
+        raise ValueError(f"{name} must be in [0, 1), got {float(value)!r}, which is 1.0 in float32")
 
 
 def num_tiles(n: int, tile_size: int) -> int:
@@ -102,33 +108,79 @@ def num_tiles(n: int, tile_size: int) -> int:
     return -(-n // check_tile_size(tile_size))
 
 
-def keep_all(k: int, n: int, tile_size: int) -> LayerMask:
+def tile_marker(tile_size: int) -> np.ndarray:
+    """The ``tile_size`` entry of a layer mask: an empty ``(G, 0)`` array whose static shape
+    carries G (known under jit, no memory)."""
+    return np.zeros((check_tile_size(tile_size), 0), bool)
+
+
+def keep_all(k: int, n: int, tile_size: int, elements: bool = False) -> LayerMask:
     """The layer mask that keeps every weight of a ``(k, n)`` kernel (TWDense's initial mask).
 
+    ``elements=True`` adds an (empty) element mask, as patterns with a residue need.
+
     >>> m = keep_all(4, 6, tile_size=4)
-    >>> m['columns'].shape, m['rows'].shape, m['elements'].shape
-    ((6,), (2, 4), (4, 6))
+    >>> m['columns'].shape, m['rows'].shape, mask_tile_size(m), 'elements' in m
+    ((6,), (2, 4), 4, False)
     """
     t = num_tiles(n, tile_size)
-    return {
-        "columns": jnp.ones((n,), bool),
-        "rows": jnp.ones((t, k), bool),
-        "elements": jnp.zeros((k, n), bool),
-    }
+    mask = {"columns": jnp.ones((n,), bool), "rows": jnp.ones((t, k), bool),
+            TILE_KEY: jnp.asarray(tile_marker(tile_size))}
+    if elements:
+        mask["elements"] = jnp.zeros((k, n), bool)
+    return mask
 
 
-def check_layer_mask(mask: Any, k: int, n: int, tile_size: int, where: str = "layer") -> None:
-    """Raises ValueError unless ``mask`` is a layer mask for a ``(k, n)`` kernel and tile size."""
-    expected = {"columns": (n,), "rows": (num_tiles(n, tile_size), k), "elements": (k, n)}
-    if not hasattr(mask, "keys") or set(mask.keys()) != set(expected):
+def mask_tile_size(mask: Any, tile_size: Any = None, where: str = "layer") -> int:
+    """The tile size G of a layer mask: the one it carries (its ``tile_size`` entry), which
+    ``tile_size``, if given, must equal. A mask built by hand without the entry needs
+    ``tile_size``.
+
+    >>> mask_tile_size(keep_all(4, 6, tile_size=4))
+    4
+    >>> mask_tile_size(keep_all(4, 6, tile_size=4), tile_size=2)
+    Traceback (most recent call last):
+    ...
+    ValueError: layer: the mask was made for tile_size=4, got tile_size=2
+    """
+    carried = None
+    if hasattr(mask, "keys") and TILE_KEY in mask:
+        shape = tuple(jnp.shape(mask[TILE_KEY]))
+        if len(shape) != 2 or shape[1] != 0 or shape[0] <= 0:
+            raise ValueError(f"{where}: tw_mask '{TILE_KEY}' must be an empty (G, 0) array "
+                             f"carrying the tile size, got shape {shape}")
+        carried = shape[0]
+    if tile_size is not None:
+        tile_size = check_tile_size(tile_size)
+        if carried is not None and carried != tile_size:
+            raise ValueError(f"{where}: the mask was made for tile_size={carried}, "
+                             f"got tile_size={tile_size}")
+        return tile_size
+    if carried is None:
+        raise ValueError(f"{where}: the mask carries no tile size (no '{TILE_KEY}' entry, see "
+                         "jax_tw.patterns.tile_marker): pass tile_size")
+    return carried
+
+
+def check_layer_mask(mask: Any, k: int, n: int, tile_size: Any = None, where: str = "layer") -> int:
+    """Raises ValueError unless ``mask`` is a layer mask for a ``(k, n)`` kernel (and
+    ``tile_size``, if given); returns its tile size."""
+    required, optional = {"columns", "rows"}, {TILE_KEY, "elements"}
+    if not hasattr(mask, "keys") or not required <= set(mask.keys()) <= required | optional:
         got = sorted(mask.keys()) if hasattr(mask, "keys") else type(mask).__name__
-        raise ValueError(f"{where}: tw_mask entry must have keys {sorted(expected)}, got {got}")
+        raise ValueError(f"{where}: tw_mask entry must have keys {sorted(required)} (and "
+                         f"optionally {sorted(optional)}), got {got}")
+    tile_size = mask_tile_size(mask, tile_size, where)
+    expected = {"columns": (n,), "rows": (num_tiles(n, tile_size), k), "elements": (k, n)}
     for key, shape in expected.items():
+        if key not in mask:
+            continue
         got = tuple(jnp.shape(mask[key]))
         if got != shape:
             raise ValueError(
                 f"{where}: tw_mask '{key}' has shape {got}, expected {shape} for a kernel of "
                 f"shape {(k, n)} with tile_size={tile_size}")
+    return tile_size
 
 
 def layer_masks(tw_mask: Any) -> dict[tuple, LayerMask]:
@@ -176,22 +228,89 @@ def expand(columns: Array, rows: Array, tile_size: int) -> Array:
     return (per_column & columns[:, None]).T
 
 
-def dense_mask(mask: LayerMask, tile_size: int) -> Array:
-    """The dense ``(K, N)`` mask of a layer: its tile mask or its element mask."""
-    return expand(mask["columns"], mask["rows"], tile_size) | jnp.asarray(mask["elements"])
+def dense_mask(mask: LayerMask, tile_size: int | None = None) -> Array:
+    """The dense ``(K, N)`` mask of a layer: its tile mask or its element mask (``tile_size``
+    defaults to the mask's own, see :func:`mask_tile_size`)."""
+    tiles = expand(mask["columns"], mask["rows"], mask_tile_size(mask, tile_size))
+    return tiles | jnp.asarray(mask["elements"]) if "elements" in mask else tiles
 
 
 # ----------------------------------------------------------------------------- selection core
 
-def _target(sparsity: Array, total: int) -> Array:
-    return jnp.round(jnp.asarray(sparsity, jnp.float32) * total).astype(jnp.int32)
+class _Count(NamedTuple):
+    """A non-negative count of weights that may pass 2**31 (JAX has no int64 unless x64 is on).
+
+    ``low`` is the count modulo 2**32 (uint32, exact) and ``approx`` a float32 estimate; as
+    long as the estimate is off by less than 2**31 the two fix the count exactly. Prefix sums
+    use a pairwise scan, which keeps the estimate within about ``2 log2(n) 2**-24`` of the
+    total: exact beyond 2**40 weights.
+    """
+
+    low: Array
+    approx: Array
+
+    def __add__(self, other):
+        other = _count(other)
+        return _Count(self.low + other.low, self.approx + other.approx)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        other = _count(other)
+        return _Count(self.low - other.low, self.approx - other.approx)
+
+    def __rsub__(self, other):
+        return _count(other) - self
+
+    def __mul__(self, factor: int):
+        return _Count(self.low * jnp.uint32(factor % 2 ** 32), self.approx * np.float32(factor))
+
+
+def _count(value: Any) -> _Count:
+    """A :class:`_Count` from a non-negative Python int or integer array (or a _Count)."""
+    if isinstance(value, _Count):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return _Count(jnp.uint32(int(value) % 2 ** 32), jnp.float32(value))
+    value = jnp.asarray(value)
+    return _Count(value.astype(jnp.uint32), value.astype(jnp.float32))
+
+
+def _prefix_counts(lengths: Array) -> _Count:
+    """Inclusive prefix sums of non-negative int32 lengths, as a :class:`_Count`."""
+    return _Count(jnp.cumsum(lengths.astype(jnp.uint32)),
+                  jax.lax.associative_scan(jnp.add, lengths.astype(jnp.float32)))
+
+
+def _distance(a: _Count, b: _Count) -> Array:
+    """``|a - b|`` as int32 where it is below 2**30, else int32 max (a far distance)."""
+    diff = jax.lax.bitcast_convert_type(a.low - b.low, jnp.int32)  # exact while |a - b| < 2**31
+    near = jnp.abs(a.approx - b.approx) < 2.0 ** 30
+    return jnp.where(near, jnp.abs(jnp.where(near, diff, 0)), jnp.iinfo(jnp.int32).max)
+
+
+def _small(count: _Count) -> Array:
+    """A count known to be below 2**31 as int32."""
+    return jax.lax.bitcast_convert_type(count.low, jnp.int32)
+
+
+def _where(cond: Array, a: Any, b: Any) -> _Count:
+    a, b = _count(a), _count(b)
+    return _Count(jnp.where(cond, a.low, b.low), jnp.where(cond, a.approx, b.approx))
+
+
+def _target(sparsity: Array, total: int) -> _Count:
+    """``round(sparsity * total)`` weights (float32 precision), as a :class:`_Count`."""
+    t = jnp.round(jnp.asarray(sparsity, jnp.float32) * np.float32(total))
+    high = jnp.floor(t / 2.0 ** 32)  # exact: both are float32 integers
+    return _Count((t - high * 2.0 ** 32).astype(jnp.uint32), t)
 
 
 def _prune_lowest(scores: Array, lengths: Array, forced: Array, protected: Array,
-                  target: Array) -> Array:
+                  target: _Count) -> Array:
     """Prunes the lowest-scoring vectors until their total length is nearest ``target``.
 
-    All arguments are 1-D over vectors (``target`` is a scalar weight count). ``forced`` vectors
+    All arguments are 1-D over vectors (``target`` is a weight count). ``forced`` vectors
     are always pruned, ``protected`` ones never (forced wins). Equal scores: lower index first.
     Returns the boolean pruned vector.
     """
@@ -199,8 +318,10 @@ def _prune_lowest(scores: Array, lengths: Array, forced: Array, protected: Array
     protected = protected & ~forced
     key = jnp.where(forced, -jnp.inf, jnp.where(protected, jnp.inf, scores.astype(jnp.float32)))
     order = jnp.argsort(key, stable=True)
-    cum = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(lengths[order].astype(jnp.int32))])
-    p = jnp.argmin(jnp.abs(cum - target))
+    cum = _prefix_counts(jnp.concatenate([jnp.zeros((1,), jnp.int32), lengths[order].astype(jnp.int32)]))
+    target = _count(target)
+    p = jnp.argmin(_distance(cum, _Count(jnp.broadcast_to(target.low, cum.low.shape),
+                                         jnp.broadcast_to(target.approx, cum.approx.shape))))
     p = jnp.clip(p, jnp.sum(forced), n - jnp.sum(protected))
     return jnp.zeros((n,), bool).at[order].set(jnp.arange(n) < p)
 
@@ -262,27 +383,34 @@ class Pattern:
     Args (of ``__call__``):
       scores: non-negative importance per weight, one ``(K, N)`` array per layer.
       sparsity: total fraction of weights to prune, in [0, 1); may be traced.
-      tile_size: G, the tile width of the layers (sets the mask representation).
+      tile_size: G, the tile width of the layers (sets the mask representation); by default
+        the one the ``previous`` masks carry, else 128. Given, it must equal theirs.
       previous: the layers' current masks; the new masks are subsets of them.
       final_sparsity: the sparsity the schedule ends at (sets TW-2D's column/row split;
         defaults to ``sparsity``).
       per_layer: rank each layer alone (each layer at ``sparsity``) instead of globally.
       min_keep: per-layer floor on the kept fraction (see the module docstring).
     Returns:
-      One layer mask per layer.
+      One layer mask per layer, carrying its tile size; with an ``elements`` entry only for
+      patterns that have one (``has_elements``).
     """
 
     name: ClassVar[str] = ""
+    has_elements: ClassVar[bool] = True  # whether the masks have an element mask
 
-    def __call__(self, scores: Sequence[Array], sparsity: Any, *, tile_size: int = 128,
+    def __call__(self, scores: Sequence[Array], sparsity: Any, *, tile_size: int | None = None,
                  previous: Sequence[LayerMask] | None = None, final_sparsity: Any = None,
                  per_layer: bool = False, min_keep: float = 0.05) -> list[LayerMask]:
-        tile_size = check_tile_size(tile_size)
+        if tile_size is not None:
+            tile_size = check_tile_size(tile_size)
         check_sparsity(sparsity)
         if final_sparsity is None:
             final_sparsity = sparsity
         check_sparsity(final_sparsity, "final_sparsity")
-        if _is_concrete(sparsity) and _is_concrete(final_sparsity) and float(final_sparsity) < float(sparsity):
+        # Compared as float32, the precision every schedule and mask update computes in: a
+        # Python 0.8 is below float32(0.8).
+        if (_is_concrete(sparsity) and _is_concrete(final_sparsity)
+                and np.float32(final_sparsity) < np.float32(sparsity)):
             raise ValueError(
                 f"final_sparsity must be >= sparsity, got final_sparsity={float(final_sparsity)!r} "
                 f"< sparsity={float(sparsity)!r}")
@@ -295,12 +423,16 @@ class Pattern:
             if jnp.ndim(s) != 2:
                 raise ValueError(f"scores[{i}] must be a (K, N) matrix, got shape {jnp.shape(s)}")
         if previous is None:
-            previous = [keep_all(*jnp.shape(s), tile_size) for s in scores]
+            previous = [keep_all(*jnp.shape(s), tile_size or 128) for s in scores]
         previous = list(previous)
         if len(previous) != len(scores):
             raise ValueError(f"previous has {len(previous)} masks for {len(scores)} score matrices")
-        for i, (s, m) in enumerate(zip(scores, previous)):
-            check_layer_mask(m, *jnp.shape(s), tile_size, where=f"previous[{i}]")
+        sizes = {check_layer_mask(m, *jnp.shape(s), tile_size, where=f"previous[{i}]")
+                 for i, (s, m) in enumerate(zip(scores, previous))}
+        if len(sizes) > 1:
+            raise ValueError(f"the previous masks were made for different tile sizes {sorted(sizes)}; "
+                             "one call ranks layers of one tile size")
+        [tile_size] = sizes
         ctx = _Context(tile_size, per_layer, float(min_keep))
         kept = [dense_mask(m, tile_size) for m in previous]
         normed = [_normalise(s, k) for s, k in zip(scores, kept)]
@@ -355,18 +487,17 @@ def _tile_wise(scores, previous, sparsity, final_sparsity, column_share, ctx) ->
         protected = _top(seg_score, forced | empty, math.ceil(row_floor * k), axis=1) | empty
         lengths = jnp.broadcast_to(width[:, None], (t, k))
         groups.append((seg_score, lengths, forced & ~empty, protected))
-        pruned_by_columns.append((n - jnp.sum(c)) * k)
+        pruned_by_columns.append(_count(n - jnp.sum(c)) * k)
     # Rows are pruned only once the columns reached their final share, so tiles never change
     # under pruned rows; until then the count is right up to whole columns.
     rows_on = sparsity >= col_final
-    row_targets = [jnp.where(rows_on, _target(sparsity, z) - p, 0)
+    row_targets = [_where(rows_on, _target(sparsity, z) - p, 0)
                    for z, p in zip(sizes, pruned_by_columns)]
-    row_total = jnp.where(rows_on, _target(sparsity, total) - sum(pruned_by_columns), 0)
+    row_total = _where(rows_on, _target(sparsity, total) - sum(pruned_by_columns), 0)
     row_pruned = _select(groups, row_targets, row_total, ctx.per_layer)
     out = []
     for s, c, p, (_, lengths, _, _) in zip(scores, columns, row_pruned, groups):
-        out.append({"columns": c, "rows": ~p & (lengths > 0),
-                    "elements": jnp.zeros(s.shape, bool)})
+        out.append({"columns": c, "rows": ~p & (lengths > 0), TILE_KEY: jnp.asarray(tile_marker(g))})
     return out
 
 
@@ -377,7 +508,7 @@ def _element_masks(elements: Sequence[Array], tile_size: int) -> list[LayerMask]
         k, n = e.shape
         out.append({"columns": jnp.zeros((n,), bool),
                     "rows": jnp.zeros((num_tiles(n, tile_size), k), bool),
-                    "elements": e})
+                    TILE_KEY: jnp.asarray(tile_marker(tile_size)), "elements": e})
     return out
 
 
@@ -391,6 +522,7 @@ class TW2D(Pattern):
 
     column_share: float = 0.5
     name: ClassVar[str] = "tw2d"
+    has_elements: ClassVar[bool] = False
 
     def __post_init__(self):
         if not 0.0 <= self.column_share <= 1.0:
@@ -405,6 +537,7 @@ class TW1D(Pattern):
     """Tile-wise 1-D: fixed G-wide tiles in original column order, in-tile row pruning only."""
 
     name: ClassVar[str] = "tw1d"
+    has_elements: ClassVar[bool] = False
 
     def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
         return _tile_wise(scores, previous, sparsity, final_sparsity, 0.0, ctx)
@@ -445,6 +578,16 @@ class TEW(Pattern):
         return tiles
 
 
+def _check_element_count(pattern: Pattern, scores, ctx) -> None:
+    """Patterns that rank single weights index them in int32: at most 2**31 - 1 per ranking."""
+    sizes = [s.size for s in scores]
+    biggest = max(sizes) if ctx.per_layer else sum(sizes)
+    if biggest >= 2 ** 31:
+        raise ValueError(f"{type(pattern).__name__} ranks every weight: {biggest} weights in one "
+                         "ranking is more than it can index (2**31 - 1)"
+                         + ("" if ctx.per_layer else "; try per_layer=True"))
+
+
 @dataclasses.dataclass(frozen=True)
 class EW(Pattern):
     """Element-wise (unstructured) pruning with one global threshold."""
@@ -452,6 +595,7 @@ class EW(Pattern):
     name: ClassVar[str] = "ew"
 
     def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
+        _check_element_count(self, scores, ctx)
         groups = []
         for s, k in zip(scores, kept):
             protected = _top(s.reshape(-1), ~k.reshape(-1), math.ceil(ctx.min_keep * s.size))
@@ -479,6 +623,7 @@ class VW(Pattern):
         check_positive_int(self.vector_size, "vector_size")
 
     def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
+        _check_element_count(self, scores, ctx)
         v = self.vector_size
         keys, layouts = [], []
         for s, k in zip(scores, kept):
@@ -495,6 +640,7 @@ class VW(Pattern):
         sizes = [s.size for s in scores]
 
         def keep(group, n_keep):
+            n_keep = _small(n_keep)
             rank, sc, eligible = (a.reshape(-1) for a in group)
             order = jnp.lexsort((-sc, rank))  # by rank in block, then by score, best first
             n_keep = jnp.minimum(n_keep, jnp.sum(eligible))

@@ -20,7 +20,8 @@ How the transform works, each step:
    transform have been through the optimizer (Adam's normalisation, learning rate...), so they
    are never used as gradients. Magnitude scores use ``|params + updates|``, the weights as they
    will be after this step.
-2. When ``count % update_every == 0`` and the schedule's sparsity rose above the last applied one,
+2. When ``count % update_every == 0`` or ``count`` is one of the schedule's ``boundaries`` (a
+   stage start, a cubic ramp's end), and the schedule's sparsity rose above the last applied one,
    the masks are recomputed (inside ``jax.lax.cond``, so the step stays one jitted function) from
    the scores, with the previous masks as ``previous`` (masks only grow), and the Taylor
    accumulators are reset.
@@ -76,6 +77,11 @@ class Cubic(NamedTuple):
         ramp = self.final + (self.initial - self.final) * (1.0 - progress) ** 3
         return jnp.where(t < self.begin, self.initial, jnp.where(t >= self.end, self.final, ramp))
 
+    @property
+    def boundaries(self) -> tuple[int, ...]:
+        """Steps where the schedule jumps or settles; :func:`step` updates masks there too."""
+        return (self.begin, self.end)
+
 
 class Stages(NamedTuple):
     """Piecewise constant: sparsity ``sparsities[i]`` from step ``steps[i]`` on (0 before)."""
@@ -86,6 +92,11 @@ class Stages(NamedTuple):
     @property
     def final(self) -> float:
         return self.sparsities[-1]
+
+    @property
+    def boundaries(self) -> tuple[int, ...]:
+        """The stage starts; :func:`step` updates masks there too."""
+        return self.steps
 
     def __call__(self, step: Any) -> jax.Array:
         t = jnp.asarray(step, jnp.int32)
@@ -167,8 +178,24 @@ def _default_layers(path: Path) -> bool:
     return True
 
 
+def _with_elements(mask: dict, has_elements: bool, where: str) -> dict:
+    """A layer mask with an element mask exactly when the pattern makes one: tile-wise patterns
+    have none, so the state holds no (K, N) mask for them (one byte per weight saved)."""
+    mask = dict(mask)
+    if has_elements and "elements" not in mask:
+        k, n = jnp.shape(mask["rows"])[1], jnp.shape(mask["columns"])[0]
+        mask["elements"] = jnp.zeros((k, n), bool)
+    elif not has_elements and "elements" in mask:
+        elements = mask.pop("elements")
+        if not isinstance(elements, jax.core.Tracer) and np.asarray(elements).any():
+            raise ValueError(f"tw_mask {where} keeps weights in 'elements', which this tile-wise "
+                             "pattern has no place for; prune it with a pattern that has a residue "
+                             "(TEW, EW, VW, BW)")
+    return mask
+
+
 def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Pattern | None = None,
-         tile_size: int = 128, update_every: int = 100, score: str = "magnitude",
+         tile_size: int | None = None, update_every: int = 100, score: str = "magnitude",
          layers: Callable[[Path], bool] = _default_layers, per_layer: bool = False,
          min_keep: float = 0.05) -> optax.GradientTransformationExtraArgs:
     """An optax transform that prunes TWDense kernels during training.
@@ -182,8 +209,11 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
       schedule: step -> total sparsity, e.g. :func:`cubic`, :func:`stages`, :func:`one_shot`;
         must have a ``final`` attribute (the sparsity it ends at).
       pattern: a :mod:`jax_tw.patterns` pattern (default ``TW2D()``).
-      tile_size: G of the TWDense layers.
-      update_every: recompute masks every this many steps (when the schedule's sparsity rose).
+      tile_size: G of the TWDense layers; by default the one their masks carry (given, it must
+        equal it). All pruned layers share one G.
+      update_every: recompute masks every this many steps (when the schedule's sparsity rose),
+        and at the schedule's ``boundaries`` (if it has that attribute: stage starts, a cubic
+        ramp's begin and end) whatever ``update_every`` is.
       score: ``'magnitude'`` (``|w|``) or ``'taylor'`` (``(g * w)^2`` summed over the steps since
         the last update; needs ``grads=`` passed to ``update``, see the module docstring).
       layers: filter on the kernel's param path (a tuple of str, e.g.
@@ -194,8 +224,8 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
     pattern = patterns.TW2D() if pattern is None else pattern
     if not isinstance(pattern, patterns.Pattern):
         raise ValueError(f"pattern must be a jax_tw.patterns.Pattern such as TW2D(), got {pattern!r}")
-    tile_size = patterns.check_tile_size(tile_size)
     update_every = patterns.check_positive_int(update_every, "update_every")
+    boundaries = tuple(_check_step(b, "schedule boundary") for b in getattr(schedule, "boundaries", ()))
     if score not in ("magnitude", "taylor"):
         raise ValueError(f"score must be 'magnitude' or 'taylor', got {score!r}")
     final = getattr(schedule, "final", None)
@@ -209,7 +239,17 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
     if not mask_layers:
         raise ValueError("tw_mask holds no layer masks: pass the model's variables['tw_mask']")
     pruned = [p for p in mask_layers if layers(_kernel_path(p))]
+    if not pruned:
+        raise ValueError("the layers filter selects none of the tw_mask layers "
+                         f"{['/'.join(p) for p in mask_layers]}")
     names = {p: "/".join(p) for p in pruned}
+    sizes = {p: patterns.mask_tile_size(mask_layers[p], tile_size, f"tw_mask {names[p]}") for p in pruned}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"the pruned layers have different tile sizes {sorted(set(sizes.values()))} "
+                         "(from their masks); prune them with one prune.step each")
+    tile_size = sizes[pruned[0]]
+    for p in pruned:
+        mask_layers[p] = _with_elements(mask_layers[p], pattern.has_elements, names[p])
     initial_masks = traverse_util.unflatten_dict(
         {path + (key,): jnp.asarray(v) for path, m in mask_layers.items() for key, v in m.items()})
 
@@ -259,7 +299,10 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
                 acc[names[p]] = acc[names[p]] + jnp.square(
                     g[p].astype(jnp.float32) * w[p].astype(jnp.float32))
         target = jnp.asarray(schedule(state.count), jnp.float32)
-        due = (state.count % update_every == 0) & (target > state.sparsity)
+        on_time = state.count % update_every == 0
+        for b in boundaries:
+            on_time = on_time | (state.count == b)
+        due = on_time & (target > state.sparsity)
         layer_masks = patterns.layer_masks(state.masks)
 
         def recompute(_):
@@ -329,23 +372,24 @@ class SparsityReport(NamedTuple):
         return "\n".join(lines)
 
 
-def sparsity(tw_mask: Any, tile_size: int = 128,
+def sparsity(tw_mask: Any, tile_size: int | None = None,
              layers: Callable[[Path], bool] = _default_layers) -> SparsityReport:
     """Measures the sparsity of a ``tw_mask`` tree (or the masks in an ``opt_state``).
 
-    Only layers whose kernel path passes ``layers`` count, as in :func:`step`.
+    Only layers whose kernel path passes ``layers`` count, as in :func:`step`. ``tile_size``
+    defaults to each mask's own; given, it must equal it.
     """
     if any(isinstance(s, PruneState) for s in jax.tree_util.tree_leaves(
             tw_mask, is_leaf=lambda x: isinstance(x, PruneState))):
         tw_mask = masks(tw_mask)
-    tile_size = patterns.check_tile_size(tile_size)
     per_layer, kept, total = {}, 0, 0
     for path, m in patterns.layer_masks(tw_mask).items():
         if not layers(_kernel_path(path)):
             continue
-        k, n = np.shape(m["elements"])
-        patterns.check_layer_mask(m, k, n, tile_size, where=f"tw_mask {'/'.join(path)}")
-        layer_kept = int(np.asarray(patterns.dense_mask(m, tile_size)).sum())
+        k, n = np.shape(m["rows"])[1], np.shape(m["columns"])[0]
+        where = f"tw_mask {'/'.join(path)}"
+        g = patterns.check_layer_mask(m, k, n, tile_size, where=where)
+        layer_kept = int(np.asarray(patterns.dense_mask(m, g)).sum())
         per_layer["/".join(path)] = 1.0 - layer_kept / (k * n)
         kept += layer_kept
         total += k * n

@@ -126,7 +126,8 @@ def test_mask_in_its_own_collection_in_a_model():
     assert set(variables) == {"params", "tw_mask"}
     assert set(variables["tw_mask"]) == {"up"}
     shapes = jax.tree.map(jnp.shape, variables["tw_mask"]["up"])
-    assert shapes == {"columns": (32,), "rows": (4, 16), "elements": (16, 32)}
+    # No (K, N) element mask until a pattern with a residue prunes the layer; G in a marker.
+    assert shapes == {"columns": (32,), "rows": (4, 16), "tile_size": (8, 0)}
     assert variables["tw_mask"]["up"]["columns"].dtype == jnp.bool_
 
 
@@ -141,6 +142,9 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="needs its 'tw_mask' collection"):
         layer.apply({"params": variables["params"]}, x)
     wrong = jax.tree.map(np.asarray, patterns.keep_all(6, 8, 2))  # built for tile_size=2
+    with pytest.raises(ValueError, match="the mask was made for tile_size=2, got tile_size=4"):
+        layer.apply({"params": variables["params"], "tw_mask": wrong}, x)
+    del wrong["tile_size"]  # a mask without its marker: the shapes still give it away
     with pytest.raises(ValueError, match=r"'rows' has shape \(4, 6\), expected \(2, 6\)"):
         layer.apply({"params": variables["params"], "tw_mask": wrong}, x)
     not_bool = dict(variables["tw_mask"], columns=jnp.ones((8,), jnp.float32))

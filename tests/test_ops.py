@@ -59,28 +59,52 @@ def test_pack_fully_pruned_layer():
     assert not packing.unpack(p).any()
 
 
+# (name, corruption, message, whether a call's shape check sees it). Corrupt index *values*
+# are found where tiles are made or loaded (validate, run by pack and load) and by the host
+# kernel; a call checks only shapes and dtypes, so that it never copies device arrays to the host.
 CORRUPTIONS = [
-    ("columns", lambda p: dataclasses.replace(p, columns=p.columns[::-1].copy()), "strictly increasing"),
-    ("column range", lambda p: dataclasses.replace(p, columns=p.columns + p.n), r"columns must be strictly increasing in \[0"),
-    ("rows range", lambda p: dataclasses.replace(p, rows=p.rows + p.k), r"rows must lie in \[0"),
-    ("rows order", lambda p: dataclasses.replace(p, rows=p.rows[::-1].copy()), "strictly increasing within each tile"),
-    ("offsets", lambda p: dataclasses.replace(p, row_offsets=p.row_offsets[::-1].copy()), "row_offsets must rise"),
-    ("offsets length", lambda p: dataclasses.replace(p, row_offsets=p.row_offsets[:-1]), "row_offsets has length"),
-    ("values shape", lambda p: dataclasses.replace(p, values=p.values[:-1]), "values has shape"),
-    ("index dtype", lambda p: dataclasses.replace(p, rows=p.rows.astype(np.int64)), "must be 1-D int32"),
-    ("residue", lambda p: dataclasses.replace(p, residue_cols=p.residue_cols[:-1]), "one length"),
-    ("max_depth", lambda p: dataclasses.replace(p, max_depth=p.max_depth + 1), "max_depth"),
+    ("columns", lambda p: dataclasses.replace(p, columns=p.columns[::-1].copy()), "strictly increasing", False),
+    ("column range", lambda p: dataclasses.replace(p, columns=p.columns + p.n), r"columns must be strictly increasing in \[0", False),
+    ("rows range", lambda p: dataclasses.replace(p, rows=p.rows + p.k), r"rows must lie in \[0", False),
+    ("rows order", lambda p: dataclasses.replace(p, rows=p.rows[::-1].copy()), "strictly increasing within each tile", False),
+    ("offsets", lambda p: dataclasses.replace(p, row_offsets=p.row_offsets[::-1].copy()), "row_offsets must rise", False),
+    ("max_depth", lambda p: dataclasses.replace(p, max_depth=p.max_depth + 1), "max_depth", False),
+    ("offsets length", lambda p: dataclasses.replace(p, row_offsets=p.row_offsets[:-1]), "row_offsets has length", True),
+    ("values shape", lambda p: dataclasses.replace(p, values=p.values[:-1]), "values has shape", True),
+    ("index dtype", lambda p: dataclasses.replace(p, rows=p.rows.astype(np.int64)), "must be 1-D int32", True),
+    ("residue", lambda p: dataclasses.replace(p, residue_cols=p.residue_cols[:-1]), "one length", True),
+    ("max_depth range", lambda p: dataclasses.replace(p, max_depth=p.k + 1), r"max_depth=25 must lie in \(0, k=24\]", True),
 ]
 
 
-@pytest.mark.parametrize("name,corrupt,match", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
-def test_corrupt_packed_tiles_raise_clear_errors(name, corrupt, match):
+@pytest.mark.parametrize("name,corrupt,match,shape", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
+def test_corrupt_packed_tiles_raise_clear_errors(name, corrupt, match, shape, tmp_path):
     _, _, p = _layer(24, 40, 8, 0.6, pattern=patterns.TEW(residue=0.05))
     bad = corrupt(p)
     with pytest.raises(ValueError, match=match):
         packing.validate(bad)
+    path = str(tmp_path / "bad.safetensors")
+    packing.save(path, {"tw_packed": {"tiles": bad}})
     with pytest.raises(ValueError, match=match):
-        ops.tw_matmul(np.ones((2, 24), np.float32), bad)
+        packing.load(path)
+    if shape:
+        for backend in BACKENDS:
+            with pytest.raises(ValueError, match=match):
+                ops.tw_matmul(np.ones((2, 24), np.float32), bad, backend=backend)
+    elif _ffi.cpu_available() and name != "max_depth":  # the host kernel refuses them itself
+        with pytest.raises(Exception, match="corrupt packed tiles"):
+            jax.block_until_ready(ops.tw_matmul(np.ones((2, 24), np.float32), bad, backend="cpu"))
+
+
+def test_call_reads_no_array_data(monkeypatch):
+    """An eager call checks shapes and dtypes only: the tiles' data never comes to the host."""
+    _, _, p = _layer(24, 40, 8, 0.6)
+    want = np.ones((2, 24)) @ packing.unpack(p)
+    p = jax.device_put(p)
+    monkeypatch.setattr(packing, "validate", lambda *a: pytest.fail("tw_matmul validated the data"))
+    for backend in BACKENDS:
+        y = ops.tw_matmul(jnp.ones((2, 24), jnp.float32), p, backend=backend)
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
@@ -220,9 +244,79 @@ def test_vmap_scan_remat(backend):
     np.testing.assert_allclose(jax.jit(jax.vmap(f))(xs), want, rtol=1e-5, atol=1e-5)
     _, ys = jax.lax.scan(lambda c, x: (c, f(x)), 0.0, xs)
     np.testing.assert_allclose(ys, want, rtol=1e-5, atol=1e-5)
-    g = jax.grad(lambda x: jnp.sum(jax.remat(f)(x) ** 2))(xs)
-    g_ref = jax.grad(lambda x: jnp.sum(f(x) ** 2))(xs)
-    np.testing.assert_allclose(g, g_ref, rtol=1e-6)
+    # Against an independent reference: the gradient of sum((x @ W)^2) is 2 (x @ W) @ W^T.
+    w = packing.unpack(p).astype(np.float64)
+    g_ref = 2 * (np.asarray(xs, np.float64) @ w) @ w.T
+    for g in (jax.grad(lambda x: jnp.sum(jax.remat(f)(x) ** 2))(xs),
+              jax.jit(jax.grad(lambda x: jnp.sum(jax.vmap(jax.remat(f))(x) ** 2)))(xs)):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
+def test_vmap_folds_batch_into_rows_one_call():
+    """vmap (nested too) over x with unbatched tiles is one custom call on M = B * rows, no
+    loop; tiles batched along with x run one call per element and stay correct."""
+    _, _, p = _layer(16, 24, 8, 0.5, seed=8)
+    rng = np.random.default_rng(3)
+    xs = jnp.asarray(rng.normal(size=(2, 3, 4, 16)), jnp.float32)
+    f = jax.jit(jax.vmap(jax.vmap(lambda x: ops.tw_matmul(x, p, backend="cpu"))))
+    hlo = f.lower(xs).as_text()
+    assert hlo.count(f"custom_call @{_ffi.CPU_TARGET}") == 1 and "stablehlo.while" not in hlo, hlo
+    np.testing.assert_allclose(f(xs), _reference(np.asarray(xs), packing.unpack(p)), rtol=1e-5, atol=1e-5)
+    ps = jax.tree.map(lambda a: np.stack([a, a]), p)
+    scaled = dataclasses.replace(ps, values=ps.values * np.array([1.0, -2.0], np.float32)[:, None, None])
+    ys = jax.vmap(lambda x, q: ops.tw_matmul(x, q, backend="cpu"))(xs[:, 0], scaled)
+    for i, c in enumerate((1.0, -2.0)):
+        np.testing.assert_allclose(ys[i], c * _reference(np.asarray(xs[i, 0]), packing.unpack(p)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_backend_is_chosen_by_the_lowering_platform():
+    """Automatic choice per platform at lowering, not from jax.default_backend(): lowered for
+    CUDA the call is the CUDA kernel (or the reference path where it was not built), for CPU
+    the host kernel; lowered for both, both are in the module."""
+    _, _, p = _layer(16, 24, 8, 0.5)
+    x = np.ones((2, 16), np.float32)
+    lower = lambda *platforms: jax.jit(lambda x: ops.tw_matmul(x, p)).trace(x).lower(
+        lowering_platforms=platforms).as_text()
+    cpu, cuda, both = lower("cpu"), lower("cuda"), lower("cpu", "cuda")
+    assert (_ffi.CPU_TARGET in cpu) == _ffi.cpu_available() and _ffi.CUDA_TARGET not in cpu
+    assert (_ffi.CUDA_TARGET in cuda) == _ffi.cuda_available() and _ffi.CPU_TARGET not in cuda
+    assert (_ffi.CPU_TARGET in both) == _ffi.cpu_available()
+    assert (_ffi.CUDA_TARGET in both) == _ffi.cuda_available()
+    dense = dataclasses.replace(p, dense=packing.unpack(p))  # the fallback: no custom call at all
+    hlo = jax.jit(lambda x: ops.tw_matmul(x, dense)).trace(x).lower(lowering_platforms=("cpu", "cuda")).as_text()
+    assert _ffi.CPU_TARGET not in hlo and _ffi.CUDA_TARGET not in hlo
+
+
+def test_training_through_the_dense_fallback_is_refused():
+    """A layer whose forward reads the dense cache cannot learn through values: refused with a
+    clear error; gradients to x alone stay correct; without the cache the weights learn."""
+    w, mask, p = _layer(16, 24, 8, 0.1, seed=2)
+    assert p.dense is not None  # 10% sparsity: packing kept the dense kernel
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 16)), jnp.float32)
+    loss = lambda x, q: jnp.sum(ops.tw_matmul(x, q) ** 2)
+    with pytest.raises(ValueError, match="keep a dense copy of the kernel.*keep_dense=False"):
+        jax.grad(loss, argnums=1, allow_int=True)(x, p)
+    with pytest.raises(ValueError, match="keep a dense copy"):
+        jax.grad(lambda v: loss(x, dataclasses.replace(p, values=v)))(p.values)
+    wd = packing.unpack(p).astype(np.float64)
+    gx = jax.grad(loss)(x, p)
+    np.testing.assert_allclose(gx, 2 * (np.asarray(x, np.float64) @ wd) @ wd.T, rtol=1e-4, atol=1e-4)
+    q = packing.pack(w, mask, 8, keep_dense=False)
+    gv = jax.grad(lambda v: loss(x, dataclasses.replace(q, values=v)))(q.values)
+    assert np.abs(np.asarray(gv)).sum() > 0
+
+
+def test_export_serialize_and_call_in_a_fresh_process(tmp_path):
+    """jax.export of a jitted packed model (CPU and CUDA lowerings), deserialized and called in
+    a new process: the same outputs."""
+    script = pathlib.Path(__file__).with_name("export_check.py")
+    for step in ("export", "call"):
+        done = subprocess.run([sys.executable, str(script), step, str(tmp_path)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"export_check {step} ok" in done.stdout, done.stdout
 
 
 # ----------------------------------------------------------------------------- bad input

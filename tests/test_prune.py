@@ -233,8 +233,8 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="holds no layer masks"):
         prune.step({}, sched, tile_size=G)
     # A mask tree that doesn't match the params: other tile size, other shapes, missing layer.
-    with pytest.raises(ValueError, match=r"tw_mask fc1: tw_mask 'rows' has shape \(6, 24\), expected \(3, 24\)"):
-        prune.step(masks, sched, tile_size=16).init(variables["params"])
+    with pytest.raises(ValueError, match=r"tw_mask fc1: the mask was made for tile_size=8, got tile_size=16"):
+        prune.step(masks, sched, tile_size=16)
     other = MLP(hidden=40).init(jax.random.key(0), x)["tw_mask"]
     with pytest.raises(ValueError, match=r"'columns' has shape \(40,\), expected \(48,\)"):
         prune.step(other, sched, tile_size=G).init(variables["params"])
@@ -246,3 +246,92 @@ def test_bad_input_errors():
     tx = prune.step(masks, sched, tile_size=G)
     with pytest.raises(ValueError, match="needs params"):
         tx.update(variables["params"], tx.init(variables["params"]))
+
+
+# ----------------------------------------------------------------------------- correctness round
+
+@pytest.mark.parametrize("pattern", [patterns.TW2D(), patterns.TW1D(), patterns.TEW(residue=0.005),
+                                     patterns.EW(), patterns.VW(), patterns.BW(block_size=4)],
+                         ids=lambda p: p.name)
+def test_every_float32_sparsity_works_eager_and_jitted(pattern):
+    """Python floats such as 0.8 round up in float32: the schedule's float32 value must not be
+    taken for a sparsity above the final one, eager or jitted, for any pattern."""
+    layer = TWDense(24, tile_size=G)
+    variables = layer.init(jax.random.key(0), jnp.ones((1, 16)))
+    params = variables["params"]
+    cases = [(prune.one_shot(s), 0) for s in (0.1, 0.3, 0.8, 0.99)] + [(prune.cubic(0.6, 0, 1), 1)]
+    for i, (schedule, steps) in enumerate(cases):
+        tx = prune.step(variables["tw_mask"], schedule, pattern=pattern, min_keep=0.0)
+        state = tx.init(params)
+        for update in (tx.update, jax.jit(tx.update)) if i == 2 else (tx.update,):
+            st = state
+            for _ in range(steps + 1):  # the cubic case: step 1, past the ramp's end
+                _, st = update(params, st, params)
+            got = prune.sparsity(st).total
+            assert got == pytest.approx(schedule.final, abs=0.03), (schedule, got)
+
+
+def test_schedule_boundaries_are_not_delayed_by_update_every():
+    """one_shot(at=5), a stage start and a cubic end that are not multiples of update_every
+    update the masks on that very step."""
+    model, variables, x, y = _setup()
+    params = variables["params"]
+    zeros = jax.tree.map(jnp.zeros_like, params)
+
+    def sparsities(schedule, steps):
+        tx = prune.step(variables["tw_mask"], schedule, update_every=100)
+        state, out = tx.init(params), []
+        update = jax.jit(tx.update)
+        for _ in range(steps):
+            _, state = update(zeros, state, params)
+            out.append(round(prune.sparsity(state).total, 2))
+        return out
+
+    assert sparsities(prune.one_shot(0.5, at=5), 7) == [0, 0, 0, 0, 0, 0.5, 0.5]
+    assert sparsities(prune.stages([(0, 0.25), (3, 0.5)]), 5) == [0.25, 0.25, 0.25, 0.5, 0.5]
+    # cubic: step 0 is due (a multiple of 100) but at 0%, steps 1-6 not due, step 7 = end.
+    assert sparsities(prune.cubic(0.6, begin=0, end=7), 8) == [0] * 7 + [0.6]
+
+
+def test_tile_size_travels_with_the_mask():
+    """Masks carry their G: every API reads it from them, and a different G is a clear error
+    (N = 200 makes two tiles with G = 128 and with G = 100 alike, so the shapes can't tell)."""
+    from jax_tw import packing
+
+    layer = TWDense(200, tile_size=128)
+    variables = layer.init(jax.random.key(0), jnp.ones((1, 32)))
+    params = variables["params"]
+    tx = prune.step(variables["tw_mask"], prune.one_shot(0.5))
+    _, state = tx.update(params, tx.init(params), params)
+    masked = {"params": params, "tw_mask": prune.masks(state)}
+    assert prune.sparsity(state).total == prune.sparsity(state, 128).total == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="the mask was made for tile_size=128, got tile_size=100"):
+        packing.pack_variables(masked, tile_size=100)
+    with pytest.raises(ValueError, match="the mask was made for tile_size=128, got tile_size=100"):
+        prune.sparsity(state, 100)
+    with pytest.raises(ValueError, match="the mask was made for tile_size=128, got tile_size=100"):
+        prune.step(variables["tw_mask"], prune.one_shot(0.5), tile_size=100)
+    with pytest.raises(ValueError, match="the mask was made for tile_size=128, got tile_size=100"):
+        TWDense(200, tile_size=100).apply(masked, jnp.ones((1, 32)))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32)), jnp.float32)
+    packed = packing.pack_variables(masked)
+    np.testing.assert_allclose(layer.apply(packed, x), layer.apply(masked, x), rtol=1e-5, atol=1e-5)
+
+
+def test_tile_wise_state_holds_no_element_mask():
+    """A pure tile-wise pattern keeps no (K, N) mask in the state (one byte per weight saved);
+    patterns with a residue add theirs."""
+    model, variables, x, y = _setup()
+    params = variables["params"]
+    weights = sum(np.size(params[n]["kernel"]) for n in ("fc1", "fc2"))
+    mask_bytes = lambda t: sum(np.asarray(a).nbytes for a in jax.tree.leaves(t))
+    for pattern, has in ((patterns.TW2D(), False), (patterns.TW1D(), False), (patterns.TEW(), True),
+                         (patterns.EW(), True)):
+        tx = prune.step(variables["tw_mask"], prune.one_shot(0.5), pattern=pattern)
+        _, state = jax.jit(tx.update)(params, tx.init(params), params)
+        masks = prune.masks(state)
+        assert ("elements" in masks["fc1"]) == has
+        assert (mask_bytes(masks) >= weights) == has, mask_bytes(masks)
+        # The model takes either kind of mask.
+        out = model.apply({"params": params, "tw_mask": masks}, x)
+        assert np.isfinite(np.asarray(out)).all()

@@ -32,7 +32,8 @@ def expand_reference(columns, rows, tile_size):
 
 
 def dense_reference(mask, tile_size):
-    return expand_reference(mask["columns"], mask["rows"], tile_size) | np.asarray(mask["elements"])
+    tiles = expand_reference(mask["columns"], mask["rows"], tile_size)
+    return tiles | np.asarray(mask["elements"]) if "elements" in mask else tiles
 
 
 def tiles_of(columns, tile_size):
@@ -46,7 +47,8 @@ def assert_tile_structure(mask, tile_size):
     the tile's columns or for none; no elements outside the tiles."""
     dense = dense_reference(mask, tile_size)
     columns = np.asarray(mask["columns"])
-    assert not np.asarray(mask["elements"]).any(), "TW mask has elements outside its tiles"
+    assert "elements" not in mask, "a tile-wise mask carries an element mask"
+    assert np.shape(mask["tile_size"]) == (tile_size, 0), "the mask carries a wrong tile size"
     assert not dense[:, ~columns].any(), "a pruned column has kept weights"
     for cols in tiles_of(columns, tile_size):
         block = dense[:, cols]
