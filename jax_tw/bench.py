@@ -57,7 +57,7 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
     into an element-wise residue only, which measures the residue path."""
     make_masks = patterns.get(pattern)
     rng = np.random.default_rng(seed)
-    name = ops._choose(backend)
+    name = ops.backend_for(backend)
     dense_fn = jax.jit(lambda x, w: jnp.dot(x, w))
     tw_fn = jax.jit(lambda x, p: ops.tw_matmul(x, p, backend=name))
     rows = []

@@ -35,6 +35,7 @@ BUILD_NOTES.md for their compatibility promise) and import ``jax_tw`` before des
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -45,7 +46,7 @@ import numpy as np
 from jax_tw import _ffi, packing
 from jax_tw.packing import PackedTiles
 
-__all__ = ["tw_matmul", "available_backends", "export_checks", "BACKENDS"]
+__all__ = ["tw_matmul", "available_backends", "backend_for", "export_checks", "BACKENDS"]
 
 BACKENDS = ("xla", "cpu", "cuda", "dense")
 
@@ -70,6 +71,16 @@ def _platform_backend(platform: str) -> str:
     if platform == "cuda" and _ffi.cuda_available():
         return "cuda"
     return "xla"
+
+
+def backend_for(backend: str | None = None, platform: str | None = None) -> str:
+    """The backend ``tw_matmul(..., backend=backend)`` runs on ``platform`` ('cpu', 'cuda' or
+    'gpu'; default: the default backend) for tiles without a dense cache."""
+    name = _choose(backend)
+    if name != "auto":
+        return name
+    platform = platform or jax.default_backend()
+    return _platform_backend("cuda" if platform == "gpu" else platform)
 
 
 def _choose(backend: str | None, packed: PackedTiles | None = None) -> str:
@@ -241,6 +252,13 @@ def _make_matmul(backend: str):
 _MATMULS = {b: _make_matmul(b) for b in BACKENDS + ("auto",)}
 
 
+@functools.partial(jax.jit, static_argnames="name")
+def _matmul(x2, packed, bias, *, name):
+    """Jitted, so an eager call dispatches one compiled computation (cached per shapes and
+    static sizes) instead of each small op of the platform switch and the custom_vjp."""
+    return _MATMULS[name](x2, packed, bias)
+
+
 def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | None = None) -> jax.Array:
     """``x @ unpack(packed) + bias`` over packed tiles.
 
@@ -280,5 +298,5 @@ def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | N
         if bias.shape != (packed.n,):
             raise ValueError(f"bias must have shape ({packed.n},), got {bias.shape}")
         [bias] = _ffi.make_varying([bias.astype(jnp.float32)], jax.typeof(x2).manual_axis_type.varying)
-    y = _MATMULS[name](x2, packed, bias)
+    y = _matmul(x2, packed, bias, name=name)
     return y.reshape(*lead, packed.n)

@@ -263,6 +263,10 @@ def test_vmap_folds_batch_into_rows_one_call():
     hlo = f.lower(xs).as_text()
     assert hlo.count(f"custom_call @{_ffi.CPU_TARGET}") == 1 and "stablehlo.while" not in hlo, hlo
     np.testing.assert_allclose(f(xs), _reference(np.asarray(xs), packing.unpack(p)), rtol=1e-5, atol=1e-5)
+    if _ffi.cuda_available():  # the CUDA call folds the same way (lowered only: no GPU here)
+        g = jax.jit(jax.vmap(jax.vmap(lambda x: ops.tw_matmul(x, p, backend="cuda"))))
+        hlo = g.trace(xs).lower(lowering_platforms=("cuda",)).as_text()
+        assert hlo.count(f"custom_call @{_ffi.CUDA_TARGET}") == 1 and "stablehlo.while" not in hlo
     ps = jax.tree.map(lambda a: np.stack([a, a]), p)
     scaled = dataclasses.replace(ps, values=ps.values * np.array([1.0, -2.0], np.float32)[:, None, None])
     ys = jax.vmap(lambda x, q: ops.tw_matmul(x, q, backend="cpu"))(xs[:, 0], scaled)
