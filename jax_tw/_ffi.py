@@ -59,7 +59,7 @@ def make_varying(arrays, axes):
     return out
 
 
-def _fold_batch(call):
+def fold_batch(call):
     """Wraps ``call(x2, *operands)`` for ``jax.vmap``: rows of x2 are independent, so batch
     dimensions of x2 fold into its M (one custom call) while the operands are not batched;
     batched operands (different tiles per batch element) run one call per element."""
@@ -99,7 +99,7 @@ def cpu_tw_matmul(x2: jax.Array, p) -> jax.Array:
         return jax.ffi.ffi_call(CPU_TARGET, _result_type(x2, (x2.shape[0], p.n), jnp.float32),
                                 vmap_method="sequential")(x2, *operands, n=n, tile_size=g)
 
-    return _fold_batch(call)(*operands)
+    return fold_batch(call)(*operands)
 
 
 def _result_type(x2, shape, dtype):
@@ -138,5 +138,5 @@ def cuda_tw_matmul(x2: jax.Array, p, bias: jax.Array, out_dtype) -> jax.Array:
             # major-to-minor: (1, 0) is column-major for x; the rest in their default layouts
             input_layouts=[(1, 0), None, None, None, None, None])(x2, *operands, n=n, tile_size=g)
 
-    y = _fold_batch(call)(*operands)
+    y = fold_batch(call)(*operands)
     return y[:m] if m_pad != m else y

@@ -3,7 +3,10 @@
     python -m jax_tw.bench                       # BERT-base shapes, M = 2048, f32
     python -m jax_tw.bench --json out.json --plot speedup.png
     python -m jax_tw.bench --quick               # tiny shapes, a few repeats (used by the tests)
-    python -m jax_tw.bench --shapes both -m 16384 --dtype bfloat16   # on a GPU (scripts/gpu_check.sh)
+    python -m jax_tw.bench --shapes both -m 16384 --dtype bfloat16 --backend cuda,pallas   # on a GPU
+
+``--backend`` takes a comma-separated list: every backend gets its own column in the table,
+timed in the same interleaved run as the dense dot.
 
 For every shape, dtype and sparsity, the dense dot and the TW call are timed *interleaved* (dense,
 TW, dense, TW, ...) so that a noisy machine slows both alike; the table reports the medians and
@@ -14,6 +17,7 @@ Masks are TW-2D from random magnitudes, G = 128 unless ``--tile-size`` says othe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from typing import Any
@@ -28,12 +32,12 @@ BERT_BASE = [(768, 768), (768, 3072), (3072, 768)]
 BERT_LARGE = [(1024, 1024), (1024, 4096), (4096, 1024)]
 
 
-def time_pair(f_dense, f_tw, args_dense, args_tw, repeats: int, inner: int = 1) -> tuple[float, float]:
-    """Medians (seconds per call) of ``f_dense(*args_dense)`` and ``f_tw(*args_tw)``, timed
-    interleaved after one warm-up call each. Each sample times ``inner`` calls queued back to
-    back (on a GPU one call can be shorter than its dispatch from Python)."""
-    jax.block_until_ready(f_dense(*args_dense))
-    jax.block_until_ready(f_tw(*args_tw))
+def time_interleaved(calls, repeats: int, inner: int = 1) -> list[float]:
+    """Medians (seconds per call) of each ``f(*args)`` in ``calls``, timed interleaved (one
+    sample of each in turn) after one warm-up call each. Each sample times ``inner`` calls
+    queued back to back (on a GPU one call can be shorter than its dispatch from Python)."""
+    for f, args in calls:
+        jax.block_until_ready(f(*args))
 
     def sample(f, args):
         t = time.perf_counter()
@@ -42,24 +46,33 @@ def time_pair(f_dense, f_tw, args_dense, args_tw, repeats: int, inner: int = 1) 
         jax.block_until_ready(out)
         return (time.perf_counter() - t) / inner
 
-    dense, tw = [], []
+    times = [[] for _ in calls]
     for _ in range(repeats):
-        dense.append(sample(f_dense, args_dense))
-        tw.append(sample(f_tw, args_tw))
-    return float(np.median(dense)), float(np.median(tw))
+        for ts, (f, args) in zip(times, calls):
+            ts.append(sample(f, args))
+    return [float(np.median(ts)) for ts in times]
+
+
+def time_pair(f_dense, f_tw, args_dense, args_tw, repeats: int, inner: int = 1) -> tuple[float, float]:
+    """:func:`time_interleaved` of two calls: (dense median, TW median)."""
+    t_dense, t_tw = time_interleaved([(f_dense, args_dense), (f_tw, args_tw)], repeats, inner)
+    return t_dense, t_tw
 
 
 def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backend: str | None,
         seed: int = 0, pattern: str = "tw2d", inner: int = 1) -> list[dict[str, Any]]:
-    """Times every (shape, dtype, sparsity); returns one row dict per measurement.
+    """Times every (shape, dtype, sparsity); returns one row dict per measurement and backend.
 
-    ``pattern`` (a :func:`jax_tw.patterns.get` name) makes the masks; EW/VW/BW masks pack
-    into an element-wise residue only, which measures the residue path."""
+    ``backend``: a name, a comma-separated list of names (each timed in the same interleaved
+    run) or None (automatic). ``pattern`` (a :func:`jax_tw.patterns.get` name) makes the
+    masks; EW/VW/BW masks pack into an element-wise residue only, which measures the residue
+    path."""
     make_masks = patterns.get(pattern)
     rng = np.random.default_rng(seed)
-    name = ops.backend_for(backend)
+    names = [ops.backend_for(b) for b in (backend.split(",") if backend else [None])]
     dense_fn = jax.jit(lambda x, w: jnp.dot(x, w))
-    tw_fn = jax.jit(lambda x, p: ops.tw_matmul(x, p, backend=name))
+    tw_fns = [jax.jit(functools.partial(lambda x, p, name: ops.tw_matmul(x, p, backend=name), name=b))
+              for b in names]
     rows = []
     for k, n in shapes:
         w32 = rng.normal(size=(k, n)).astype(np.float32)
@@ -72,26 +85,37 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
                 [mask] = make_masks([np.abs(w32)], s, tile_size=tile_size, min_keep=0.0)
                 p = jax.device_put(packing.pack(w, jax.tree.map(np.asarray, mask), tile_size,
                                                 keep_dense=False))
-                t_dense, t_tw = time_pair(dense_fn, tw_fn, (x, wj), (x, p), repeats, inner)
-                ratio = t_dense / t_tw
-                rows.append({
-                    "k": k, "n": n, "m": m, "dtype": np.dtype(dtype).name, "pattern": pattern, "sparsity": s,
-                    "measured_sparsity": 1.0 - p.density(), "backend": name,
-                    "dense_ms": 1e3 * t_dense, "tw_ms": 1e3 * t_tw, "ratio": ratio,
-                    "fraction_of_ideal": ratio * (1.0 - s),
-                })
+                t_dense, *t_tws = time_interleaved(
+                    [(dense_fn, (x, wj))] + [(f, (x, p)) for f in tw_fns], repeats, inner)
+                for name, t_tw in zip(names, t_tws):
+                    ratio = t_dense / t_tw
+                    rows.append({
+                        "k": k, "n": n, "m": m, "dtype": np.dtype(dtype).name, "pattern": pattern,
+                        "sparsity": s, "measured_sparsity": 1.0 - p.density(), "backend": name,
+                        "dense_ms": 1e3 * t_dense, "tw_ms": 1e3 * t_tw, "ratio": ratio,
+                        "fraction_of_ideal": ratio * (1.0 - s),
+                    })
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'shape (MxKxN)':>18} {'dtype':>8} {'pattern':>7} {'sparsity':>8} {'backend':>7} {'dense ms':>9} "
-            f"{'TW ms':>8} {'ratio':>6} {'of ideal':>8}")
+    """One line per (shape, dtype, sparsity); TW ms, ratio and fraction of ideal per backend."""
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    head = f"{'shape (MxKxN)':>18} {'dtype':>8} {'pattern':>7} {'sparsity':>8} {'dense ms':>9}"
+    for b in backends:
+        head += f" {b + ' ms':>10} {'ratio':>6} {'of ideal':>8}"
     lines = [head, "-" * len(head)]
+    groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        lines.append(
-            f"{r['m']:>6}x{r['k']:>5}x{r['n']:>5} {r['dtype']:>8} {r['pattern']:>7} {r['sparsity']:>8.0%} "
-            f"{r['backend']:>7} {r['dense_ms']:>9.2f} {r['tw_ms']:>8.2f} {r['ratio']:>5.2f}x "
-            f"{r['fraction_of_ideal']:>8.2f}")
+        groups.setdefault((r["m"], r["k"], r["n"], r["dtype"], r["pattern"], r["sparsity"]), {})[r["backend"]] = r
+    for (m, k, n, dtype, pattern, s), by in groups.items():
+        first = next(iter(by.values()))
+        line = f"{m:>6}x{k:>5}x{n:>5} {dtype:>8} {pattern:>7} {s:>8.0%} {first['dense_ms']:>9.2f}"
+        for b in backends:
+            r = by.get(b)
+            line += (f" {r['tw_ms']:>10.2f} {r['ratio']:>5.2f}x {r['fraction_of_ideal']:>8.2f}" if r
+                     else f" {'':>10} {'':>6} {'':>8}")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -101,16 +125,17 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    keys = sorted({(r["k"], r["n"], r["dtype"]) for r in rows})
-    for k, n, dt in keys:
-        sel = [r for r in rows if (r["k"], r["n"], r["dtype"]) == (k, n, dt)]
-        ax.plot([r["sparsity"] for r in sel], [r["ratio"] for r in sel], "o-", label=f"{k}x{n} {dt}")
+    keys = list(dict.fromkeys((r["k"], r["n"], r["dtype"], r["backend"]) for r in rows))
+    for key in keys:
+        sel = [r for r in rows if (r["k"], r["n"], r["dtype"], r["backend"]) == key]
+        ax.plot([r["sparsity"] for r in sel], [r["ratio"] for r in sel], "o-",
+                label="{}x{} {} {}".format(*key))
     s = np.linspace(0, max(r["sparsity"] for r in rows), 50)
     ax.plot(s, 1 / (1 - s), "k--", label="ideal 1/(1-s)")
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.set_xlabel("TW-2D sparsity")
     ax.set_ylabel("speedup vs dense jnp.dot")
-    ax.set_title(f"jax_tw tw_matmul, M={rows[0]['m']}, backend {rows[0]['backend']}")
+    ax.set_title(f"jax_tw tw_matmul, M={rows[0]['m']}, backend {', '.join(dict.fromkeys(r['backend'] for r in rows))}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -126,7 +151,9 @@ def main(argv=None) -> list[dict[str, Any]]:
     ap.add_argument("--tile-size", type=int, default=128)
     ap.add_argument("--pattern", default="tw2d", help="mask pattern: tw2d, tw1d, tew, ew, vw, bw")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--backend", default=None, help="xla, cpu, cuda or dense (default: automatic)")
+    ap.add_argument("--backend", default=None,
+                    help="xla, cpu, cuda, pallas or dense, or a comma-separated list of them, each "
+                         "its own column (default: automatic)")
     ap.add_argument("--inner", type=int, default=None,
                     help="calls per timed sample (default: 1 on a CPU, 20 on a GPU)")
     ap.add_argument("--json", help="write the rows to this JSON file")

@@ -7,6 +7,10 @@ Backends:
 * ``'cpu'``  the XLA FFI custom call of the ``jax_tw._cpu`` extension (host kernel).
 * ``'cuda'`` the XLA FFI custom call of the ``jax_tw._cuda`` extension (CUDA kernel; the bias is
   fused into it, and a TEW residue is added by XLA afterwards in float32).
+* ``'pallas'`` the Pallas kernel of :mod:`jax_tw.pallas` (bias fused, residue added by XLA): on
+  a GPU compiled by Triton; on a CPU run in Pallas interpret mode (slow, for testing). Never
+  chosen automatically until GPU measurements say it should be: ask for it with
+  ``backend='pallas'`` or ``JAX_TW_BACKEND=pallas``.
 * ``'dense'`` ``x @ unpack(packed)`` with XLA's dense dot (what the automatic choice falls back
   to where the sparse path would be slower).
 
@@ -48,13 +52,13 @@ from jax_tw.packing import PackedTiles
 
 __all__ = ["tw_matmul", "available_backends", "backend_for", "export_checks", "BACKENDS"]
 
-BACKENDS = ("xla", "cpu", "cuda", "dense")
+BACKENDS = ("xla", "cpu", "cuda", "pallas", "dense")
 
 
 def available_backends() -> tuple[str, ...]:
     """The backends this installation has (``'cpu'`` and ``'cuda'`` only where their extension
     was built; ``'cuda'`` also needs a GPU to run, but lowers for one anywhere)."""
-    return (("xla", "dense") + (("cpu",) if _ffi.cpu_available() else ())
+    return (("xla", "dense", "pallas") + (("cpu",) if _ffi.cpu_available() else ())
             + (("cuda",) if _ffi.cuda_available() else ()))
 
 
@@ -175,6 +179,18 @@ def _forward(backend: str, x2, p: PackedTiles, bias):
             x2, p, bias, cpu=lambda *a: _forward(_platform_backend("cpu"), *a),
             cuda=lambda *a: _forward(_platform_backend("cuda"), *a),
             default=lambda *a: _forward("xla", *a))
+    if backend == "pallas":
+        from jax_tw import pallas
+
+        def run(x2, p, bias, interpret):
+            if not np.shape(p.residue_rows)[0]:
+                return pallas.tw_matmul(x2, p, bias, x2.dtype, interpret)  # bias fused
+            y = pallas.tw_matmul(x2, p, bias, jnp.float32, interpret)
+            return _add_residue(y, x2, p).astype(x2.dtype)
+
+        return jax.lax.platform_dependent(  # compiled by Triton on a GPU, interpreted elsewhere
+            x2, p, bias, cuda=lambda *a: run(*a, interpret=False),
+            default=lambda *a: run(*a, interpret=True))
     if backend == "cuda":
         b = jnp.zeros((p.n,), jnp.float32) if bias is None else bias
         if not np.shape(p.residue_rows)[0]:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check: build jax_tw with its CUDA module, run the kernel tests on the GPU, run
-# compute-sanitizer memcheck on a small kernel test, report whether XLA transposes x in front of
-# the custom call, and print the benchmark table (BERT-base and BERT-large shapes, M = 16384,
-# bf16, TW-2D 0-90%, dense jnp.dot side by side).
+# The GPU check: build jax_tw with its CUDA module, run the kernel tests on the GPU (the CUDA and
+# the Pallas backends), run compute-sanitizer memcheck on a small kernel test, report whether XLA
+# transposes x in front of the custom call, and print the benchmark table (BERT-base and
+# BERT-large shapes, M = 16384, bf16, TW-2D 0-90%, dense jnp.dot side by side, a column per GPU
+# backend: cuda and pallas).
 #
 # On a lent GPU machine (nothing can be fetched there), from the repository root here:
 #   echo /.whl/ >> .git/info/exclude
@@ -40,8 +41,8 @@ fi
 # -P: import the installed jax_tw (with its compiled modules), not the source tree.
 $PY -P -c "import jax, jax_tw._cuda as c; print('jax', jax.__version__, jax.devices(), 'cuda devices', c.device_count())" || exit 1
 
-step "kernel tests (the cuda backend where a GPU is present)"
-$PY -P -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_ops.py tests/test_packed_model.py \
+step "kernel tests (the cuda and pallas backends where a GPU is present)"
+$PY -P -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_pallas.py tests/test_ops.py tests/test_packed_model.py \
   2>&1 | tee "$OUT/tests.log" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "TESTS FAILED"; status=1; }
 
@@ -62,10 +63,11 @@ if [ -n "$gpu" ]; then
 
   step "benchmark: bf16, M = 16384, BERT-base and BERT-large shapes, TW-2D, G = 128"
   $PY -P -m jax_tw.bench --shapes both -m 16384 --dtype bfloat16 --sparsities 0,0.25,0.5,0.75,0.9 \
-    --repeats 7 --json "$OUT/bench.json" || status=1
+    --backend cuda,pallas --repeats 7 --json "$OUT/bench.json" || status=1
 else
   step "no GPU: a small CPU benchmark instead (dry run)"
-  $PY -P -m jax_tw.bench -m 256 --sparsities 0.5,0.75 --repeats 3 --json "$OUT/bench.json" || status=1
+  $PY -P -m jax_tw.bench -m 256 --sparsities 0.5,0.75 --repeats 3 --backend cpu,pallas \
+    --json "$OUT/bench.json" || status=1
 fi
 echo; echo "gpu_check finished with status $status"
 exit $status

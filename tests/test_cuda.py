@@ -21,6 +21,7 @@ from flax import linen as nn
 
 from jax_tw import _ffi, ops, packing, patterns
 from jax_tw.nn import TWDense
+from twcheck import clamped_reference
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 needs_cuda_module = pytest.mark.skipif(not _ffi.cuda_available(), reason=_ffi.cuda_import_error())
@@ -285,26 +286,6 @@ def test_cuda_kernel_matches_float64_reference(dtype, m, k, n, g, s):
         np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-2 * np.abs(want).max())
 
 
-def _clamped_reference(x, p, bias):
-    """What the CUDA kernel is specified to compute from corrupt tiles: row offsets clamped into
-    [0, len(rows)], out-of-range rows read as zeros, out-of-range columns never written, every
-    column no tile writes set to the bias."""
-    x = np.asarray(x, np.float64)
-    y = np.tile(np.asarray(bias, np.float64), (x.shape[0], 1))
-    r, g = len(p.rows), p.tile_size
-    for i in range(p.num_tiles):
-        b = min(max(int(p.row_offsets[i]), 0), r)
-        e = min(max(int(p.row_offsets[i + 1]), b), r)
-        rows = p.rows[b:e]
-        ok = (rows >= 0) & (rows < p.k)
-        cols = p.columns[i * g:(i + 1) * g]
-        acc = x[:, rows[ok]] @ np.asarray(p.values[b:e][ok, :len(cols)], np.float64)
-        for j, c in enumerate(cols):
-            if 0 <= c < p.n:
-                y[:, c] = acc[:, j] + bias[c]
-    return y
-
-
 @needs_gpu
 def test_cuda_kernel_is_memory_safe_on_corrupt_tiles():
     """Under jit the tiles cannot be checked on the host: out-of-range indices must be ignored
@@ -323,7 +304,7 @@ def test_cuda_kernel_is_memory_safe_on_corrupt_tiles():
                 dataclasses.replace(p, columns=p.columns - 10 ** 6),
                 dataclasses.replace(p, row_offsets=p.row_offsets * 1000)):
         y = np.asarray(jax.block_until_ready(f(x, bad)), np.float64)
-        np.testing.assert_allclose(y, _clamped_reference(x, bad, bias), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(y, clamped_reference(x, bad, bias), rtol=1e-5, atol=1e-4)
 
 
 def test_clamped_reference_is_the_plain_product_on_valid_tiles():
@@ -334,6 +315,6 @@ def test_clamped_reference_is_the_plain_product_on_valid_tiles():
     [mask] = patterns.TW2D()([rng.random((40, 70)).astype(np.float32)], 0.6, tile_size=16, min_keep=0.0)
     p = packing.pack(w, jax.tree.map(np.asarray, mask), 16)
     x, bias = rng.normal(size=(5, 40)), rng.normal(size=(70,))
-    np.testing.assert_allclose(_clamped_reference(x, p, bias), x @ packing.unpack(p) + bias, rtol=1e-10)
+    np.testing.assert_allclose(clamped_reference(x, p, bias), x @ packing.unpack(p) + bias, rtol=1e-10)
     for bad in (dataclasses.replace(p, rows=p.rows + 10 ** 6), dataclasses.replace(p, columns=p.columns - 10 ** 6)):
-        np.testing.assert_array_equal(_clamped_reference(x, bad, bias), np.tile(bias, (5, 1)))
+        np.testing.assert_array_equal(clamped_reference(x, bad, bias), np.tile(bias, (5, 1)))

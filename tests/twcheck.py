@@ -6,9 +6,10 @@ import numpy as np
 from jax_tw import _ffi
 
 
-def runnable_backends(base=("xla", "dense")):
+def runnable_backends(base=("xla", "dense", "pallas")):
     """The tw_matmul backends the tests can run here: the host custom call on a CPU platform,
-    the CUDA custom call on a GPU platform (where each was built)."""
+    the CUDA custom call on a GPU platform (where each was built); the Pallas kernel everywhere
+    (compiled on a GPU, in interpret mode on a CPU)."""
     on_gpu = jax.default_backend() == "gpu"
     out = list(base)
     if not on_gpu and _ffi.cpu_available():
@@ -64,3 +65,23 @@ def normalised(scores):
     s = np.asarray(scores, np.float64)
     mean = s.mean()
     return s / mean if mean > 0 else s
+
+
+def clamped_reference(x, p, bias):
+    """What the GPU kernels (CUDA and Pallas) are specified to compute from corrupt tiles: row
+    offsets clamped into [0, len(rows)], out-of-range rows read as zeros, out-of-range columns
+    never written, every column no tile writes set to the bias."""
+    x = np.asarray(x, np.float64)
+    y = np.tile(np.asarray(bias, np.float64), (x.shape[0], 1))
+    r, g = len(p.rows), p.tile_size
+    for i in range(p.num_tiles):
+        b = min(max(int(p.row_offsets[i]), 0), r)
+        e = min(max(int(p.row_offsets[i + 1]), b), r)
+        rows = p.rows[b:e]
+        ok = (rows >= 0) & (rows < p.k)
+        cols = p.columns[i * g:(i + 1) * g]
+        acc = x[:, rows[ok]] @ np.asarray(p.values[b:e][ok, :len(cols)], np.float64)
+        for j, c in enumerate(cols):
+            if 0 <= c < p.n:
+                y[:, c] = acc[:, j] + bias[c]
+    return y

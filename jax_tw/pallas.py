@@ -1,0 +1,177 @@
+"""A Pallas tile-wise kernel: ``x @ W + bias`` over packed tiles as one ``pallas_call``.
+
+On a GPU it is compiled by the Triton compiler inside jaxlib (nothing else to install); on a CPU
+it runs in Pallas interpret mode, the same kernel code evaluated with XLA ops (slow: for tests).
+:func:`jax_tw.ops.tw_matmul` runs it as ``backend='pallas'`` (or ``JAX_TW_BACKEND=pallas``).
+
+The grid is (M blocks) x (tiles x column chunks), tiles deepest first. A program
+
+1. walks its tile's kept K rows in blocks of ``BK``: it gathers those rows of the feature-major
+   ``x^T`` (each kept K index a contiguous M-vector, so the gather is a coalesced load) and the
+   tile's weight rows straight from HBM inside the kernel, and accumulates ``x_t @ W_t`` in f32;
+2. writes its chunk of the tile's kept output columns (bias added, x's dtype), and the program
+   of chunk 0 writes the bias (or zero) into the pruned output columns of the tile's span (those
+   between the previous tile's last kept column and this tile's last): every output element is
+   written exactly once, by one program, and no fill pass runs.
+
+Indices are range-checked in the kernel (masked loads and stores), so corrupt tiles handed over
+under jit never touch memory out of bounds; they give the clamped result the CUDA kernel gives
+(row offsets clamped into [0, len(rows)], out-of-range rows read as zero, out-of-range columns
+not written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from jax_tw import _ffi
+
+__all__ = ["tw_matmul", "block_sizes", "debug"]
+
+_DEBUG = False
+
+
+@contextlib.contextmanager
+def debug():
+    """Within it, kernels lowered for a GPU print their jaxpr and Triton IR (``pallas_call``'s
+    debug mode)."""
+    global _DEBUG
+    before, _DEBUG = _DEBUG, True
+    try:
+        yield
+    finally:
+        _DEBUG = before
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(int(v) - 1, 0).bit_length()
+
+
+def block_sizes(m: int, tile_size: int, dtype) -> tuple[int, int, int]:
+    """(BM, BK, BN): rows of x, kept K rows and output columns per step of one program.
+
+    Triton's dot needs power-of-two blocks of at least 16. BN covers the tile (G padded to a
+    power of two) up to 128 columns, so wider tiles run as several column chunks; BK is 64
+    for bfloat16 and 32 for float32 (the same bytes per step); BM is 64, or M rounded up to a
+    power of two when M is smaller (M = 1 computes 16 rows, not 64).
+    """
+    bn = min(max(16, _pow2(tile_size)), 128)
+    bk = 64 if jnp.dtype(dtype) == jnp.bfloat16 else 32
+    bm = min(64, max(16, _pow2(m)))
+    return bm, bk, bn
+
+
+def _kernel(order_ref, offsets_ref, rows_ref, values_ref, columns_ref, pruned_ref, pruned_offsets_ref,
+            bias_ref, xt_ref, y_ref, *, k, m, n, g, c, r, p, bm, bk, bn, chunks):
+    """One program: tile ``order[j // chunks]``, column chunk ``j % chunks``, rows block i."""
+    i, j = pl.program_id(0), pl.program_id(1)
+    tile = order_ref[j // chunks]
+    chunk = j % chunks
+    begin = jnp.clip(offsets_ref[tile], 0, r)
+    end = jnp.clip(offsets_ref[tile + 1], begin, r)
+    mrow = i * bm + jnp.arange(bm)  # rows of x / y
+    m_ok = mrow < m
+    m_in = jnp.minimum(mrow, m - 1)
+    lane = chunk * bn + jnp.arange(bn)  # position in the tile's G columns
+    lane_ok = lane < g
+
+    def step(kb, acc):
+        q = begin + kb * bk + jnp.arange(bk)  # positions in rows / values
+        q_ok = q < end
+        q_in = jnp.minimum(q, r - 1)
+        krow = plt.load(rows_ref.at[q_in], mask=q_ok, other=0)
+        k_ok = q_ok & (krow >= 0) & (krow < k)
+        xg = plt.load(xt_ref.at[jnp.clip(krow, 0, k - 1)[:, None], m_in[None, :]],
+                      mask=k_ok[:, None] & m_ok[None, :], other=0)  # (BK, BM)
+        w = plt.load(values_ref.at[q_in[:, None], jnp.minimum(lane, g - 1)[None, :]],
+                     mask=k_ok[:, None] & lane_ok[None, :], other=0)  # (BK, BN)
+        return acc + jax.lax.dot_general(xg, w, (((0,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, (end - begin + bk - 1) // bk, step, jnp.zeros((bm, bn), jnp.float32))
+
+    # The tile's kept columns of this chunk.
+    pos = tile * g + lane  # index into columns
+    c_ok = lane_ok & (pos < c)
+    col = plt.load(columns_ref.at[jnp.minimum(pos, c - 1)], mask=c_ok, other=n)
+    c_ok = c_ok & (col >= 0) & (col < n)
+    b = plt.load(bias_ref.at[jnp.clip(col, 0, n - 1)], mask=c_ok, other=0)
+    plt.store(y_ref.at[mrow[:, None], jnp.where(c_ok, col, n)[None, :]],
+              (acc + b[None, :]).astype(y_ref.dtype), mask=m_ok[:, None] & c_ok[None, :])
+
+    # The pruned columns of the tile's span: bias (zero without one), by chunk 0 only.
+    p_begin = jnp.clip(pruned_offsets_ref[tile], 0, p)
+    p_end = jnp.where(chunk == 0, jnp.clip(pruned_offsets_ref[tile + 1], p_begin, p), p_begin)
+
+    def fill(pb, carry):
+        q = p_begin + pb * bn + jnp.arange(bn)
+        q_ok = q < p_end
+        col = plt.load(pruned_ref.at[jnp.minimum(q, p - 1)], mask=q_ok, other=n)
+        ok = q_ok & (col >= 0) & (col < n)
+        b = plt.load(bias_ref.at[jnp.clip(col, 0, n - 1)], mask=ok, other=0)
+        plt.store(y_ref.at[mrow[:, None], jnp.where(ok, col, n)[None, :]],
+                  jnp.broadcast_to(b[None, :], (bm, bn)).astype(y_ref.dtype),
+                  mask=m_ok[:, None] & ok[None, :])
+        return carry
+
+    jax.lax.fori_loop(0, (p_end - p_begin + bn - 1) // bn, fill, 0)
+
+
+def _schedule(columns, row_offsets, n: int, g: int):
+    """What depends only on the tiles, computed in the graph: the tile order (deepest first),
+    the pruned columns (padded with N to length N) and each tile's span of them: (T,), (N,),
+    (T + 1,)."""
+    c, t = columns.shape[0], row_offsets.shape[0] - 1
+    depth = row_offsets[1:] - row_offsets[:-1]
+    order = jnp.argsort(-depth, stable=True).astype(jnp.int32)
+    in_range = (columns >= 0) & (columns < n)  # corrupt columns never mark a column kept
+    kept = jnp.zeros((n,), bool).at[jnp.where(in_range, columns, n)].set(True, mode="drop")
+    pruned = jnp.nonzero(~kept, size=n, fill_value=n)[0].astype(jnp.int32)
+    n_pruned = jnp.sum(~kept).astype(jnp.int32)  # N - C, unless the columns are corrupt
+    # Tile t's span ends at its last kept column: a pruned column belongs to the first tile whose
+    # last kept column lies after it; the last tile also takes those after every kept column.
+    last = columns[jnp.minimum(jnp.arange(1, t + 1) * g, c) - 1]  # (T,)
+    pruned_offsets = jnp.concatenate([
+        jnp.zeros((1,), jnp.int32), jnp.searchsorted(pruned, last).astype(jnp.int32)[:-1],
+        n_pruned[None]])
+    # Rising even for corrupt (unsorted) columns, so every pruned column is in some span.
+    pruned_offsets = jax.lax.cummax(jnp.minimum(pruned_offsets, n_pruned))
+    return order, pruned, pruned_offsets
+
+
+def _call(x2, bias, columns, row_offsets, rows, values, *, n, g, out_dtype, interpret):
+    """The pallas_call for (M, K) x and packed tiles with at least one kept column."""
+    m, k = x2.shape
+    c, t = columns.shape[0], row_offsets.shape[0] - 1
+    bm, bk, bn = block_sizes(m, g, x2.dtype)
+    chunks = -(-g // bn)
+    order, pruned, pruned_offsets = _schedule(columns, row_offsets, n, g)
+    if rows.shape[0] == 0:  # no kept rows at all: one dummy row, never read (depth 0)
+        rows, values = jnp.zeros((1,), jnp.int32), jnp.zeros((1, g), values.dtype)
+    kernel = functools.partial(_kernel, k=k, m=m, n=n, g=g, c=c, r=rows.shape[0], p=pruned.shape[0],
+                               bm=bm, bk=bk, bn=bn, chunks=chunks)
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(pl.cdiv(m, bm), t * chunks),
+        interpret=interpret, name="jax_tw_tw_matmul", debug=_DEBUG and not interpret,
+        compiler_params=plt.CompilerParams(num_warps=4 if bn * bm <= 64 * 64 else 8, num_stages=3))
+    # x feature-major: every kept K index of a tile is one contiguous M-vector.
+    return call(order, row_offsets, rows, values, columns, pruned, pruned_offsets, bias, x2.T)
+
+
+def tw_matmul(x2: jax.Array, p, bias: jax.Array | None, out_dtype, interpret: bool) -> jax.Array:
+    """(M, K) x packed tiles + bias (f32 (N,) or None) -> (M, N) in ``out_dtype``, without the
+    element-wise residue. ``interpret``: run in Pallas interpret mode (on a CPU)."""
+    b = jnp.zeros((p.n,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+    if np.shape(p.columns)[0] == 0:  # every column pruned: no tiles, the output is the bias
+        return jnp.broadcast_to(b, (x2.shape[0], p.n)).astype(out_dtype)
+    call = functools.partial(_call, n=p.n, g=p.tile_size, out_dtype=out_dtype, interpret=interpret)
+    operands = [jnp.asarray(a, jnp.int32) for a in (p.columns, p.row_offsets, p.rows)] + [
+        jnp.asarray(p.values)]
+    return _ffi.fold_batch(call)(x2, b, *operands)
