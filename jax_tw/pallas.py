@@ -4,7 +4,8 @@ On a GPU it is compiled by the Triton compiler inside jaxlib (nothing else to in
 it runs in Pallas interpret mode, the same kernel code evaluated with XLA ops (slow: for tests).
 :func:`jax_tw.ops.tw_matmul` runs it as ``backend='pallas'`` (or ``JAX_TW_BACKEND=pallas``).
 
-The grid is (M blocks) x (tiles x column chunks), tiles deepest first. A program
+The grid is (tiles x column chunks) x (M blocks), tiles deepest first and varying fastest, so the
+programs in flight share the rows of x they read. A program
 
 1. walks its tile's kept K rows in blocks of ``BK``: it gathers those rows of the feature-major
    ``x^T`` (each kept K index a contiguous M-vector, so the gather is a coalesced load) and the
@@ -59,27 +60,31 @@ def block_sizes(m: int, tile_size: int, dtype) -> tuple[int, int, int]:
 
     Triton's dot needs power-of-two blocks of at least 16. BN covers the tile (G padded to a
     power of two) up to 128 columns, so wider tiles run as several column chunks; BK is 64
-    for bfloat16 and 32 for float32 (the same bytes per step); BM is 64, or M rounded up to a
-    power of two when M is smaller (M = 1 computes 16 rows, not 64).
+    for bfloat16 and 32 for float32 (the same bytes per step); BM is 128, or M rounded up to a
+    power of two when M is smaller (M = 1 computes 16 rows, not 128).
     """
     bn = min(max(16, _pow2(tile_size)), 128)
     bk = 64 if jnp.dtype(dtype) == jnp.bfloat16 else 32
-    bm = min(64, max(16, _pow2(m)))
+    bm = min(128, max(16, _pow2(m)))
     return bm, bk, bn
 
 
 def _kernel(order_ref, offsets_ref, rows_ref, values_ref, columns_ref, pruned_ref, pruned_offsets_ref,
-            bias_ref, xt_ref, y_ref, *, k, m, n, g, c, r, p, bm, bk, bn, chunks):
-    """One program: tile ``order[j // chunks]``, column chunk ``j % chunks``, rows block i."""
-    i, j = pl.program_id(0), pl.program_id(1)
+            bias_ref, xt_ref, y_ref, *, k, m, n, g, c, r, p, bm, bk, bn, chunks, precision):
+    """One program: tile ``order[j // chunks]``, column chunk ``j % chunks``, rows block i.
+
+    ``xt_ref`` is x^T padded to whole row blocks and ``values_ref`` padded to whole column
+    chunks (zeros), so the loads along M and along G need no clamps: Triton vectorises a load
+    only along indices it can prove contiguous, which a clamp hides.
+    """
+    j, i = pl.program_id(0), pl.program_id(1)  # tiles vary fastest: programs in flight share x
     tile = order_ref[j // chunks]
     chunk = j % chunks
     begin = jnp.clip(offsets_ref[tile], 0, r)
     end = jnp.clip(offsets_ref[tile + 1], begin, r)
     mrow = i * bm + jnp.arange(bm)  # rows of x / y
     m_ok = mrow < m
-    m_in = jnp.minimum(mrow, m - 1)
-    lane = chunk * bn + jnp.arange(bn)  # position in the tile's G columns
+    lane = chunk * bn + jnp.arange(bn)  # position in the tile's G columns (padded)
     lane_ok = lane < g
 
     def step(kb, acc):
@@ -88,11 +93,10 @@ def _kernel(order_ref, offsets_ref, rows_ref, values_ref, columns_ref, pruned_re
         q_in = jnp.minimum(q, r - 1)
         krow = plt.load(rows_ref.at[q_in], mask=q_ok, other=0)
         k_ok = q_ok & (krow >= 0) & (krow < k)
-        xg = plt.load(xt_ref.at[jnp.clip(krow, 0, k - 1)[:, None], m_in[None, :]],
-                      mask=k_ok[:, None] & m_ok[None, :], other=0)  # (BK, BM)
-        w = plt.load(values_ref.at[q_in[:, None], jnp.minimum(lane, g - 1)[None, :]],
-                     mask=k_ok[:, None] & lane_ok[None, :], other=0)  # (BK, BN)
-        return acc + jax.lax.dot_general(xg, w, (((0,), (0,)), ((), ())),
+        xg = plt.load(xt_ref.at[jnp.clip(krow, 0, k - 1)[:, None], mrow[None, :]],
+                      mask=k_ok[:, None], other=0)  # (BK, BM)
+        w = plt.load(values_ref.at[q_in[:, None], lane[None, :]], mask=k_ok[:, None], other=0)  # (BK, BN)
+        return acc + jax.lax.dot_general(xg, w, (((0,), (0,)), ((), ())), precision=precision,
                                          preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, (end - begin + bk - 1) // bk, step, jnp.zeros((bm, bn), jnp.float32))
@@ -155,14 +159,21 @@ def _call(x2, bias, columns, row_offsets, rows, values, *, n, g, out_dtype, inte
     order, pruned, pruned_offsets = _schedule(columns, row_offsets, n, g)
     if rows.shape[0] == 0:  # no kept rows at all: one dummy row, never read (depth 0)
         rows, values = jnp.zeros((1,), jnp.int32), jnp.zeros((1, g), values.dtype)
+    if chunks * bn != g:  # whole column chunks (zeros past G)
+        values = jnp.pad(values, ((0, 0), (0, chunks * bn - g)))
+    # f32 exact (IEEE) as the host and CUDA kernels are; Triton's default would be TF32.
+    precision = jax.lax.Precision.HIGHEST if x2.dtype == jnp.float32 else None
     kernel = functools.partial(_kernel, k=k, m=m, n=n, g=g, c=c, r=rows.shape[0], p=pruned.shape[0],
-                               bm=bm, bk=bk, bn=bn, chunks=chunks)
+                               bm=bm, bk=bk, bn=bn, chunks=chunks, precision=precision)
+    m_blocks = pl.cdiv(m, bm)
     call = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(pl.cdiv(m, bm), t * chunks),
+        kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(t * chunks, m_blocks),
         interpret=interpret, name="jax_tw_tw_matmul", debug=_DEBUG and not interpret,
-        compiler_params=plt.CompilerParams(num_warps=4 if bn * bm <= 64 * 64 else 8, num_stages=3))
-    # x feature-major: every kept K index of a tile is one contiguous M-vector.
-    return call(order, row_offsets, rows, values, columns, pruned, pruned_offsets, bias, x2.T)
+        compiler_params=plt.CompilerParams(num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3))
+    # x feature-major (every kept K index of a tile one contiguous M-vector), padded to whole
+    # row blocks: XLA fuses the padding into the transpose.
+    xt = jnp.pad(x2.T, ((0, 0), (0, m_blocks * bm - m)))
+    return call(order, row_offsets, rows, values, columns, pruned, pruned_offsets, bias, xt)
 
 
 def tw_matmul(x2: jax.Array, p, bias: jax.Array | None, out_dtype, interpret: bool) -> jax.Array:

@@ -132,8 +132,9 @@ def test_schedule_spans_cover_every_pruned_column_once():
 
 def test_block_sizes_follow_tile_size_and_dtype():
     assert tw_pallas.block_sizes(1, 12, jnp.float32) == (16, 32, 16)
-    assert tw_pallas.block_sizes(4096, 64, jnp.bfloat16) == (64, 64, 64)
-    assert tw_pallas.block_sizes(4096, 200, jnp.float32) == (64, 32, 128)
+    assert tw_pallas.block_sizes(4096, 64, jnp.bfloat16) == (128, 64, 64)
+    assert tw_pallas.block_sizes(4096, 200, jnp.float32) == (128, 32, 128)
+    assert tw_pallas.block_sizes(70, 128, jnp.bfloat16) == (128, 64, 128)
 
 
 def test_lowers_to_a_triton_kernel_with_its_dot_for_cuda():
