@@ -20,8 +20,9 @@ whose estimated cost, tile density plus ``packing.RESIDUE_COST`` times residue d
 else the custom call of the platform (``'cpu'`` or ``'cuda'``) when it was built, else
 ``'xla'``. The platform is the one the computation is lowered for (``lax.platform_dependent``),
 not the default backend: ``jax.jit(f, device=cpu_device)`` on a GPU host runs the host
-kernel, and ``jax.export`` for several platforms holds each platform's call. Few rows (M <= 32) need no fallback: the host kernel then reads the packed values
-directly and was measured at 0.8-2.6x of dense for M = 1 at 50-75% sparsity. The environment
+kernel, and ``jax.export`` for several platforms holds each platform's call. Few rows (M <= 32)
+need no fallback: the host kernel then reads the packed values directly and was measured at
+0.8-2.6x of dense for M = 1 at 50-75% sparsity. The environment
 variable ``JAX_TW_BACKEND`` overrides the automatic choice (for testing). Gradients: ``dx`` is
 itself a tile-wise product (scatter-added into the kept K rows) and ``d(values)`` is formed only
 at kept positions; both run on the reference path, whatever the forward's backend. A layer whose
@@ -47,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tw import _ffi, packing
+from jax_tw import _ffi, packing, pallas
 from jax_tw.packing import PackedTiles
 
 __all__ = ["tw_matmul", "available_backends", "backend_for", "export_checks", "BACKENDS"]
@@ -180,8 +181,6 @@ def _forward(backend: str, x2, p: PackedTiles, bias):
             cuda=lambda *a: _forward(_platform_backend("cuda"), *a),
             default=lambda *a: _forward("xla", *a))
     if backend == "pallas":
-        from jax_tw import pallas
-
         def run(x2, p, bias, interpret):
             if not np.shape(p.residue_rows)[0]:
                 return pallas.tw_matmul(x2, p, bias, x2.dtype, interpret)  # bias fused
