@@ -96,13 +96,13 @@ def cpu_tw_matmul(x2: jax.Array, p) -> jax.Array:
     n, g = np.int64(p.n), np.int64(p.tile_size)
 
     def call(x2, *operands):
-        return jax.ffi.ffi_call(CPU_TARGET, _result_type(x2, (x2.shape[0], p.n), jnp.float32),
+        return jax.ffi.ffi_call(CPU_TARGET, result_type(x2, (x2.shape[0], p.n), jnp.float32),
                                 vmap_method="sequential")(x2, *operands, n=n, tile_size=g)
 
     return fold_batch(call)(*operands)
 
 
-def _result_type(x2, shape, dtype):
+def result_type(x2, shape, dtype):
     """A custom call's result typed like x under shard_map (see cpu_tw_matmul)."""
     x_type = jax.typeof(x2)
     return jax.ShapeDtypeStruct(shape, dtype, sharding=x_type.sharding,
@@ -134,7 +134,7 @@ def cuda_tw_matmul(x2: jax.Array, p, bias: jax.Array, out_dtype) -> jax.Array:
 
     def call(x2, *operands):
         return jax.ffi.ffi_call(
-            CUDA_TARGET, _result_type(x2, (x2.shape[0], p.n), out_dtype), vmap_method="sequential",
+            CUDA_TARGET, result_type(x2, (x2.shape[0], p.n), out_dtype), vmap_method="sequential",
             # major-to-minor: (1, 0) is column-major for x; the rest in their default layouts
             input_layouts=[(1, 0), None, None, None, None, None])(x2, *operands, n=n, tile_size=g)
 

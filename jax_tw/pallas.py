@@ -167,7 +167,7 @@ def _call(x2, bias, columns, row_offsets, rows, values, *, n, g, out_dtype, inte
                                bm=bm, bk=bk, bn=bn, chunks=chunks, precision=precision)
     m_blocks = pl.cdiv(m, bm)
     call = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(t * chunks, m_blocks),
+        kernel, out_shape=_ffi.result_type(x2, (m, n), out_dtype), grid=(t * chunks, m_blocks),
         interpret=interpret, name="jax_tw_tw_matmul", debug=_DEBUG and not interpret,
         compiler_params=plt.CompilerParams(num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3))
     # x feature-major (every kept K index of a tile one contiguous M-vector), padded to whole
