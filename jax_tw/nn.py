@@ -25,7 +25,7 @@ class TWDense(nn.Module):
 
     The mask lives in the ``tw_mask`` variable collection as a layer mask (see
     :mod:`jax_tw.patterns`): ``columns`` (N,), ``rows`` (ceil(N / tile_size), K) and
-    ``tile_size`` (an empty (tile_size, 0) array that carries G), initialised to keep every
+    ``tile_size`` (an all-False (tile_size,) array that carries G in its shape), initialised to keep every
     weight; an ``elements`` (K, N) mask joins them where a pattern with a residue (TEW, EW, VW,
     BW) prunes the layer. The forward pass uses only kept
     weights: a pruned weight has no effect on the output, whatever its stored value. Unpruned,
@@ -39,7 +39,7 @@ class TWDense(nn.Module):
     >>> layer = TWDense(features=6, tile_size=4)
     >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 5)))
     >>> jax.tree.map(jnp.shape, variables)
-    {'params': {'bias': (6,), 'kernel': (5, 6)}, 'tw_mask': {'columns': (6,), 'rows': (2, 5), 'tile_size': (4, 0)}}
+    {'params': {'bias': (6,), 'kernel': (5, 6)}, 'tw_mask': {'columns': (6,), 'rows': (2, 5), 'tile_size': (4,)}}
     >>> y = layer.apply(variables, jnp.ones((2, 5)))  # pass both collections
 
     Attributes:

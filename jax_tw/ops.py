@@ -131,7 +131,7 @@ def _forward_xla(x2: jax.Array, p: PackedTiles) -> jax.Array:
         idx, _, w = _padded_tiles(p)
         xg = x2[:, idx].astype(jnp.float32)  # (M, T, D); f32 operands = f32 accumulation
         out = jnp.einsum("mtd,tdg->mtg", xg, w.astype(jnp.float32))
-        out = out.reshape(m, -1)[:, :c]
+        out = out.reshape(m, p.num_tiles * p.tile_size)[:, :c]  # explicit sizes: M may be 0
         y = y.at[:, jnp.asarray(p.columns)].set(out)
     return _add_residue(y, x2, p)
 

@@ -180,7 +180,7 @@ def tw_matmul(x2: jax.Array, p, bias: jax.Array | None, out_dtype, interpret: bo
     """(M, K) x packed tiles + bias (f32 (N,) or None) -> (M, N) in ``out_dtype``, without the
     element-wise residue. ``interpret``: run in Pallas interpret mode (on a CPU)."""
     b = jnp.zeros((p.n,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
-    if np.shape(p.columns)[0] == 0:  # every column pruned: no tiles, the output is the bias
+    if np.shape(p.columns)[0] == 0 or x2.shape[0] == 0:  # no tiles (the output is the bias), or no rows
         return jnp.broadcast_to(b, (x2.shape[0], p.n)).astype(out_dtype)
     call = functools.partial(_call, n=p.n, g=p.tile_size, out_dtype=out_dtype, interpret=interpret)
     operands = [jnp.asarray(a, jnp.int32) for a in (p.columns, p.row_offsets, p.rows)] + [

@@ -5,7 +5,7 @@ layer with kernel ``(K, N)`` and tile size ``G``::
 
     {'columns':   bool (N,),      # output columns kept by column pruning
      'rows':      bool (T, K),    # T = ceil(N / G): K rows kept by each tile
-     'tile_size': bool (G, 0),    # carries G in its static shape (no data): see mask_tile_size
+     'tile_size': bool (G,),      # all False: carries G in its static shape, see mask_tile_size
      'elements':  bool (K, N)}    # weights kept outside the tiles (TEW residue, baselines);
                                   # absent where a pattern has none (TW-2D, TW-1D)
 
@@ -109,9 +109,9 @@ def num_tiles(n: int, tile_size: int) -> int:
 
 
 def tile_marker(tile_size: int) -> np.ndarray:
-    """The ``tile_size`` entry of a layer mask: an empty ``(G, 0)`` array whose static shape
-    carries G (known under jit, no memory)."""
-    return np.zeros((check_tile_size(tile_size), 0), bool)
+    """The ``tile_size`` entry of a layer mask: an all-False ``(G,)`` array whose static shape
+    carries G (known under jit; G bytes, not an empty array, which Orbax refuses to save)."""
+    return np.zeros((check_tile_size(tile_size),), bool)
 
 
 def keep_all(k: int, n: int, tile_size: int, elements: bool = False) -> LayerMask:
@@ -146,8 +146,8 @@ def mask_tile_size(mask: Any, tile_size: Any = None, where: str = "layer") -> in
     carried = None
     if hasattr(mask, "keys") and TILE_KEY in mask:
         shape = tuple(jnp.shape(mask[TILE_KEY]))
-        if len(shape) != 2 or shape[1] != 0 or shape[0] <= 0:
-            raise ValueError(f"{where}: tw_mask '{TILE_KEY}' must be an empty (G, 0) array "
+        if len(shape) != 1 or shape[0] <= 0:
+            raise ValueError(f"{where}: tw_mask '{TILE_KEY}' must be a (G,) array "
                              f"carrying the tile size, got shape {shape}")
         carried = shape[0]
     if tile_size is not None:
@@ -559,6 +559,7 @@ class TEW(Pattern):
             raise ValueError(f"column_share must be in [0, 1], got {self.column_share!r}")
 
     def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
+        _check_element_count(self, scores, ctx)  # the residue ranks single weights
         if _is_concrete(final_sparsity) and float(final_sparsity) + self.residue >= 1.0:
             raise ValueError(
                 f"TEW needs sparsity + residue < 1, got {float(final_sparsity)!r} + {self.residue!r}")

@@ -246,10 +246,13 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
     sizes = {p: patterns.mask_tile_size(mask_layers[p], tile_size, f"tw_mask {names[p]}") for p in pruned}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"the pruned layers have different tile sizes {sorted(set(sizes.values()))} "
-                         "(from their masks); prune them with one prune.step each")
+                         "(from their masks); one prune.step ranks layers of one tile size: give "
+                         "the pruned TWDense layers the same tile_size, or leave the others out "
+                         "with the layers filter")
     tile_size = sizes[pruned[0]]
-    for p in pruned:
-        mask_layers[p] = _with_elements(mask_layers[p], pattern.has_elements, names[p])
+    for p in pruned:  # the structure the pattern returns: the marker, elements if it has them
+        mask_layers[p] = dict(_with_elements(mask_layers[p], pattern.has_elements, names[p]),
+                              **{patterns.TILE_KEY: jnp.asarray(patterns.tile_marker(tile_size))})
     initial_masks = traverse_util.unflatten_dict(
         {path + (key,): jnp.asarray(v) for path, m in mask_layers.items() for key, v in m.items()})
 

@@ -127,7 +127,7 @@ def test_mask_in_its_own_collection_in_a_model():
     assert set(variables["tw_mask"]) == {"up"}
     shapes = jax.tree.map(jnp.shape, variables["tw_mask"]["up"])
     # No (K, N) element mask until a pattern with a residue prunes the layer; G in a marker.
-    assert shapes == {"columns": (32,), "rows": (4, 16), "tile_size": (8, 0)}
+    assert shapes == {"columns": (32,), "rows": (4, 16), "tile_size": (8,)}
     assert variables["tw_mask"]["up"]["columns"].dtype == jnp.bool_
 
 

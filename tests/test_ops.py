@@ -419,3 +419,11 @@ def test_dense_fallback_counts_the_residue_cost():
         assert p.density() == pytest.approx(0.25, abs=0.01)
         assert p.cost() == pytest.approx(p.density() + (packing.RESIDUE_COST - 1) * len(p.residue_rows) / w.size)
         assert (p.dense is not None) == dense, (residue, p.cost())
+
+
+@pytest.mark.parametrize("backend", BACKENDS + [None])
+def test_no_rows(backend):
+    """M = 0 (an empty batch) gives an empty result on every backend, the automatic one too."""
+    _, _, p = _layer(16, 24, 8, 0.5)
+    y = ops.tw_matmul(np.ones((0, 16), np.float32), p, np.ones(24, np.float32), backend=backend)
+    assert y.shape == (0, 24)

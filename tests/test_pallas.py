@@ -69,7 +69,7 @@ def test_residue_no_bias_and_every_column_pruned():
     assert len(p.residue_rows)
     x = rng.normal(size=(5, 24)).astype(np.float32)
     _check(ops.tw_matmul(x, p, backend="pallas"), _reference(x, p), np.float32)
-    empty = {"columns": np.zeros(10, bool), "rows": np.zeros((2, 6), bool), "tile_size": np.zeros((8, 0), bool)}
+    empty = {"columns": np.zeros(10, bool), "rows": np.zeros((2, 6), bool), "tile_size": np.zeros(8, bool)}
     q = packing.pack(rng.normal(size=(6, 10)).astype(np.float32), empty)
     bias = rng.normal(size=(10,)).astype(np.float32)
     y = ops.tw_matmul(rng.normal(size=(3, 6)).astype(np.float32), q, bias, backend="pallas")
@@ -88,7 +88,7 @@ def test_grads_jit_and_vmap():
     np.testing.assert_allclose(gx, 2 * (np.asarray(xs[0], np.float64) @ w) @ w.T, rtol=1e-5, atol=1e-5)
     gw = 2 * np.asarray(xs[0], np.float64).T @ (np.asarray(xs[0], np.float64) @ w)  # dense dL/dW
     gpacked = packing.pack(gw.astype(np.float32), {"columns": np.isin(np.arange(40), p.columns),
-                                                   "rows": _rows_mask(p), "tile_size": np.zeros((8, 0), bool)})
+                                                   "rows": _rows_mask(p), "tile_size": np.zeros(8, bool)})
     np.testing.assert_allclose(np.asarray(gv)[:, :8], gpacked.values[:, :8], rtol=1e-4, atol=1e-4)
 
 

@@ -356,7 +356,7 @@ def test_sparsity_rounding_to_one_in_float32_is_refused():
 
 def test_mask_tile_size_mismatch_and_marker():
     [m] = patterns.TW2D()([np.ones((6, 10), np.float32)], 0.5, tile_size=4)
-    assert np.shape(m["tile_size"]) == (4, 0) and patterns.mask_tile_size(m) == 4
+    assert np.shape(m["tile_size"]) == (4,) and patterns.mask_tile_size(m) == 4
     with pytest.raises(ValueError, match="made for tile_size=4, got tile_size=5"):
         patterns.dense_mask(m, 5)
     with pytest.raises(ValueError, match="made for tile_size=4, got tile_size=2"):

@@ -335,3 +335,16 @@ def test_tile_wise_state_holds_no_element_mask():
         # The model takes either kind of mask.
         out = model.apply({"params": params, "tw_mask": masks}, x)
         assert np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("pattern", [patterns.TW2D(), patterns.TEW(residue=0.05)], ids=lambda p: p.name)
+def test_hand_built_masks_without_the_marker_prune(pattern):
+    """Masks built by hand (or saved before masks carried G) prune when tile_size is given: the
+    state takes the structure the pattern returns."""
+    rng = np.random.default_rng(0)
+    params = {"l": {"kernel": jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)}}
+    mask = {"l": {"columns": np.ones(12, bool), "rows": np.ones((3, 8), bool), "elements": np.zeros((8, 12), bool)}}
+    tx = prune.step(mask, prune.one_shot(0.5), pattern=pattern, tile_size=4, update_every=1)
+    _, state = jax.jit(tx.update)(params, tx.init(params), params)
+    assert prune.sparsity(state).total == pytest.approx(0.5, abs=0.1)
+    assert patterns.mask_tile_size(prune.masks(state)["l"]) == 4

@@ -49,7 +49,7 @@ def assert_tile_structure(mask, tile_size):
     dense = dense_reference(mask, tile_size)
     columns = np.asarray(mask["columns"])
     assert "elements" not in mask, "a tile-wise mask carries an element mask"
-    assert np.shape(mask["tile_size"]) == (tile_size, 0), "the mask carries a wrong tile size"
+    assert np.shape(mask["tile_size"]) == (tile_size,), "the mask carries a wrong tile size"
     assert not dense[:, ~columns].any(), "a pruned column has kept weights"
     for cols in tiles_of(columns, tile_size):
         block = dense[:, cols]
