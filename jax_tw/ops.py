@@ -181,20 +181,12 @@ def _forward(backend: str, x2, p: PackedTiles, bias):
             cuda=lambda *a: _forward(_platform_backend("cuda"), *a),
             default=lambda *a: _forward("xla", *a))
     if backend == "pallas":
-        def run(x2, p, bias, interpret):
-            if not np.shape(p.residue_rows)[0]:
-                return pallas.tw_matmul(x2, p, bias, x2.dtype, interpret)  # bias fused
-            y = pallas.tw_matmul(x2, p, bias, jnp.float32, interpret)
-            return _add_residue(y, x2, p).astype(x2.dtype)
-
         return jax.lax.platform_dependent(  # compiled by Triton on a GPU, interpreted elsewhere
-            x2, p, bias, cuda=lambda *a: run(*a, interpret=False),
-            default=lambda *a: run(*a, interpret=True))
+            x2, p, bias,
+            cuda=lambda *a: _bias_fused(functools.partial(pallas.tw_matmul, interpret=False), *a),
+            default=lambda *a: _bias_fused(functools.partial(pallas.tw_matmul, interpret=True), *a))
     if backend == "cuda":
-        b = jnp.zeros((p.n,), jnp.float32) if bias is None else bias
-        if not np.shape(p.residue_rows)[0]:
-            return _ffi.cuda_tw_matmul(x2, p, b, x2.dtype)  # bias fused, written in x's dtype
-        return _add_residue(_ffi.cuda_tw_matmul(x2, p, b, jnp.float32), x2, p).astype(x2.dtype)
+        return _bias_fused(_ffi.cuda_tw_matmul, x2, p, bias)
     if backend == "cpu":
         y = _ffi.cpu_tw_matmul(x2, p)
     elif backend == "dense":
@@ -207,6 +199,15 @@ def _forward(backend: str, x2, p: PackedTiles, bias):
     if bias is not None:
         y = y + bias
     return y.astype(x2.dtype)
+
+
+def _bias_fused(kernel, x2, p: PackedTiles, bias):
+    """A GPU kernel ``kernel(x2, p, bias, out_dtype)`` that fuses the bias and writes x's dtype;
+    a TEW residue is added by XLA to its f32 output."""
+    b = jnp.zeros((p.n,), jnp.float32) if bias is None else bias
+    if not np.shape(p.residue_rows)[0]:
+        return kernel(x2, p, b, x2.dtype)
+    return _add_residue(kernel(x2, p, b, jnp.float32), x2, p).astype(x2.dtype)
 
 
 def _dense_kernel(p: PackedTiles) -> jax.Array:

@@ -171,13 +171,18 @@ def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int | None = None,
     if keep_dense is None:
         keep_dense = packed.cost() > DENSE_ABOVE
     if keep_dense:
-        packed = dataclasses.replace(packed, dense=unpack(packed))
+        packed = dataclasses.replace(packed, dense=_unpack_valid(packed))
     return packed
 
 
 def unpack(packed: PackedTiles) -> np.ndarray:
     """The masked dense kernel (K, N) that ``packed`` holds (exact: values are copied)."""
     validate(packed)
+    return _unpack_valid(packed)
+
+
+def _unpack_valid(packed: PackedTiles) -> np.ndarray:
+    """:func:`unpack` of tiles already validated."""
     p = jax.tree.map(np.asarray, packed)
     w = np.zeros((p.k, p.n), p.values.dtype)
     g = p.tile_size

@@ -319,9 +319,7 @@ def _prune_lowest(scores: Array, lengths: Array, forced: Array, protected: Array
     key = jnp.where(forced, -jnp.inf, jnp.where(protected, jnp.inf, scores.astype(jnp.float32)))
     order = jnp.argsort(key, stable=True)
     cum = _prefix_counts(jnp.concatenate([jnp.zeros((1,), jnp.int32), lengths[order].astype(jnp.int32)]))
-    target = _count(target)
-    p = jnp.argmin(_distance(cum, _Count(jnp.broadcast_to(target.low, cum.low.shape),
-                                         jnp.broadcast_to(target.approx, cum.approx.shape))))
+    p = jnp.argmin(_distance(cum, _count(target)))  # the scalar target broadcasts
     p = jnp.clip(p, jnp.sum(forced), n - jnp.sum(protected))
     return jnp.zeros((n,), bool).at[order].set(jnp.arange(n) < p)
 

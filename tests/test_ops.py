@@ -10,29 +10,14 @@ import pytest
 from jax.test_util import check_grads
 
 from jax_tw import _ffi, ops, packing, patterns
-from twcheck import runnable_backends
+from twcheck import packed_layer, reference as _reference, runnable_backends
 
 BACKENDS = runnable_backends()
 
 
 def _layer(k, n, g, sparsity, dtype=np.float32, seed=0, pattern=None, empty_tiles=False):
-    """A random kernel, its mask and its packed tiles (values random, never zero)."""
-    rng = np.random.default_rng(seed)
-    w = rng.normal(size=(k, n)).astype(dtype)
-    pattern = pattern or patterns.TW2D()
-    [mask] = pattern([rng.random((k, n)).astype(np.float32)], sparsity, tile_size=g, min_keep=0.0)
-    mask = jax.tree.map(np.asarray, mask)
-    if empty_tiles:  # force tiles with no kept rows
-        mask["rows"] = mask["rows"].copy()
-        mask["rows"][::2] = False
-    return w, mask, packing.pack(w, mask, g)
-
-
-def _reference(x, w_masked, bias=None):
-    y = np.asarray(x, np.float64).reshape(-1, w_masked.shape[0]) @ np.asarray(w_masked, np.float64)
-    if bias is not None:
-        y = y + np.asarray(bias, np.float64)
-    return y.reshape(*np.shape(x)[:-1], w_masked.shape[1])
+    """twcheck.packed_layer, every other tile emptied when ``empty_tiles``."""
+    return packed_layer(k, n, g, sparsity, dtype, seed, pattern, empty_every=2 if empty_tiles else 0)
 
 
 # ----------------------------------------------------------------------------- packing

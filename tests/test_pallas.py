@@ -14,24 +14,17 @@ import pytest
 
 from jax_tw import ops, packing, patterns
 from jax_tw import pallas as tw_pallas
-from twcheck import clamped_reference
+from twcheck import clamped_reference, packed_layer, reference
 
 
 def _layer(k, n, g, sparsity, dtype=np.float32, seed=0, pattern=None, empty_tiles=True, keep_dense=False):
-    rng = np.random.default_rng(seed)
-    w = rng.normal(size=(k, n)).astype(dtype)
-    pattern = pattern or patterns.TW2D()
-    [mask] = pattern([rng.random((k, n)).astype(np.float32)], sparsity, tile_size=g, min_keep=0.0)
-    mask = jax.tree.map(np.asarray, mask)
-    if empty_tiles:  # tiles with no kept rows
-        mask["rows"] = mask["rows"].copy()
-        mask["rows"][::3] = False
-    return packing.pack(w, mask, g, keep_dense=keep_dense)
+    """twcheck.packed_layer's tiles, every third tile emptied when ``empty_tiles``."""
+    return packed_layer(k, n, g, sparsity, dtype, seed, pattern, empty_every=3 if empty_tiles else 0,
+                        keep_dense=keep_dense)[2]
 
 
 def _reference(x, p, bias=None):
-    y = np.asarray(x, np.float64) @ np.asarray(packing.unpack(p), np.float64)
-    return y if bias is None else y + np.asarray(bias, np.float64)
+    return reference(x, packing.unpack(p), bias)
 
 
 def _check(y, want, dtype):

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from jax_tw import _ffi
+from jax_tw import _ffi, packing, patterns
 
 
 def runnable_backends(base=("xla", "dense", "pallas")):
@@ -85,3 +85,26 @@ def clamped_reference(x, p, bias):
             if 0 <= c < p.n:
                 y[:, c] = acc[:, j] + bias[c]
     return y
+
+
+def packed_layer(k, n, g, sparsity, dtype=np.float32, seed=0, pattern=None, empty_every=0,
+                 keep_dense=None):
+    """A random kernel, its mask and its packed tiles (values random, never zero);
+    ``empty_every`` = j > 0 empties every j-th tile's rows (tiles with no kept rows)."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(k, n)).astype(dtype)
+    pattern = pattern or patterns.TW2D()
+    [mask] = pattern([rng.random((k, n)).astype(np.float32)], sparsity, tile_size=g, min_keep=0.0)
+    mask = jax.tree.map(np.asarray, mask)
+    if empty_every:
+        mask["rows"] = mask["rows"].copy()
+        mask["rows"][::empty_every] = False
+    return w, mask, packing.pack(w, mask, g, keep_dense=keep_dense)
+
+
+def reference(x, w_masked, bias=None):
+    """x @ w_masked (+ bias) in float64, x of shape (..., K)."""
+    y = np.asarray(x, np.float64).reshape(-1, w_masked.shape[0]) @ np.asarray(w_masked, np.float64)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    return y.reshape(*np.shape(x)[:-1], w_masked.shape[1])
