@@ -13,7 +13,7 @@ from jax import lax
 
 from jax_tw import ops, packing, patterns
 
-__all__ = ["TWDense", "MASK_COLLECTION"]
+__all__ = ["TWDense", "MASK_COLLECTION", "packed_dense"]
 
 MASK_COLLECTION = "tw_mask"
 
@@ -88,17 +88,8 @@ class TWDense(nn.Module):
     def _packed(self, inputs: Any, bias: Any) -> Any:
         """Inference over packed tiles (the variables came from ``packing.pack_variables``)."""
         tiles = self.get_variable(packing.PACKED_COLLECTION, "tiles")
-        k = jnp.shape(inputs)[-1]
         where = "/".join(self.path) or type(self).__name__
-        if not isinstance(tiles, packing.PackedTiles) or (tiles.k, tiles.n) != (k, self.features):
-            got = (tiles.k, tiles.n) if isinstance(tiles, packing.PackedTiles) else type(tiles).__name__
-            raise ValueError(f"{where}: packed tiles are for a kernel {got}, expected {(k, self.features)}")
-        out_dtype = self.dtype or jnp.result_type(inputs, self.param_dtype)
-        y = ops.tw_matmul(jnp.asarray(inputs).astype(tiles.dtype), tiles)
-        y = y.astype(out_dtype)
-        if bias is not None:
-            y += jnp.reshape(bias.astype(out_dtype), (1,) * (y.ndim - 1) + (-1,))
-        return y
+        return packed_dense(inputs, tiles, bias, self.features, self.dtype, self.param_dtype, where)
 
     def layer_mask(self, k: int) -> patterns.LayerMask:
         """Reads (or, when initialising, creates) this layer's ``tw_mask`` entry."""
@@ -116,7 +107,23 @@ class TWDense(nn.Module):
         if self.has_variable(MASK_COLLECTION, "elements"):  # a pattern with a residue made it
             mask["elements"] = self.get_variable(MASK_COLLECTION, "elements")
         patterns.check_layer_mask(mask, k, self.features, self.tile_size, where=where)
-        for key, value in mask.items():
-            if jnp.result_type(value) != jnp.bool_:
-                raise ValueError(f"{where}: tw_mask '{key}' must be boolean, got dtype {jnp.result_type(value)}")
         return mask
+
+
+def packed_dense(inputs: Any, tiles: Any, bias: Any, features: int, dtype: Any, param_dtype: Any,
+                 where: str) -> Any:
+    """``inputs @ W + bias`` over the packed tiles of a (K, ``features``) kernel W, for a dense
+    layer of dtype ``dtype`` (None: inferred from ``inputs`` and ``param_dtype``, as
+    ``nn.Dense`` does): the packed path shared by :class:`TWDense`,
+    :class:`jax_tw.nnx.TWLinear` and :mod:`jax_tw.intercept`. ``inputs`` is ``(..., K)``,
+    ``bias`` (features,) or None."""
+    k = jnp.shape(inputs)[-1]
+    if not isinstance(tiles, packing.PackedTiles) or (tiles.k, tiles.n) != (k, features):
+        got = (tiles.k, tiles.n) if isinstance(tiles, packing.PackedTiles) else type(tiles).__name__
+        raise ValueError(f"{where}: packed tiles are for a kernel {got}, expected {(k, features)}")
+    out_dtype = dtype or jnp.result_type(inputs, param_dtype)
+    y = ops.tw_matmul(jnp.asarray(inputs).astype(tiles.dtype), tiles)
+    y = y.astype(out_dtype)
+    if bias is not None:
+        y += jnp.reshape(jnp.asarray(bias).astype(out_dtype), (1,) * (y.ndim - 1) + (-1,))
+    return y

@@ -37,7 +37,7 @@ import numpy as np
 from jax_tw import patterns
 
 __all__ = ["PackedTiles", "pack", "unpack", "validate", "check_shapes", "pack_variables", "save",
-           "load", "PACKED_COLLECTION"]
+           "load", "to_arrays", "from_arrays", "PACKED_COLLECTION"]
 
 
 @jax.tree_util.register_dataclass
@@ -307,6 +307,10 @@ def pack_variables(variables: dict, tile_size: int | None = None, dtype: Any = N
         if key not in params:
             raise ValueError(f"params has no kernel at {'/'.join(key)} for tw_mask layer {'/'.join(layer)}")
         kernel = np.asarray(params.pop(key))
+        if kernel.ndim != 2 and {"rows", "columns"} <= set(mask):
+            k, n = np.shape(mask["rows"])[-1], np.shape(mask["columns"])[0]
+            patterns.kernel_matrix_shape(kernel.shape, k, n, where=f"params {'/'.join(key)}")
+            kernel = kernel.reshape(k, n)  # a DenseGeneral kernel: the matrix it multiplies as
         if dtype is not None:
             kernel = kernel.astype(dtype)
         try:
@@ -349,6 +353,45 @@ def save(path: str, variables: dict) -> None:
             tensors[key] = a.view(np.uint16) if a.dtype == np.dtype(jnp.bfloat16) else np.ascontiguousarray(a)
     save_file(tensors, path, metadata={"jax_tw.dtypes": json.dumps(dtypes),
                                        "jax_tw.tiles": json.dumps(statics)})
+
+
+def to_arrays(tree: Any) -> Any:
+    """``tree`` with every :class:`PackedTiles` replaced by a dict of its arrays, its static
+    sizes in a ``'statics'`` int64 array (k, n, tile_size, max_depth): a tree of arrays only,
+    which checkpointers such as Orbax save and restore without a target structure.
+    :func:`from_arrays` gives the tiles back (validated).
+
+    >>> import orbax.checkpoint as ocp  # doctest: +SKIP
+    >>> ocp.StandardCheckpointer().save(path, packing.to_arrays(packed))  # doctest: +SKIP
+    >>> packed = packing.from_arrays(ocp.StandardCheckpointer().restore(path))  # doctest: +SKIP
+    """
+    def convert(leaf):
+        if not isinstance(leaf, PackedTiles):
+            return leaf
+        out = {f: getattr(leaf, f) for f in _FIELDS + ("dense",) if getattr(leaf, f) is not None}
+        out["statics"] = np.array([getattr(leaf, s) for s in _STATICS], np.int64)
+        return out
+    return jax.tree.map(convert, patterns.plain_dict(tree), is_leaf=lambda x: isinstance(x, PackedTiles))
+
+
+def from_arrays(tree: Any) -> Any:
+    """The inverse of :func:`to_arrays`: every dict holding the fields of packed tiles and a
+    ``'statics'`` entry becomes :class:`PackedTiles` again (validated); other leaves are kept."""
+    if isinstance(tree, PackedTiles) or not hasattr(tree, "items"):
+        return tree
+    keys = set(tree.keys())
+    if "statics" in keys and set(_FIELDS) <= keys:
+        extra = keys - set(_FIELDS) - {"statics", "dense"}
+        statics = np.asarray(tree["statics"])
+        if extra or statics.shape != (len(_STATICS),):
+            raise ValueError(f"packed tiles: unexpected entries {sorted(extra)} or statics of shape "
+                             f"{statics.shape}, expected ({len(_STATICS)},)")
+        tiles = PackedTiles(**{f: np.asarray(tree[f]) for f in _FIELDS},
+                            dense=None if tree.get("dense") is None else np.asarray(tree["dense"]),
+                            **{s: int(v) for s, v in zip(_STATICS, statics)})
+        validate(tiles)
+        return tiles
+    return {k: from_arrays(v) for k, v in tree.items()}
 
 
 def load(path: str) -> dict:

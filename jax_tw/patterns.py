@@ -65,7 +65,7 @@ __all__ = [
     "LayerMask", "Pattern", "TW2D", "TW1D", "TEW", "EW", "VW", "BW", "get",
     "num_tiles", "keep_all", "expand", "dense_mask", "check_positive_int", "check_tile_size",
     "check_sparsity", "layer_masks", "plain_dict",
-    "check_layer_mask", "mask_tile_size", "tile_marker",
+    "check_layer_mask", "mask_tile_size", "tile_marker", "kernel_matrix_shape",
 ]
 
 TILE_KEY = "tile_size"  # the mask entry that carries G
@@ -180,6 +180,10 @@ def check_layer_mask(mask: Any, k: int, n: int, tile_size: Any = None, where: st
             raise ValueError(
                 f"{where}: tw_mask '{key}' has shape {got}, expected {shape} for a kernel of "
                 f"shape {(k, n)} with tile_size={tile_size}")
+    for key in mask.keys():
+        if jnp.result_type(mask[key]) != jnp.bool_:
+            raise ValueError(f"{where}: tw_mask '{key}' must be boolean, got dtype "
+                             f"{jnp.result_type(mask[key])}")
     return tile_size
 
 
@@ -198,8 +202,30 @@ def layer_masks(tw_mask: Any) -> dict[tuple, LayerMask]:
 
 
 def plain_dict(tree: Any) -> Any:
-    """Nested mappings (FrozenDict included) as nested plain dicts; other leaves as they are."""
-    return {k: plain_dict(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
+    """Nested mappings (FrozenDict and ``nnx.State`` included) as nested plain dicts with str
+    keys (an NNX list's integer keys become '0', '1'...); ``nnx.Variable`` leaves as their
+    values; other leaves as they are."""
+    if isinstance(tree, _nnx_variable()):
+        return tree.get_value()
+    return {str(k): plain_dict(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
+
+
+def _nnx_variable() -> type:
+    from flax import nnx
+    return nnx.Variable
+
+
+def kernel_matrix_shape(kernel_shape: Sequence[int], k: int, n: int, where: str = "layer") -> None:
+    """Raises ValueError unless a kernel of ``kernel_shape`` multiplies as a ``(k, n)`` matrix:
+    its leading dims (the contracted ones, as in ``DenseGeneral``) multiply to ``k`` and the
+    rest to ``n``. Such a kernel is ``kernel.reshape(k, n)`` as a matrix, and a ``(k, n)`` mask
+    is ``mask.reshape(kernel_shape)`` for the kernel."""
+    shape = tuple(int(d) for d in kernel_shape)
+    if not any(math.prod(shape[:i]) == k and math.prod(shape[i:]) == n
+               for i in range(1, len(shape))):
+        raise ValueError(f"{where}: the kernel has shape {shape}, which does not multiply as the "
+                         f"({k}, {n}) matrix its tw_mask was made for (leading dims giving K={k}, "
+                         f"the rest N={n})")
 
 
 # ----------------------------------------------------------------------------- expansion

@@ -16,6 +16,8 @@ How the transform works, each step:
 
 1. Taylor scores (``score='taylor'``) accumulate ``(g * w)^2`` from the *true* gradients, which the
    caller passes as an extra argument: ``tx.update(grads, opt_state, params, grads=grads)``
+   (``taylor_grads=grads`` is the same; ``nnx.Optimizer.update`` reserves the name ``grads``,
+   so there it is ``optimizer.update(model, grads, taylor_grads=grads)``)
    (``optax.chain`` hands extra arguments to every transform). The ``updates`` that reach this
    transform have been through the optimizer (Adam's normalisation, learning rate...), so they
    are never used as gradients. Magnitude scores use ``|params + updates|``, the weights as they
@@ -178,6 +180,27 @@ def _default_layers(path: Path) -> bool:
     return True
 
 
+def _mask_matrix(mask: dict) -> tuple[int, int]:
+    """(K, N) of the kernel a layer mask is for, read from its shapes."""
+    if not hasattr(mask, "keys") or not {"columns", "rows"} <= set(mask.keys()):
+        got = sorted(mask.keys()) if hasattr(mask, "keys") else type(mask).__name__
+        raise ValueError(f"a tw_mask layer entry must have keys 'columns' and 'rows', got {got}")
+    return int(jnp.shape(mask["rows"])[-1]), int(jnp.shape(mask["columns"])[0])
+
+
+def _mask_tree(tw_mask: Any) -> Any:
+    """A ``tw_mask`` tree as plain dicts: an NNX model or ``nnx.state(model, TWMask)`` becomes
+    the same layer masks a linen model's ``tw_mask`` collection holds (see jax_tw.nnx.masks)."""
+    from flax import nnx
+
+    from jax_tw import nnx as twnnx
+    if isinstance(tw_mask, nnx.Module) or any(
+            isinstance(v, twnnx.TWMask) for v in jax.tree_util.tree_leaves(
+                tw_mask, is_leaf=lambda x: isinstance(x, nnx.Variable))):
+        return twnnx.masks(tw_mask)
+    return tw_mask
+
+
 def _with_elements(mask: dict, has_elements: bool, where: str) -> dict:
     """A layer mask with an element mask exactly when the pattern makes one: tile-wise patterns
     have none, so the state holds no (K, N) mask for them (one byte per weight saved)."""
@@ -204,8 +227,11 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
     :func:`masks` and pass them as the model's ``tw_mask`` collection.
 
     Args:
-      tw_mask: the model's ``tw_mask`` collection (from ``model.init``): which layers exist and
-        their starting masks.
+      tw_mask: the model's ``tw_mask`` collection (from ``model.init``; for the layers of an
+        unmodified linen model, from :func:`jax_tw.intercept.init`): which layers exist and
+        their starting masks. For Flax NNX, the model itself or ``nnx.state(model,
+        jax_tw.nnx.TWMask)``. A kernel may have more than two dims (``DenseGeneral``): it is
+        pruned as the (K, N) matrix it multiplies as, K its leading dims.
       schedule: step -> total sparsity, e.g. :func:`cubic`, :func:`stages`, :func:`one_shot`;
         must have a ``final`` attribute (the sparsity it ends at).
       pattern: a :mod:`jax_tw.patterns` pattern (default ``TW2D()``).
@@ -215,7 +241,8 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
         and at the schedule's ``boundaries`` (if it has that attribute: stage starts, a cubic
         ramp's begin and end) whatever ``update_every`` is.
       score: ``'magnitude'`` (``|w|``) or ``'taylor'`` (``(g * w)^2`` summed over the steps since
-        the last update; needs ``grads=`` passed to ``update``, see the module docstring).
+        the last update; needs ``grads=`` (or ``taylor_grads=``) passed to ``update``, see the
+        module docstring).
       layers: filter on the kernel's param path (a tuple of str, e.g.
         ``('encoder', 'query', 'kernel')``): True to prune it. Default: every TWDense kernel.
       per_layer: rank each layer alone instead of one global ranking.
@@ -235,7 +262,7 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
     patterns.check_sparsity(final, "the schedule's final sparsity")
     if not 0.0 <= min_keep < 1.0:
         raise ValueError(f"min_keep must be in [0, 1), got {min_keep!r}")
-    mask_layers = patterns.layer_masks(tw_mask)
+    mask_layers = patterns.layer_masks(_mask_tree(tw_mask))
     if not mask_layers:
         raise ValueError("tw_mask holds no layer masks: pass the model's variables['tw_mask']")
     pruned = [p for p in mask_layers if layers(_kernel_path(p))]
@@ -250,6 +277,10 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
                          "the pruned TWDense layers the same tile_size, or leave the others out "
                          "with the layers filter")
     tile_size = sizes[pruned[0]]
+    for p in pruned:
+        patterns.check_layer_mask(mask_layers[p], *_mask_matrix(mask_layers[p]), tile_size,
+                                  where=f"tw_mask {names[p]}")
+    matrix = {p: _mask_matrix(mask_layers[p]) for p in pruned}  # (K, N) of each pruned kernel
     for p in pruned:  # the structure the pattern returns: the marker, elements if it has them
         mask_layers[p] = dict(_with_elements(mask_layers[p], pattern.has_elements, names[p]),
                               **{patterns.TILE_KEY: jnp.asarray(patterns.tile_marker(tile_size))})
@@ -257,6 +288,8 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
         {path + (key,): jnp.asarray(v) for path, m in mask_layers.items() for key, v in m.items()})
 
     def kernels(tree: Any, what: str) -> dict[Path, jax.Array]:
+        """The pruned layers' kernels in ``tree`` as (K, N) matrices (a DenseGeneral kernel's
+        leading dims are K, see patterns.kernel_matrix_shape)."""
         flat = traverse_util.flatten_dict(patterns.plain_dict(tree))
         out = {}
         for p in pruned:
@@ -264,17 +297,14 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
             if kp not in flat:
                 raise ValueError(f"{what} has no kernel at {'/'.join(kp)} for the tw_mask layer "
                                  f"{'/'.join(p)}: the mask tree doesn't match the params")
-            out[p] = flat[kp]
+            k, n = matrix[p]
+            patterns.kernel_matrix_shape(jnp.shape(flat[kp]), k, n,
+                                         where=f"{what} {'/'.join(kp)}")
+            out[p] = jnp.reshape(flat[kp], (k, n))
         return out
 
     def init_fn(params: Any) -> PruneState:
         weights = kernels(params, "params")
-        for p, w in weights.items():
-            if jnp.ndim(w) != 2:
-                raise ValueError(f"params {'/'.join(_kernel_path(p))} has shape {jnp.shape(w)}; "
-                                 "expected a (K, N) kernel")
-            patterns.check_layer_mask(mask_layers[p], *jnp.shape(w), tile_size,
-                                      where=f"tw_mask {'/'.join(p)}")
         scores = {}
         if score == "taylor":
             scores = {names[p]: jnp.zeros(jnp.shape(w), jnp.float32) for p, w in weights.items()}
@@ -282,6 +312,7 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
                           initial_masks, scores)
 
     def update_fn(updates: Any, state: PruneState, params: Any = None, *, grads: Any = None,
+                  taylor_grads: Any = None,
                   **extra_args: Any) -> tuple[Any, PruneState]:
         del extra_args
         if params is None:
@@ -293,10 +324,14 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
         u = kernels(updates, "updates")
         acc = dict(state.scores)
         if score == "taylor":
+            if grads is not None and taylor_grads is not None:
+                raise ValueError("pass the true gradients once: grads= or taylor_grads=, not both")
+            grads = taylor_grads if grads is None else grads
             if grads is None:
                 raise ValueError(
                     "score='taylor' needs the true gradients: call "
-                    "tx.update(grads, opt_state, params, grads=grads)")
+                    "tx.update(grads, opt_state, params, grads=grads) (with nnx.Optimizer: "
+                    "optimizer.update(model, grads, taylor_grads=grads))")
             g = kernels(grads, "grads")
             for p in pruned:
                 acc[names[p]] = acc[names[p]] + jnp.square(
@@ -328,13 +363,13 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
         for p, m in zip(pruned, new_masks):
             for key, v in m.items():
                 flat_masks[p + (key,)] = v
-            dense[_kernel_path(p)] = patterns.dense_mask(m, tile_size)
+            dense[_kernel_path(p)] = patterns.dense_mask(m, tile_size)  # (K, N)
 
         def mask_update(path, upd, param):
             key = tuple(_path_key(e) for e in path)
             if key not in dense:
                 return upd
-            return jnp.where(dense[key], upd, -param).astype(upd.dtype)
+            return jnp.where(dense[key].reshape(jnp.shape(upd)), upd, -param).astype(upd.dtype)
 
         updates = jax.tree_util.tree_map_with_path(mask_update, updates, params)
         new_state = PruneState(
@@ -350,8 +385,10 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
 # ----------------------------------------------------------------------------- reading the state
 
 def masks(opt_state: Any) -> Any:
-    """The masks held by the :func:`step` inside ``opt_state``, shaped like the ``tw_mask``
-    collection: ``model.apply({'params': params, 'tw_mask': prune.masks(opt_state)}, x)``."""
+    """The masks held by the :func:`step` inside ``opt_state`` (or an ``nnx.Optimizer``),
+    shaped like the ``tw_mask`` collection:
+    ``model.apply({'params': params, 'tw_mask': prune.masks(opt_state)}, x)``; for NNX,
+    ``jax_tw.nnx.set_masks(model, prune.masks(optimizer))``."""
     found = [s for s in jax.tree_util.tree_leaves(
         opt_state, is_leaf=lambda x: isinstance(x, PruneState)) if isinstance(s, PruneState)]
     if not found:
@@ -359,7 +396,7 @@ def masks(opt_state: Any) -> Any:
                          "with jax_tw.prune.step in its chain?")
     if len(found) > 1:
         raise ValueError(f"opt_state holds {len(found)} jax_tw.prune.step states; expected one")
-    return found[0].masks
+    return patterns.plain_dict(found[0].masks)  # nnx.Optimizer wraps the leaves in Variables
 
 
 class SparsityReport(NamedTuple):
@@ -386,6 +423,7 @@ def sparsity(tw_mask: Any, tile_size: int | None = None,
             tw_mask, is_leaf=lambda x: isinstance(x, PruneState))):
         tw_mask = masks(tw_mask)
     per_layer, kept, total = {}, 0, 0
+    tw_mask = _mask_tree(tw_mask)
     for path, m in patterns.layer_masks(tw_mask).items():
         if not layers(_kernel_path(path)):
             continue

@@ -1,0 +1,171 @@
+"""Tile-wise sparsity for unmodified linen models: ``nn.Dense`` and ``nn.DenseGeneral`` layers.
+
+A model built from Flax's own layers (``nn.Dense``, ``nn.DenseGeneral``, and so the Q/K/V/out
+projections of ``nn.MultiHeadDotProductAttention``) is pruned and packed without editing its
+code: the calls of those layers are intercepted (``flax.linen.intercept_methods``) and read the
+same ``tw_mask`` and ``tw_packed`` collections that :class:`jax_tw.nn.TWDense` reads, at the
+layers' own module paths. Everything else is shared with ``TWDense``: :func:`jax_tw.prune.step`,
+:func:`jax_tw.packing.pack_variables`, :func:`jax_tw.ops.tw_matmul`.
+
+* :func:`init` adds a ``tw_mask`` entry (keep everything) for every selected layer, chosen by
+  its module path, e.g. ``layers=lambda path: path[-1] in ('query', 'key', 'value', 'out')``.
+* :func:`apply` is ``model.apply`` with the interception on: given ``tw_mask``, a layer uses its
+  masked kernel; given ``tw_packed`` (from ``pack_variables``), it runs ``tw_matmul``; layers
+  with neither run as they are. :func:`tile_wise` is the same interception as a context manager.
+
+A ``DenseGeneral`` kernel is pruned and packed as the (K, N) matrix it multiplies as: K the
+product of the contracted input dims (``axis``), N of the output ``features``. ``batch_dims``
+are not supported.
+
+>>> import jax, jax.numpy as jnp
+>>> from flax import linen as nn
+>>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(4)])
+>>> variables = init(model, jax.random.key(0), jnp.ones((1, 8)), tile_size=4)
+>>> jax.tree.map(jnp.shape, variables['tw_mask'])['layers_0']
+{'columns': (16,), 'rows': (4, 8), 'tile_size': (4,)}
+>>> bool((apply(model, variables, jnp.ones((1, 8))) == model.apply(variables, jnp.ones((1, 8)))).all())
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Any, Callable, Iterator
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jax_tw import nn as twnn
+from jax_tw import packing, patterns
+
+__all__ = ["init", "apply", "tile_wise", "LAYER_TYPES"]
+
+LAYER_TYPES = (nn.Dense, nn.DenseGeneral)
+MASK = twnn.MASK_COLLECTION
+
+_local = threading.local()  # the mask-creating options of init, while it runs
+
+
+def _all_layers(path: tuple) -> bool:
+    return True
+
+
+def init(model: nn.Module, rngs: Any, *args: Any, tile_size: int = 128,
+         layers: Callable[[tuple], bool] = _all_layers, variables: Any = None,
+         **kwargs: Any) -> dict:
+    """``model.init(rngs, *args, **kwargs)`` plus a ``tw_mask`` collection that keeps every
+    weight of the selected ``nn.Dense`` / ``nn.DenseGeneral`` layers.
+
+    ``layers`` chooses them by module path (a tuple of str, e.g. ``('block', 'attn',
+    'query')``); by default every such layer. ``variables``: an existing model's variables
+    (pretrained weights, say) to add the masks to instead of initialising new params; ``rngs``
+    is then unused (pass None). Raises ValueError when no layer is selected.
+    """
+    tile_size = patterns.check_tile_size(tile_size)
+    if not callable(layers):
+        raise ValueError(f"layers must be a callable on module paths, got {layers!r}")
+    _local.create = (tile_size, layers)
+    try:
+        with tile_wise():
+            if variables is None:
+                out = model.init(rngs, *args, **kwargs)
+            else:
+                _, new = model.apply(variables, *args, mutable=[MASK], **kwargs)
+                out = dict(variables, **new)
+    finally:
+        _local.create = None
+    out = dict(out)
+    if not out.get(MASK):
+        raise ValueError("no nn.Dense or nn.DenseGeneral layer of the model was selected by "
+                         "the layers filter: nothing to prune")
+    return out
+
+
+def apply(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> Any:
+    """``model.apply(variables, *args, **kwargs)`` with its ``nn.Dense`` / ``nn.DenseGeneral``
+    layers tile-wise: masked by the ``tw_mask`` collection or run over the ``tw_packed`` tiles
+    of ``variables``, each at its module path."""
+    with tile_wise():
+        return model.apply(variables, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def tile_wise() -> Iterator[None]:
+    """Within it, ``nn.Dense`` and ``nn.DenseGeneral`` calls read ``tw_mask`` / ``tw_packed``."""
+    with nn.intercept_methods(_interceptor):
+        yield
+
+
+def _matrix_shape(module: nn.Module, kernel_shape: tuple) -> tuple[int, int, int]:
+    """(K, N, number of contracted input dims) of a Dense / DenseGeneral kernel."""
+    where = "/".join(module.path) or type(module).__name__
+    if isinstance(module, nn.DenseGeneral):
+        if module.batch_dims:
+            raise ValueError(f"{where}: DenseGeneral with batch_dims={module.batch_dims} is not "
+                             "supported by jax_tw (its kernel is not one matrix)")
+        axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+        n_in = len(axes)
+    else:
+        n_in = 1
+    return math.prod(kernel_shape[:n_in]), math.prod(kernel_shape[n_in:]), n_in
+
+
+def _interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, LAYER_TYPES):
+        return next_fun(*args, **kwargs)
+    if module.has_variable(packing.PACKED_COLLECTION, "tiles"):
+        return _packed_call(module, *args, **kwargs)
+    if module.has_variable(MASK, "columns"):
+        return _masked_call(module, *args, **kwargs)
+    out = next_fun(*args, **kwargs)
+    create = getattr(_local, "create", None)
+    if create is not None and module.is_mutable_collection(MASK) and create[1](module.path):
+        kernel = module.get_variable("params", "kernel")
+        k, n, _ = _matrix_shape(module, jnp.shape(kernel))
+        for key, value in patterns.keep_all(k, n, create[0]).items():
+            module.put_variable(MASK, key, value)
+    return out
+
+
+def _masked_call(module: nn.Module, inputs: Any) -> Any:
+    """The layer's own computation on its masked kernel: an unbound copy of the layer applied
+    to the masked params (so the result is the layer's, bit for bit, when nothing is pruned)."""
+    where = "/".join(module.path) or type(module).__name__
+    params = {"kernel": module.get_variable("params", "kernel")}
+    if module.has_variable("params", "bias"):
+        params["bias"] = module.get_variable("params", "bias")
+    kernel = params["kernel"]
+    k, n, _ = _matrix_shape(module, jnp.shape(kernel))
+    keys = [key for key in ("columns", "rows", patterns.TILE_KEY, "elements")
+            if module.has_variable(MASK, key)]
+    mask = {key: module.get_variable(MASK, key) for key in keys}
+    patterns.check_layer_mask(mask, k, n, where=where)
+    keep = patterns.dense_mask(mask).reshape(jnp.shape(kernel))
+    params["kernel"] = jnp.where(keep, kernel, jnp.zeros((), kernel.dtype))
+    return module.clone(parent=None).apply({"params": params}, inputs)
+
+
+def _packed_call(module: nn.Module, inputs: Any) -> Any:
+    """The layer over its packed tiles: the contracted dims of ``inputs`` moved last and
+    flattened into K, the output's feature dims flattened into N."""
+    where = "/".join(module.path) or type(module).__name__
+    tiles = module.get_variable(packing.PACKED_COLLECTION, "tiles")
+    bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
+    inputs = jnp.asarray(inputs)
+    if isinstance(module, nn.DenseGeneral):
+        _matrix_shape(module, ())  # refuses batch_dims
+        axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+        axes = tuple(a % inputs.ndim for a in axes)
+        features = module.features if isinstance(module.features, tuple) else (module.features,)
+        inputs = jnp.moveaxis(inputs, axes, tuple(range(inputs.ndim - len(axes), inputs.ndim)))
+        lead = inputs.shape[:inputs.ndim - len(axes)]
+        x2 = inputs.reshape(*lead, -1)
+        n = math.prod(features)
+        bias = None if bias is None else jnp.reshape(bias, (n,))
+        y = twnn.packed_dense(x2, tiles, bias, n, module.dtype, module.param_dtype, where)
+        return y.reshape(*lead, *features)
+    return twnn.packed_dense(inputs, tiles, bias, module.features, module.dtype,
+                             module.param_dtype, where)
