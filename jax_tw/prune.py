@@ -298,6 +298,9 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
                 raise ValueError(f"{what} has no kernel at {'/'.join(kp)} for the tw_mask layer "
                                  f"{'/'.join(p)}: the mask tree doesn't match the params")
             k, n = matrix[p]
+            if jnp.ndim(flat[kp]) == 2:  # a plain (K, N) kernel: name the mismatching mask entry
+                patterns.check_layer_mask(mask_layers[p], *jnp.shape(flat[kp]), tile_size,
+                                          where=f"tw_mask {names[p]}")
             patterns.kernel_matrix_shape(jnp.shape(flat[kp]), k, n,
                                          where=f"{what} {'/'.join(kp)}")
             out[p] = jnp.reshape(flat[kp], (k, n))
