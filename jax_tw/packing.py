@@ -356,10 +356,11 @@ def save(path: str, variables: dict) -> None:
 
 
 def to_arrays(tree: Any) -> Any:
-    """``tree`` with every :class:`PackedTiles` replaced by a dict of its arrays, its static
-    sizes in a ``'statics'`` int64 array (k, n, tile_size, max_depth): a tree of arrays only,
-    which checkpointers such as Orbax save and restore without a target structure.
-    :func:`from_arrays` gives the tiles back (validated).
+    """``tree`` with every :class:`PackedTiles` replaced by a dict of its non-empty arrays, its
+    static sizes in a ``'statics'`` int64 array (k, n, tile_size, max_depth) and its dtype in a
+    one-element ``'dtype'`` array: a tree of non-empty arrays only, which checkpointers such as
+    Orbax save and restore without a target structure (Orbax refuses empty arrays, such as the
+    residue of a TW-2D layer). :func:`from_arrays` gives the tiles back (validated).
 
     >>> import orbax.checkpoint as ocp  # doctest: +SKIP
     >>> ocp.StandardCheckpointer().save(path, packing.to_arrays(packed))  # doctest: +SKIP
@@ -368,30 +369,36 @@ def to_arrays(tree: Any) -> Any:
     def convert(leaf):
         if not isinstance(leaf, PackedTiles):
             return leaf
-        out = {f: getattr(leaf, f) for f in _FIELDS + ("dense",) if getattr(leaf, f) is not None}
+        out = {f: getattr(leaf, f) for f in _FIELDS + ("dense",)
+               if getattr(leaf, f) is not None and np.size(getattr(leaf, f))}
         out["statics"] = np.array([getattr(leaf, s) for s in _STATICS], np.int64)
+        out["dtype"] = np.zeros(1, leaf.dtype)
         return out
     return jax.tree.map(convert, patterns.plain_dict(tree), is_leaf=lambda x: isinstance(x, PackedTiles))
 
 
 def from_arrays(tree: Any) -> Any:
-    """The inverse of :func:`to_arrays`: every dict holding the fields of packed tiles and a
-    ``'statics'`` entry becomes :class:`PackedTiles` again (validated); other leaves are kept."""
+    """The inverse of :func:`to_arrays`: every dict holding ``'statics'`` and ``'dtype'``
+    entries becomes :class:`PackedTiles` again (empty fields restored, then validated); other
+    leaves are kept."""
     if isinstance(tree, PackedTiles) or not hasattr(tree, "items"):
         return tree
     keys = set(tree.keys())
-    if "statics" in keys and set(_FIELDS) <= keys:
-        extra = keys - set(_FIELDS) - {"statics", "dense"}
-        statics = np.asarray(tree["statics"])
-        if extra or statics.shape != (len(_STATICS),):
-            raise ValueError(f"packed tiles: unexpected entries {sorted(extra)} or statics of shape "
-                             f"{statics.shape}, expected ({len(_STATICS)},)")
-        tiles = PackedTiles(**{f: np.asarray(tree[f]) for f in _FIELDS},
-                            dense=None if tree.get("dense") is None else np.asarray(tree["dense"]),
-                            **{s: int(v) for s, v in zip(_STATICS, statics)})
-        validate(tiles)
-        return tiles
-    return {k: from_arrays(v) for k, v in tree.items()}
+    if not {"statics", "dtype"} <= keys:
+        return {k: from_arrays(v) for k, v in tree.items()}
+    extra = keys - set(_FIELDS) - {"statics", "dtype", "dense"}
+    statics = np.asarray(tree["statics"])
+    if extra or statics.shape != (len(_STATICS),):
+        raise ValueError(f"packed tiles: unexpected entries {sorted(extra)} or statics of shape "
+                         f"{statics.shape}, expected ({len(_STATICS)},)")
+    statics = {s: int(v) for s, v in zip(_STATICS, statics)}
+    dtype = np.asarray(tree["dtype"]).dtype
+    empty = {f: np.zeros(0, np.int32) for f in _FIELDS}
+    empty.update(values=np.zeros((0, statics["tile_size"]), dtype), residue_values=np.zeros(0, dtype))
+    tiles = PackedTiles(**{f: np.asarray(tree[f]) if f in tree else empty[f] for f in _FIELDS},
+                        dense=np.asarray(tree["dense"]) if "dense" in tree else None, **statics)
+    validate(tiles)
+    return tiles
 
 
 def load(path: str) -> dict:
