@@ -17,7 +17,7 @@ after each ``optimizer.update``, :func:`set_masks` copies the masks it holds int
     @nnx.jit
     def train_step(model, optimizer, x, y):
         grads = nnx.grad(loss_fn)(model, x, y)
-        optimizer.update(model, grads)            # grads=grads too for score='taylor'
+        optimizer.update(model, grads)     # taylor_grads=grads too for score='taylor'
         jax_tw.nnx.set_masks(model, prune.masks(optimizer))
 
 :func:`pack` turns a trained model into one whose ``TWLinear`` layers run
