@@ -15,7 +15,9 @@ dense layers (median of repeats, measured side by side).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,9 @@ from tqdm import tqdm
 
 import jax_tw
 from jax_tw import prune
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prune_mlp import make_data  # noqa: E402  (the same synthetic task)
 
 
 class MLP(nnx.Module):
@@ -40,16 +45,6 @@ class MLP(nnx.Module):
         for layer in self.hidden:
             x = nnx.gelu(layer(x))
         return self.head(x)
-
-
-def make_data(teacher_seed: int, data_seed: int, n: int, dim: int, classes: int):
-    """Gaussian inputs labelled by a fixed random two-layer teacher."""
-    teacher = np.random.default_rng(teacher_seed)
-    w1 = teacher.normal(size=(dim, 4 * classes)) / np.sqrt(dim)
-    w2 = teacher.normal(size=(4 * classes, classes))
-    x = np.random.default_rng(data_seed).normal(size=(n, dim)).astype(np.float32)
-    y = np.argmax(np.tanh(x @ w1) @ w2, axis=1)
-    return jnp.asarray(x), jnp.asarray(y)
 
 
 def median_seconds(fn, *args, repeats: int) -> float:

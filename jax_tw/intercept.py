@@ -30,8 +30,8 @@ True
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-import threading
 from typing import Any, Callable, Iterator
 
 import jax.numpy as jnp
@@ -44,8 +44,6 @@ __all__ = ["init", "apply", "tile_wise", "LAYER_TYPES"]
 
 LAYER_TYPES = (nn.Dense, nn.DenseGeneral)
 MASK = twnn.MASK_COLLECTION
-
-_local = threading.local()  # the mask-creating options of init, while it runs
 
 
 def _all_layers(path: tuple) -> bool:
@@ -66,17 +64,12 @@ def init(model: nn.Module, rngs: Any, *args: Any, tile_size: int = 128,
     tile_size = patterns.check_tile_size(tile_size)
     if not callable(layers):
         raise ValueError(f"layers must be a callable on module paths, got {layers!r}")
-    _local.create = (tile_size, layers)
-    try:
-        with tile_wise():
-            if variables is None:
-                out = model.init(rngs, *args, **kwargs)
-            else:
-                _, new = model.apply(variables, *args, mutable=[MASK], **kwargs)
-                out = dict(variables, **new)
-    finally:
-        _local.create = None
-    out = dict(out)
+    with nn.intercept_methods(functools.partial(_interceptor, create=(tile_size, layers))):
+        if variables is None:
+            out = dict(model.init(rngs, *args, **kwargs))
+        else:
+            _, new = model.apply(variables, *args, mutable=[MASK], **kwargs)
+            out = dict(variables, **new)
     if not out.get(MASK):
         raise ValueError("no nn.Dense or nn.DenseGeneral layer of the model was selected by "
                          "the layers filter: nothing to prune")
@@ -98,21 +91,25 @@ def tile_wise() -> Iterator[None]:
         yield
 
 
-def _matrix_shape(module: nn.Module, kernel_shape: tuple) -> tuple[int, int, int]:
-    """(K, N, number of contracted input dims) of a Dense / DenseGeneral kernel."""
-    where = "/".join(module.path) or type(module).__name__
-    if isinstance(module, nn.DenseGeneral):
-        if module.batch_dims:
-            raise ValueError(f"{where}: DenseGeneral with batch_dims={module.batch_dims} is not "
-                             "supported by jax_tw (its kernel is not one matrix)")
-        axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-        n_in = len(axes)
-    else:
-        n_in = 1
-    return math.prod(kernel_shape[:n_in]), math.prod(kernel_shape[n_in:]), n_in
+def _contracted_axes(module: nn.Module) -> tuple:
+    """The input axes a Dense / DenseGeneral layer contracts (its kernel's leading dims)."""
+    if not isinstance(module, nn.DenseGeneral):
+        return (-1,)
+    if module.batch_dims:
+        where = "/".join(module.path) or type(module).__name__
+        raise ValueError(f"{where}: DenseGeneral with batch_dims={module.batch_dims} is not "
+                         "supported by jax_tw (its kernel is not one matrix)")
+    return module.axis if isinstance(module.axis, tuple) else (module.axis,)
 
 
-def _interceptor(next_fun, args, kwargs, context):
+def _matrix_shape(module: nn.Module, kernel_shape: tuple) -> tuple[int, int]:
+    """(K, N) of a Dense / DenseGeneral kernel: the matrix it multiplies as."""
+    n_in = len(_contracted_axes(module))
+    return math.prod(kernel_shape[:n_in]), math.prod(kernel_shape[n_in:])
+
+
+def _interceptor(next_fun, args, kwargs, context, create=None):
+    """``create``: (tile_size, layers filter) while :func:`init` adds masks, else None."""
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, LAYER_TYPES):
         return next_fun(*args, **kwargs)
@@ -121,10 +118,9 @@ def _interceptor(next_fun, args, kwargs, context):
     if module.has_variable(MASK, "columns"):
         return _masked_call(module, *args, **kwargs)
     out = next_fun(*args, **kwargs)
-    create = getattr(_local, "create", None)
     if create is not None and module.is_mutable_collection(MASK) and create[1](module.path):
         kernel = module.get_variable("params", "kernel")
-        k, n, _ = _matrix_shape(module, jnp.shape(kernel))
+        k, n = _matrix_shape(module, jnp.shape(kernel))
         for key, value in patterns.keep_all(k, n, create[0]).items():
             module.put_variable(MASK, key, value)
     return out
@@ -138,7 +134,7 @@ def _masked_call(module: nn.Module, inputs: Any) -> Any:
     if module.has_variable("params", "bias"):
         params["bias"] = module.get_variable("params", "bias")
     kernel = params["kernel"]
-    k, n, _ = _matrix_shape(module, jnp.shape(kernel))
+    k, n = _matrix_shape(module, jnp.shape(kernel))
     keys = [key for key in ("columns", "rows", patterns.TILE_KEY, "elements")
             if module.has_variable(MASK, key)]
     mask = {key: module.get_variable(MASK, key) for key in keys}
@@ -156,9 +152,7 @@ def _packed_call(module: nn.Module, inputs: Any) -> Any:
     bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
     inputs = jnp.asarray(inputs)
     if isinstance(module, nn.DenseGeneral):
-        _matrix_shape(module, ())  # refuses batch_dims
-        axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-        axes = tuple(a % inputs.ndim for a in axes)
+        axes = tuple(a % inputs.ndim for a in _contracted_axes(module))
         features = module.features if isinstance(module.features, tuple) else (module.features,)
         inputs = jnp.moveaxis(inputs, axes, tuple(range(inputs.ndim - len(axes), inputs.ndim)))
         lead = inputs.shape[:inputs.ndim - len(axes)]

@@ -152,7 +152,8 @@ def masks(model: Any) -> dict:
         if g is None:
             raise ValueError(f"TWMask {'/'.join(map(str, path))} has no tile_size metadata")
         flat[layer + (str(path[-1]),)] = var.get_value()
-        flat[layer + (patterns.TILE_KEY,)] = jnp.asarray(patterns.tile_marker(g))
+        if layer + (patterns.TILE_KEY,) not in flat:
+            flat[layer + (patterns.TILE_KEY,)] = jnp.asarray(patterns.tile_marker(g))
     return traverse_util.unflatten_dict(flat)
 
 

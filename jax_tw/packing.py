@@ -307,13 +307,10 @@ def pack_variables(variables: dict, tile_size: int | None = None, dtype: Any = N
         if key not in params:
             raise ValueError(f"params has no kernel at {'/'.join(key)} for tw_mask layer {'/'.join(layer)}")
         kernel = np.asarray(params.pop(key))
-        if kernel.ndim != 2 and {"rows", "columns"} <= set(mask):
-            k, n = np.shape(mask["rows"])[-1], np.shape(mask["columns"])[0]
-            patterns.kernel_matrix_shape(kernel.shape, k, n, where=f"params {'/'.join(key)}")
-            kernel = kernel.reshape(k, n)  # a DenseGeneral kernel: the matrix it multiplies as
         if dtype is not None:
             kernel = kernel.astype(dtype)
         try:
+            kernel = patterns.kernel_matrix(kernel, mask, tile_size, where="pack")  # DenseGeneral
             packed[layer + ("tiles",)] = pack(kernel, mask, tile_size, keep_dense)
         except ValueError as e:
             raise ValueError(f"tw_mask {'/'.join(layer) or '(the root module)'}: {e}") from None

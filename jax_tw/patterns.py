@@ -57,6 +57,7 @@ from typing import Any, ClassVar, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 Array = jax.Array
 LayerMask = dict  # {'columns': (N,) bool, 'rows': (T, K) bool, 'elements': (K, N) bool}
@@ -65,7 +66,7 @@ __all__ = [
     "LayerMask", "Pattern", "TW2D", "TW1D", "TEW", "EW", "VW", "BW", "get",
     "num_tiles", "keep_all", "expand", "dense_mask", "check_positive_int", "check_tile_size",
     "check_sparsity", "layer_masks", "plain_dict",
-    "check_layer_mask", "mask_tile_size", "tile_marker", "kernel_matrix_shape",
+    "check_layer_mask", "mask_tile_size", "tile_marker", "kernel_matrix", "mask_matrix_shape",
 ]
 
 TILE_KEY = "tile_size"  # the mask entry that carries G
@@ -205,27 +206,35 @@ def plain_dict(tree: Any) -> Any:
     """Nested mappings (FrozenDict and ``nnx.State`` included) as nested plain dicts with str
     keys (an NNX list's integer keys become '0', '1'...); ``nnx.Variable`` leaves as their
     values; other leaves as they are."""
-    if isinstance(tree, _nnx_variable()):
+    if isinstance(tree, nnx.Variable):
         return tree.get_value()
     return {str(k): plain_dict(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
 
 
-def _nnx_variable() -> type:
-    from flax import nnx
-    return nnx.Variable
+def mask_matrix_shape(mask: Any) -> tuple[int, int]:
+    """(K, N) of the kernel matrix a layer mask is for, read from its ``rows`` and ``columns``."""
+    if not hasattr(mask, "keys") or not {"columns", "rows"} <= set(mask.keys()):
+        got = sorted(mask.keys()) if hasattr(mask, "keys") else type(mask).__name__
+        raise ValueError(f"a tw_mask layer entry must have keys 'columns' and 'rows', got {got}")
+    return int(jnp.shape(mask["rows"])[-1]), int(jnp.shape(mask["columns"])[0])
 
 
-def kernel_matrix_shape(kernel_shape: Sequence[int], k: int, n: int, where: str = "layer") -> None:
-    """Raises ValueError unless a kernel of ``kernel_shape`` multiplies as a ``(k, n)`` matrix:
-    its leading dims (the contracted ones, as in ``DenseGeneral``) multiply to ``k`` and the
-    rest to ``n``. Such a kernel is ``kernel.reshape(k, n)`` as a matrix, and a ``(k, n)`` mask
-    is ``mask.reshape(kernel_shape)`` for the kernel."""
-    shape = tuple(int(d) for d in kernel_shape)
+def kernel_matrix(kernel: Any, mask: Any, tile_size: Any = None, where: str = "layer") -> Any:
+    """``kernel`` as the (K, N) matrix ``mask`` is for: a kernel with more dims (``DenseGeneral``)
+    whose leading (contracted) dims multiply to K and the rest to N is reshaped; a (K, N) kernel
+    is checked with :func:`check_layer_mask`. Raises ValueError, naming both shapes, otherwise.
+    A (K, N) mask is ``mask.reshape(kernel.shape)`` for the kernel."""
+    shape = tuple(int(d) for d in jnp.shape(kernel))
+    if len(shape) == 2:  # name the mask entry that does not fit
+        check_layer_mask(mask, *shape, tile_size, where=where)
+        return kernel
+    k, n = mask_matrix_shape(mask)
     if not any(math.prod(shape[:i]) == k and math.prod(shape[i:]) == n
                for i in range(1, len(shape))):
         raise ValueError(f"{where}: the kernel has shape {shape}, which does not multiply as the "
                          f"({k}, {n}) matrix its tw_mask was made for (leading dims giving K={k}, "
                          f"the rest N={n})")
+    return kernel.reshape(k, n)
 
 
 # ----------------------------------------------------------------------------- expansion

@@ -180,14 +180,6 @@ def _default_layers(path: Path) -> bool:
     return True
 
 
-def _mask_matrix(mask: dict) -> tuple[int, int]:
-    """(K, N) of the kernel a layer mask is for, read from its shapes."""
-    if not hasattr(mask, "keys") or not {"columns", "rows"} <= set(mask.keys()):
-        got = sorted(mask.keys()) if hasattr(mask, "keys") else type(mask).__name__
-        raise ValueError(f"a tw_mask layer entry must have keys 'columns' and 'rows', got {got}")
-    return int(jnp.shape(mask["rows"])[-1]), int(jnp.shape(mask["columns"])[0])
-
-
 def _mask_tree(tw_mask: Any) -> Any:
     """A ``tw_mask`` tree as plain dicts: an NNX model or ``nnx.state(model, TWMask)`` becomes
     the same layer masks a linen model's ``tw_mask`` collection holds (see jax_tw.nnx.masks)."""
@@ -277,10 +269,9 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
                          "the pruned TWDense layers the same tile_size, or leave the others out "
                          "with the layers filter")
     tile_size = sizes[pruned[0]]
+    matrix = {p: patterns.mask_matrix_shape(mask_layers[p]) for p in pruned}  # (K, N) of each
     for p in pruned:
-        patterns.check_layer_mask(mask_layers[p], *_mask_matrix(mask_layers[p]), tile_size,
-                                  where=f"tw_mask {names[p]}")
-    matrix = {p: _mask_matrix(mask_layers[p]) for p in pruned}  # (K, N) of each pruned kernel
+        patterns.check_layer_mask(mask_layers[p], *matrix[p], tile_size, where=f"tw_mask {names[p]}")
     for p in pruned:  # the structure the pattern returns: the marker, elements if it has them
         mask_layers[p] = dict(_with_elements(mask_layers[p], pattern.has_elements, names[p]),
                               **{patterns.TILE_KEY: jnp.asarray(patterns.tile_marker(tile_size))})
@@ -289,7 +280,7 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
 
     def kernels(tree: Any, what: str) -> dict[Path, jax.Array]:
         """The pruned layers' kernels in ``tree`` as (K, N) matrices (a DenseGeneral kernel's
-        leading dims are K, see patterns.kernel_matrix_shape)."""
+        leading dims are K); their shapes were checked by init_fn."""
         flat = traverse_util.flatten_dict(patterns.plain_dict(tree))
         out = {}
         for p in pruned:
@@ -297,16 +288,15 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
             if kp not in flat:
                 raise ValueError(f"{what} has no kernel at {'/'.join(kp)} for the tw_mask layer "
                                  f"{'/'.join(p)}: the mask tree doesn't match the params")
-            k, n = matrix[p]
-            if jnp.ndim(flat[kp]) == 2:  # a plain (K, N) kernel: name the mismatching mask entry
-                patterns.check_layer_mask(mask_layers[p], *jnp.shape(flat[kp]), tile_size,
-                                          where=f"tw_mask {names[p]}")
-            patterns.kernel_matrix_shape(jnp.shape(flat[kp]), k, n,
-                                         where=f"{what} {'/'.join(kp)}")
-            out[p] = jnp.reshape(flat[kp], (k, n))
+            out[p] = jnp.reshape(flat[kp], matrix[p])
         return out
 
     def init_fn(params: Any) -> PruneState:
+        flat = traverse_util.flatten_dict(patterns.plain_dict(params))
+        for p in pruned:
+            if _kernel_path(p) in flat:  # (a missing kernel is named by kernels())
+                patterns.kernel_matrix(flat[_kernel_path(p)], mask_layers[p], tile_size,
+                                       where=f"tw_mask {names[p]}")
         weights = kernels(params, "params")
         scores = {}
         if score == "taylor":
@@ -430,7 +420,7 @@ def sparsity(tw_mask: Any, tile_size: int | None = None,
     for path, m in patterns.layer_masks(tw_mask).items():
         if not layers(_kernel_path(path)):
             continue
-        k, n = np.shape(m["rows"])[1], np.shape(m["columns"])[0]
+        k, n = patterns.mask_matrix_shape(m)
         where = f"tw_mask {'/'.join(path)}"
         g = patterns.check_layer_mask(m, k, n, tile_size, where=where)
         layer_kept = int(np.asarray(patterns.dense_mask(m, g)).sum())

@@ -6,17 +6,7 @@ from flax import linen as nn
 
 from jax_tw import patterns
 from jax_tw.nn import TWDense
-from twcheck import dense_reference
-
-CONFIGS = [  # (in shape, features, tile_size, dense kwargs)
-    ((4, 10), 12, 4, {}),
-    ((1, 7), 5, 3, {}),  # M = 1, N not a multiple of G
-    ((2, 3, 16), 9, 128, {"use_bias": False}),  # leading batch dims, G > N
-    ((6, 8), 8, 2, {"dtype": jnp.bfloat16}),
-    ((6, 8), 8, 2, {"param_dtype": jnp.bfloat16}),
-    ((5, 12), 7, 4, {"precision": jax.lax.Precision.HIGHEST}),
-]
-
+from twcheck import DENSE_LAYER_CONFIGS, dense_reference
 
 def _random_params(shape_in, features, use_bias, dtype, seed):
     rng = np.random.default_rng(seed)
@@ -26,7 +16,7 @@ def _random_params(shape_in, features, use_bias, dtype, seed):
     return p
 
 
-@pytest.mark.parametrize("shape_in,features,g,kw", CONFIGS)
+@pytest.mark.parametrize("shape_in,features,g,kw", DENSE_LAYER_CONFIGS)
 def test_unpruned_equals_dense_bit_for_bit(shape_in, features, g, kw):
     x = jax.random.normal(jax.random.key(0), shape_in)
     layer = TWDense(features, tile_size=g, **kw)

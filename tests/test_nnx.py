@@ -9,21 +9,11 @@ from flax import nnx
 from jax_tw import nnx as twnnx
 from jax_tw import packing, patterns, prune
 from jax_tw.nn import TWDense
-from twcheck import assert_tile_structure, dense_reference, runnable_backends
+from twcheck import DENSE_LAYER_CONFIGS, assert_tile_structure, dense_reference, runnable_backends
 
 G = 8
 
-CONFIGS = [  # (in shape, out features, tile_size, Linear kwargs)
-    ((4, 10), 12, 4, {}),
-    ((1, 7), 5, 3, {}),  # M = 1, N not a multiple of G
-    ((2, 3, 16), 9, 128, {"use_bias": False}),  # leading batch dims, G > N
-    ((6, 8), 8, 2, {"dtype": jnp.bfloat16}),
-    ((6, 8), 8, 2, {"param_dtype": jnp.bfloat16}),
-    ((5, 12), 7, 4, {"precision": jax.lax.Precision.HIGHEST}),
-]
-
-
-@pytest.mark.parametrize("shape_in,features,g,kw", CONFIGS)
+@pytest.mark.parametrize("shape_in,features,g,kw", DENSE_LAYER_CONFIGS)
 def test_unpruned_equals_nnx_linear_bit_for_bit(shape_in, features, g, kw):
     x = jax.random.normal(jax.random.key(0), shape_in)
     layer = twnnx.TWLinear(shape_in[-1], features, tile_size=g, rngs=nnx.Rngs(1), **kw)

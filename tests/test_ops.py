@@ -10,7 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 from jax_tw import _ffi, ops, packing, patterns
-from twcheck import packed_layer, reference as _reference, runnable_backends
+from twcheck import packed_layer, reference as _reference, run_script_stages, runnable_backends
 
 BACKENDS = runnable_backends()
 
@@ -300,12 +300,7 @@ def test_training_through_the_dense_fallback_is_refused():
 def test_export_serialize_and_call_in_a_fresh_process(tmp_path):
     """jax.export of a jitted packed model (CPU and CUDA lowerings), deserialized and called in
     a new process: the same outputs."""
-    script = pathlib.Path(__file__).with_name("export_check.py")
-    for step in ("export", "call"):
-        done = subprocess.run([sys.executable, str(script), step, str(tmp_path)],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert f"export_check {step} ok" in done.stdout, done.stdout
+    run_script_stages("export_check.py", ("export", "call"), tmp_path, timeout=300)
 
 
 # ----------------------------------------------------------------------------- bad input

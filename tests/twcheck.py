@@ -1,9 +1,37 @@
 """Independent numpy references for the tests: mask expansion and pattern properties."""
 
+import pathlib
+import subprocess
+import sys
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jax_tw import _ffi, packing, patterns
+
+
+# (input shape, output features, tile_size, layer kwargs): the configurations on which an unpruned
+# tile-wise layer must equal Flax's dense layer (linen nn.Dense and nnx.Linear take the same kwargs).
+DENSE_LAYER_CONFIGS = [
+    ((4, 10), 12, 4, {}),
+    ((1, 7), 5, 3, {}),  # M = 1, N not a multiple of G
+    ((2, 3, 16), 9, 128, {"use_bias": False}),  # leading batch dims, G > N
+    ((6, 8), 8, 2, {"dtype": jnp.bfloat16}),
+    ((6, 8), 8, 2, {"param_dtype": jnp.bfloat16}),
+    ((5, 12), 7, 4, {"precision": jax.lax.Precision.HIGHEST}),
+]
+
+
+def run_script_stages(name, stages, *args, timeout=600):
+    """Runs ``tests/<name> <stage> <args...>`` for each stage in a fresh process; each must exit
+    0 and print '<script stem> <stage> ok'."""
+    script = pathlib.Path(__file__).with_name(name)
+    for stage in stages:
+        done = subprocess.run([sys.executable, str(script), stage, *map(str, args)],
+                              capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"{script.stem} {stage} ok" in done.stdout, done.stdout
 
 
 def runnable_backends(base=("xla", "dense", "pallas")):
