@@ -9,8 +9,8 @@
 //   rows           int32 [R]      kept K indices, ascending within each tile
 //   values         T_val [R, G]   values[r][j] = W[rows[r]][columns[t*G + j]]; row-major, G wide
 //   residue_rows   int32 [E]      element-wise residue outside the tiles:
-//   residue_cols   int32 [E]        W[residue_rows[e]][residue_cols[e]] = residue_values[e]
-//   residue_values T_val [E]
+//   residue_cols   int32 [E]        W[residue_rows[e]][residue_cols[e]] = residue_values[e],
+//   residue_values T_val [E]        sorted by (column, row): each column's weights are one run
 //
 // Why values is [R, G] row-major: each tile's weights are one contiguous K_t x G block, the B
 // operand of the tile's small dense GEMM, read one K row (G contiguous values) at a time by the
@@ -90,6 +90,9 @@ struct PackedTilesView {
     for (int64_t i = 0; i < e; ++i) {
       if (residue_rows[i] < 0 || residue_rows[i] >= k) return "residue row out of [0, k)";
       if (residue_cols[i] < 0 || residue_cols[i] >= n) return "residue column out of [0, n)";
+      if (i && (residue_cols[i] < residue_cols[i - 1] ||
+                (residue_cols[i] == residue_cols[i - 1] && residue_rows[i] <= residue_rows[i - 1])))
+        return "residue is not sorted by (column, row) without repeats";
     }
     return "";
   }

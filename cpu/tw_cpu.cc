@@ -1,8 +1,9 @@
 // jax_tw._cpu: the XLA FFI handler of tw_matmul on the host, and its pybind11 module.
 //
-//   y[M, N] f32 = x[M, K] @ W + residue, W given as packed tiles (packed_tiles.h).
-// Work runs on XLA's intra-op thread pool: the tiles' weights are copied in parallel over tiles,
-// then blocks of rows compute every tile (tw_kernel.h), then blocks of rows add the residue.
+//   y[M, N] = x[M, K] @ W + bias, W given as packed tiles with their residue (packed_tiles.h),
+//   y in f32 or x's dtype.
+// Work runs on XLA's intra-op thread pool (see tw_kernel.h): the tiles' weights are copied in
+// parallel over tiles, then blocks of rows compute every tile and write every span of y.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -88,7 +89,9 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   // buffer is reused across calls by this thread; workers see it through plain pointers (a
   // thread_local named inside a worker would be the worker's own).
   thread_local std::vector<float> weight_buffer;
-  std::vector<int64_t> weight_offsets(p.t + 1, 0);
+  thread_local std::vector<int64_t> offsets_buffer;
+  offsets_buffer.assign(p.t + 1, 0);
+  int64_t* weight_offsets = offsets_buffer.data();
   for (int64_t t = 0; t < p.t; ++t)
     weight_offsets[t + 1] = weight_offsets[t] + (kKernel.weight_size(p, t) + 15) / 16 * 16;
   weight_buffer.resize(weight_offsets[p.t] + 16);
@@ -99,7 +102,7 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   });
   if (!err.empty()) return err;
   args.weights = weights;
-  args.weight_offsets = weight_offsets.data();
+  args.weight_offsets = weight_offsets;
   // Step 2: blocks of rows, every tile each.
   const int64_t rows = RowsPerItem(args.m, pool.num_threads());
   return ParallelFor(pool, (args.m + rows - 1) / rows, [&](int64_t b) {
@@ -107,11 +110,25 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   });
 }
 
-ffi::Error TwMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> columns,
-                        ffi::Buffer<ffi::S32> row_offsets, ffi::Buffer<ffi::S32> rows,
-                        ffi::AnyBuffer values, ffi::Buffer<ffi::S32> residue_rows,
-                        ffi::Buffer<ffi::S32> residue_cols, ffi::AnyBuffer residue_values,
-                        ffi::ResultBuffer<ffi::F32> y, int64_t n, int64_t tile_size) {
+// A call with at most kSmallRows rows: work items are (span, group of rows), enough of them to
+// give every thread several even when the layer has few tiles.
+std::string FewRows(ffi::ThreadPool& pool, const TileGemmArgs& args) {
+  const int64_t spans = Spans(*args.p), m = args.m;
+  const int64_t groups = std::min(m, (4 * std::max<int64_t>(pool.num_threads(), 1) + spans - 1) / spans);
+  const int64_t rows = (m + groups - 1) / groups;
+  const int64_t per_span = (m + rows - 1) / rows;
+  return ParallelFor(pool, spans * per_span, [&](int64_t item) {
+    const int64_t t = item / per_span, m0 = (item % per_span) * rows;
+    kKernel.few(args, t, m0, std::min(m, m0 + rows));
+  });
+}
+
+// y = x @ W + bias (bias: n f32 values, or none) in y's dtype (f32, or x's).
+ffi::Error TwMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::Buffer<ffi::S32>& columns,
+                    ffi::Buffer<ffi::S32>& row_offsets, ffi::Buffer<ffi::S32>& rows,
+                    ffi::AnyBuffer& values, ffi::Buffer<ffi::S32>& residue_rows,
+                    ffi::Buffer<ffi::S32>& residue_cols, ffi::AnyBuffer& residue_values,
+                    const float* bias, ffi::AnyBuffer& y, int64_t n, int64_t tile_size) {
   try {
     const auto xd = x.dimensions();
     if (xd.size() != 2) return ffi::Error::InvalidArgument("tw_matmul: x must be 2-D (M, K)");
@@ -120,6 +137,8 @@ ffi::Error TwMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
       return ffi::Error::InvalidArgument("tw_matmul: x must be float32 or bfloat16");
     if (values.element_type() != x.element_type() || residue_values.element_type() != x.element_type())
       return ffi::Error::InvalidArgument("tw_matmul: values, residue_values and x must share a dtype");
+    if (y.element_type() != ffi::DataType::F32 && y.element_type() != x.element_type())
+      return ffi::Error::InvalidArgument("tw_matmul: the output must be float32 or x's dtype");
     PackedTilesView p = PackedTilesView::Of(xd[1], n, tile_size, columns, row_offsets, rows);
     p.e = residue_rows.element_count();
     p.residue_rows = residue_rows.typed_data();
@@ -130,40 +149,22 @@ ffi::Error TwMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
     const auto vd = values.dimensions();
     if (vd.size() != 2 || vd[0] != p.r || vd[1] != p.g)
       return ffi::Error::InvalidArgument("tw_matmul: values must be (len(rows), tile_size)");
-    const auto yd = y->dimensions();
+    const auto yd = y.dimensions();
     if (yd.size() != 2 || yd[0] != xd[0] || yd[1] != n)
       return ffi::Error::InvalidArgument("tw_matmul: output must be (M, n)");
     std::string bad = p.Validate();
     if (!bad.empty()) return ffi::Error::InvalidArgument("tw_matmul: corrupt packed tiles: " + bad);
 
-    TileGemmArgs args{&p, x.untyped_data(), values.untyped_data(), bf16, xd[0], y->typed_data()};
+    const int64_t m = xd[0];
+    const bool y_bf16 = y.element_type() == ffi::DataType::BF16;
+    TileGemmArgs args{&p, x.untyped_data(), values.untyped_data(), residue_values.untyped_data(),
+                      bf16, m, bias, y.untyped_data(), y_bf16};
     // Test hook: JAX_TW_POISON_OUTPUT=1 fills y with NaN first, so any entry the kernel fails to
     // write shows up in the results.
     if (const char* poison = std::getenv("JAX_TW_POISON_OUTPUT"); poison && poison[0] == '1')
-      std::fill(args.y, args.y + xd[0] * n, std::numeric_limits<float>::quiet_NaN());
-    const int64_t m = xd[0];
-    const int64_t blocks = (m + kRowsPerItem - 1) / kRowsPerItem;
-    std::string err;
-    if (m <= kSmallRows) {
-      if (p.c < n) std::fill(args.y, args.y + m * n, 0.f);  // the pruned columns
-      err = ParallelFor(pool, p.t, [&](int64_t tile) { kKernel.small_tile(args, tile); });
-    } else {
-      err = TileGemm(pool, args);
-    }
-    if (!err.empty()) return ffi::Error::Internal("tw_matmul: " + err);
-    // Then the residue, in blocks of rows.
-    const void* rv = residue_values.untyped_data();
-    if (p.e > 0) err = ParallelFor(pool, blocks, [&](int64_t b) {
-      const int64_t m1 = std::min(m, (b + 1) * kRowsPerItem);
-      for (int64_t i = b * kRowsPerItem; i < m1; ++i) {
-        float* yr = args.y + i * n;
-        for (int64_t e = 0; e < p.e; ++e) {
-          const float xv = LoadF32(args.x, i * p.k + p.residue_rows[e], bf16);
-          const float wv = LoadF32(rv, e, bf16);
-          yr[p.residue_cols[e]] += xv * wv;
-        }
-      }
-    });
+      std::memset(args.y, 0xff, m * n * (y_bf16 ? 2 : 4));  // all-ones bits: a NaN in both dtypes
+    if (m == 0) return ffi::Error::Success();
+    std::string err = m <= kSmallRows ? FewRows(pool, args) : TileGemm(pool, args);
     if (!err.empty()) return ffi::Error::Internal("tw_matmul: " + err);
     return ffi::Error::Success();
   } catch (const std::exception& e) {
@@ -171,24 +172,61 @@ ffi::Error TwMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
   }
 }
 
+ffi::Error TwMatmulV1(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> columns,
+                      ffi::Buffer<ffi::S32> row_offsets, ffi::Buffer<ffi::S32> rows,
+                      ffi::AnyBuffer values, ffi::Buffer<ffi::S32> residue_rows,
+                      ffi::Buffer<ffi::S32> residue_cols, ffi::AnyBuffer residue_values,
+                      ffi::Result<ffi::AnyBuffer> y, int64_t n, int64_t tile_size) {
+  if (y->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("tw_matmul (v1): the output must be float32");
+  return TwMatmul(pool, x, columns, row_offsets, rows, values, residue_rows, residue_cols,
+                  residue_values, nullptr, *y, n, tile_size);
+}
+
+ffi::Error TwMatmulV2(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> columns,
+                      ffi::Buffer<ffi::S32> row_offsets, ffi::Buffer<ffi::S32> rows,
+                      ffi::AnyBuffer values, ffi::Buffer<ffi::S32> residue_rows,
+                      ffi::Buffer<ffi::S32> residue_cols, ffi::AnyBuffer residue_values,
+                      ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> y, int64_t n,
+                      int64_t tile_size) {
+  if (bias.element_count() != 0 && bias.element_count() != n)
+    return ffi::Error::InvalidArgument("tw_matmul: bias must have n or 0 values");
+  return TwMatmul(pool, x, columns, row_offsets, rows, values, residue_rows, residue_cols,
+                  residue_values, bias.element_count() ? bias.typed_data() : nullptr, *y, n,
+                  tile_size);
+}
+
 }  // namespace
 }  // namespace jax_tw
 
-// Target jax_tw_tw_matmul_cpu_v1: x, columns, row_offsets, rows, values, residue_rows,
-// residue_cols, residue_values -> y (f32); attributes n, tile_size (int64).
+#define JAX_TW_TILE_ARGS                    \
+  .Ctx<ffi::ThreadPool>()                   \
+      .Arg<ffi::AnyBuffer>()        /* x (M, K) */            \
+      .Arg<ffi::Buffer<ffi::S32>>() /* columns (C,) */        \
+      .Arg<ffi::Buffer<ffi::S32>>() /* row_offsets (T + 1,) */ \
+      .Arg<ffi::Buffer<ffi::S32>>() /* rows (R,) */           \
+      .Arg<ffi::AnyBuffer>()        /* values (R, G) */       \
+      .Arg<ffi::Buffer<ffi::S32>>() /* residue_rows (E,) */   \
+      .Arg<ffi::Buffer<ffi::S32>>() /* residue_cols (E,) */   \
+      .Arg<ffi::AnyBuffer>()        /* residue_values (E,) */
+
+// Target jax_tw_tw_matmul_cpu_v2: x, columns, row_offsets, rows, values, residue_rows,
+// residue_cols, residue_values, bias (f32, N or 0 values) -> y (M, N) in f32 or x's dtype;
+// attributes n, tile_size (int64).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxTwTwMatmulCpu, jax_tw::TwMatmulImpl,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::AnyBuffer>()             // x (M, K)
-        .Arg<ffi::Buffer<ffi::S32>>()      // columns (C,)
-        .Arg<ffi::Buffer<ffi::S32>>()      // row_offsets (T + 1,)
-        .Arg<ffi::Buffer<ffi::S32>>()      // rows (R,)
-        .Arg<ffi::AnyBuffer>()             // values (R, G)
-        .Arg<ffi::Buffer<ffi::S32>>()      // residue_rows (E,)
-        .Arg<ffi::Buffer<ffi::S32>>()      // residue_cols (E,)
-        .Arg<ffi::AnyBuffer>()             // residue_values (E,)
-        .Ret<ffi::Buffer<ffi::F32>>()      // y (M, N)
+    JaxTwTwMatmulCpuV2, jax_tw::TwMatmulV2,
+    ffi::Ffi::Bind() JAX_TW_TILE_ARGS
+        .Arg<ffi::Buffer<ffi::F32>>()  // bias (N,) or (0,)
+        .Ret<ffi::AnyBuffer>()         // y (M, N)
+        .Attr<int64_t>("n")
+        .Attr<int64_t>("tile_size"));
+
+// Target jax_tw_tw_matmul_cpu_v1 (kept for modules exported before v2): the same without bias,
+// y always f32.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxTwTwMatmulCpu, jax_tw::TwMatmulV1,
+    ffi::Ffi::Bind() JAX_TW_TILE_ARGS
+        .Ret<ffi::AnyBuffer>()  // y (M, N) f32
         .Attr<int64_t>("n")
         .Attr<int64_t>("tile_size"));
 
@@ -198,6 +236,8 @@ PYBIND11_MODULE(_cpu, m) {
     pybind11::dict d;
     d["jax_tw_tw_matmul_cpu_v1"] =
         pybind11::capsule(reinterpret_cast<void*>(JaxTwTwMatmulCpu));
+    d["jax_tw_tw_matmul_cpu_v2"] =
+        pybind11::capsule(reinterpret_cast<void*>(JaxTwTwMatmulCpuV2));
     return d;
   });
   m.def("isa", [] { return std::string(jax_tw::kKernel.isa); },

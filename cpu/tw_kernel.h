@@ -1,20 +1,25 @@
-// Host kernel for tile-wise matmul over packed tiles: y[M, N] (f32) = x[M, K] @ W_packed.
+// Host kernel for tile-wise matmul over packed tiles: y[M, N] = x[M, K] @ W_packed + bias, with
+// W's element-wise residue, in f32 or x's dtype (f32 accumulation, one rounding at the end).
 //
-// Calls with M <= kSmallRows read the packed values directly (SmallTile). Otherwise:
-//  1. Each tile's weights are copied once per call into f32 micro-panels (contiguous KC x NR
-//     blocks), in parallel over tiles.
-//  2. Work items are blocks of rows of x; each computes every tile for its rows, so that its
-//     part of x and of y stays in the core's L2 cache from start to finish:
-//     a. pack its rows of x into panels: panel[q][i] = x[m0 + i][q] (f32, zero past M). A panel
-//        holds MR rows of x feature-major, so the MR values a micro-kernel needs at depth q are
-//        contiguous whatever q is: the K gather of every tile costs one index load per q, fused
-//        into the micro-kernel's loads (no per-tile gather pass);
-//     b. zero its rows of y where columns are pruned;
-//     c. per tile, a register-blocked GEMM of the panels against the tile's weights, scattered
-//        to the tile's output columns.
-//  Writing whole rows of y from one core matters: when work items were (tile, rows), every tile
-//  rewrote scattered columns of the same rows of y from whichever core ran it, and the zeroing
-//  of pruned columns alone cost as much as the tiles' arithmetic at N = 768.
+// The output columns are cut into spans, one per tile: span t runs from just after tile t-1's
+// last kept column to tile t's last kept column (the last span to N), so it holds tile t's
+// columns, the pruned columns among them and the residue weights of those columns. A kernel
+// computes tile t for a block of rows into a small buffer, then writes span t of those rows once
+// (the epilogue): bias (or zero) in every column, plus the tile's result in its kept columns,
+// plus the residue, converted to y's dtype. Every entry of y is written exactly once, by the
+// work item that owns its rows and span, while its lines are in that core's cache.
+//
+// Calls with M <= kSmallRows (Few): work items are (tile, group of rows); each reads the packed
+// values directly (no copies) for its rows of x. Otherwise (Rows):
+//  1. each tile's weights are copied into f32 micro-panels (contiguous KC x NR blocks), in
+//     parallel over tiles;
+//  2. work items are blocks of rows of x; each packs its rows into panels
+//     (panel[q][i] = x[m0 + i][q], f32, zero past M: the MR values a micro-kernel needs at depth
+//     q are contiguous whatever q is, so the K gather of every tile costs one index load per q,
+//     fused into the micro-kernel's loads), then per tile runs a register-blocked GEMM of the
+//     panels against the tile's weights and the span's epilogue. The residue is vectorised over
+//     the rows of the same panels: per residue column, MR rows of x at each kept K index are one
+//     vector load.
 #pragma once
 
 #include <cstdint>
@@ -26,11 +31,14 @@ namespace jax_tw {
 
 struct TileGemmArgs {
   const PackedTilesView* p;
-  const void* x;       // [m, k], f32 or bf16 (raw bits)
-  const void* values;  // [r, g], same dtype as x
-  bool bf16;
+  const void* x;               // [m, k], f32 or bf16 (raw bits)
+  const void* values;          // [r, g], same dtype as x
+  const void* residue_values;  // [e], same dtype as x
+  bool bf16;                   // x's dtype
   int64_t m;
-  float* y;            // [m, n]
+  const float* bias;           // [n], or nullptr for none
+  void* y;                     // [m, n]
+  bool y_bf16;                 // y's dtype: bf16 (x's), else f32
   // The tiles' weights as f32 micro-panels (step 1): tile t's at weights + weight_offsets[t].
   const float* weights = nullptr;
   const int64_t* weight_offsets = nullptr;
@@ -45,8 +53,26 @@ inline float LoadF32(const void* base, int64_t i, bool bf16) {
   return f;
 }
 
-// Most rows of x one work item covers: its panels and rows of y must fit in L2 together.
+// f32 to bf16 bits, rounding to nearest even (as XLA's convert); NaN stays NaN.
+inline uint16_t ToBF16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Span t of the output columns, [lo, hi) (see the top of this file); with no tiles, one span
+// [0, n). Spans() is how many there are.
+inline int64_t Spans(const PackedTilesView& p) { return p.t > 0 ? p.t : 1; }
+inline void Span(const PackedTilesView& p, int64_t t, int64_t* lo, int64_t* hi) {
+  *lo = t == 0 ? 0 : p.columns[t * p.g - 1] + 1;
+  *hi = t + 1 >= Spans(p) ? p.n : p.columns[t * p.g + p.width(t) - 1] + 1;
+}
+
+// Most rows of x one work item covers: its panels should stay in L2.
 constexpr int64_t kRowsPerItem = 192;
+// Up to this many rows of x, packing x and copying the weights cost more than they save.
+constexpr int64_t kSmallRows = 32;
 
 struct TileKernel {
   const char* isa;
@@ -54,15 +80,11 @@ struct TileKernel {
   // Floats of the micro-panel copy of a tile's weights, and the copy itself (64-byte aligned b).
   int64_t (*weight_size)(const PackedTilesView&, int64_t tile);
   void (*pack_weights)(const TileGemmArgs&, int64_t tile, float* b);
-  // Rows [m_begin, m_end) of y, every tile (step 2); needs args.weights.
+  // Rows [m_begin, m_end) of y, every span (step 2); needs args.weights.
   void (*rows)(const TileGemmArgs&, int64_t m_begin, int64_t m_end);
-  // All rows of tile `tile` when M <= kSmallRows: reads the packed values directly, no copies;
-  // pruned columns are left alone (the caller zeroes y first).
-  void (*small_tile)(const TileGemmArgs&, int64_t tile);
+  // Span `tile` of rows [m_begin, m_end) when M <= kSmallRows: reads the packed values directly.
+  void (*few)(const TileGemmArgs&, int64_t tile, int64_t m_begin, int64_t m_end);
 };
-
-// Up to this many rows of x, packing x and copying the weights cost more than they save.
-constexpr int64_t kSmallRows = 32;
 
 // One definition per instruction set: tw_kernel_impl.cc is compiled once per ISA.
 namespace avx512 { TileKernel Kernel(); }

@@ -121,11 +121,12 @@ void Pack(const TileGemmArgs& args, float* panels, int64_t m0, int64_t npanels) 
   }
 }
 
-// A scratch buffer whose data start on a 64-byte line, so no vector load is split across lines.
+// A scratch buffer whose data start on a 64-byte line, so no vector load is split across lines;
+// VL floats of slack past the end, for vector loads that start on its last values.
 struct AlignedBuffer {
   std::vector<float> storage;
   float* Get(size_t n) {
-    storage.resize(n + 16);
+    storage.resize(n + 16 + VL);
     auto addr = reinterpret_cast<uintptr_t>(storage.data());
     return storage.data() + ((64 - addr % 64) % 64) / sizeof(float);
   }
@@ -135,13 +136,19 @@ struct AlignedBuffer {
 void PackWeights(const TileGemmArgs& args, int64_t tile, float* b) {
   const PackedTilesView& p = *args.p;
   const int64_t depth = p.depth(tile), width = p.width(tile), offset = p.row_offsets[tile];
-  const int64_t gp = (width + NR - 1) / NR * NR;
-  std::fill(b, b + gp * depth, 0.f);
-  for (int64_t q = 0; q < depth; ++q) {
-    const int64_t src = (offset + q) * p.g;
-    for (int64_t j = 0; j < width; ++j) {
-      const float v = LoadF32(args.values, src + j, args.bf16);
-      b[(j / NR) * depth * NR + q * NR + j % NR] = v;
+  for (int64_t jp = 0; jp < width; jp += NR) {
+    const int64_t w = std::min<int64_t>(NR, width - jp);
+    float* bp = b + (jp / NR) * depth * NR;
+    for (int64_t q = 0; q < depth; ++q) {
+      const int64_t src = (offset + q) * p.g + jp;
+      float* dst = bp + q * NR;
+      if (args.bf16) {
+        const uint16_t* v = static_cast<const uint16_t*>(args.values) + src;
+        for (int64_t j = 0; j < w; ++j) dst[j] = LoadF32(v, j, true);
+      } else {
+        std::memcpy(dst, static_cast<const float*>(args.values) + src, w * sizeof(float));
+      }
+      for (int64_t j = w; j < NR; ++j) dst[j] = 0.f;
     }
   }
 }
@@ -150,7 +157,96 @@ int64_t WeightSize(const PackedTilesView& p, int64_t tile) {
   return (p.width(tile) + NR - 1) / NR * NR * p.depth(tile);
 }
 
-// Rows [m_begin, m_end) of y: pack those rows of x, zero the rows of y, then every tile.
+// x[i][q] for the rows of a work item: from its panels, or straight from x (few rows).
+struct PanelRows {
+  const float* panels;  // panel i / MR holds row i at [q * MR + i % MR]
+  int64_t k;
+};
+struct XRows {
+  const TileGemmArgs* args;
+  int64_t m0;
+  float At(int64_t i, int64_t q) const { return LoadF32(args->x, (m0 + i) * args->p->k + q, args->bf16); }
+};
+
+// Adds residue weights [e0, e1) (all in output column `col`, sorted by row) times rows of x to
+// column `col` of the span buffer s (rows x lds).
+inline void ResidueColumn(const TileGemmArgs& args, const PanelRows& x, int64_t rows, int64_t e0,
+                          int64_t e1, float* s, int64_t lds) {
+  const int32_t* kr = args.p->residue_rows;
+  const int64_t npanels = (rows + MR - 1) / MR, k = x.k;
+  constexpr int P = 4;  // panels per pass: independent accumulators
+  for (int64_t ip = 0; ip < npanels; ip += P) {
+    const int np = static_cast<int>(std::min<int64_t>(P, npanels - ip));
+    vf acc[P] = {};
+    const float* base = x.panels + ip * k * MR;
+    for (int64_t e = e0; e < e1; ++e) {
+      const float v = LoadF32(args.residue_values, e, args.bf16);
+      const float* a = base + static_cast<int64_t>(kr[e]) * MR;
+      for (int j = 0; j < P; ++j)
+        if (j < np) acc[j] += Load(a + j * k * MR) * v;  // lanes past MR: unused
+    }
+    for (int j = 0; j < np; ++j)
+      for (int i = 0; i < MR; ++i) {
+        const int64_t row = (ip + j) * MR + i;
+        if (row < rows) s[row * lds] += acc[j][i];
+      }
+  }
+}
+inline void ResidueColumn(const TileGemmArgs& args, const XRows& x, int64_t rows, int64_t e0,
+                          int64_t e1, float* s, int64_t lds) {
+  const int32_t* kr = args.p->residue_rows;
+  for (int64_t i = 0; i < rows; ++i) {
+    float acc = 0.f;
+    for (int64_t e = e0; e < e1; ++e) acc += x.At(i, kr[e]) * LoadF32(args.residue_values, e, args.bf16);
+    s[i * lds] += acc;
+  }
+}
+
+// The epilogue of span t for rows [m0, m0 + rows): y = bias (or 0) + c (the tile's result,
+// rows x ldc, in the tile's kept columns) + residue, in y's dtype. c is unused without a tile.
+template <class XSource>
+void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, const float* c,
+              int64_t ldc, const XSource& x) {
+  thread_local AlignedBuffer span_scratch;
+  const PackedTilesView& p = *args.p;
+  int64_t lo, hi;
+  Span(p, t, &lo, &hi);
+  const int64_t len = hi - lo;
+  const int32_t* e_begin = std::lower_bound(p.residue_cols, p.residue_cols + p.e, static_cast<int32_t>(lo));
+  const int32_t* e_end = std::lower_bound(e_begin, p.residue_cols + p.e, static_cast<int32_t>(hi));
+  // f32 results go straight into y unless y is bf16 or the residue has to be added first.
+  const bool direct = !args.y_bf16 && e_begin == e_end;
+  float* s = direct ? static_cast<float*>(args.y) + m0 * p.n + lo : span_scratch.Get(rows * len);
+  const int64_t lds = direct ? p.n : len;
+  const int64_t width = t < p.t ? p.width(t) : 0;
+  const int32_t* out = p.columns + t * p.g;
+  for (int64_t i = 0; i < rows; ++i) {
+    float* si = s + i * lds;
+    if (args.bias) std::memcpy(si, args.bias + lo, len * sizeof(float));
+    else std::memset(si, 0, len * sizeof(float));
+    if (c == nullptr) continue;
+    const float* ci = c + i * ldc;
+    for (int64_t j = 0; j < width; ++j) si[out[j] - lo] += ci[j];
+  }
+  for (const int32_t* e = e_begin; e != e_end;) {
+    const int32_t col = *e;
+    const int32_t* next = std::upper_bound(e, e_end, col);
+    ResidueColumn(args, x, rows, e - p.residue_cols, next - p.residue_cols, s + (col - lo), lds);
+    e = next;
+  }
+  if (direct) return;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* si = s + i * lds;
+    if (args.y_bf16) {
+      uint16_t* yi = static_cast<uint16_t*>(args.y) + (m0 + i) * p.n + lo;
+      for (int64_t j = 0; j < len; ++j) yi[j] = ToBF16(si[j]);
+    } else {
+      std::memcpy(static_cast<float*>(args.y) + (m0 + i) * p.n + lo, si, len * sizeof(float));
+    }
+  }
+}
+
+// Rows [m_begin, m_end) of y: pack those rows of x, then per tile its GEMM and its span.
 void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end) {
   thread_local AlignedBuffer panel_scratch, cscratch;
   const PackedTilesView& p = *args.p;
@@ -158,13 +254,16 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end) {
   const int64_t npanels = (rows + MR - 1) / MR;
   float* panels = panel_scratch.Get(npanels * p.k * MR);
   Pack(args, panels, m_begin, npanels);
-  float* y = args.y + m_begin * p.n;
-  std::fill(y, y + rows * p.n, 0.f);  // pruned columns and empty tiles stay zero
-  float* cbuf = cscratch.Get(npanels * MR * ((p.g + NR - 1) / NR * NR));
-  for (int64_t tile = 0; tile < p.t; ++tile) {
-    const int64_t depth = p.depth(tile), width = p.width(tile);
-    if (depth == 0) continue;
-    const int64_t gp = (width + NR - 1) / NR * NR;  // width padded to whole micro-tiles
+  const PanelRows xs{panels, p.k};
+  const int64_t gmax = (p.g + NR - 1) / NR * NR;
+  float* cbuf = cscratch.Get(npanels * MR * gmax);
+  for (int64_t tile = 0; tile < Spans(p); ++tile) {
+    const int64_t depth = tile < p.t ? p.depth(tile) : 0;
+    if (depth == 0) {  // no tile, or one with no kept rows: its columns are bias (+ residue)
+      Epilogue(args, tile, m_begin, rows, nullptr, 0, xs);
+      continue;
+    }
+    const int64_t gp = (p.width(tile) + NR - 1) / NR * NR;  // width padded to whole micro-tiles
     const int32_t* kept = p.rows + p.row_offsets[tile];
     const float* bbuf = args.weights + args.weight_offsets[tile];
     for (int64_t k0 = 0; k0 < depth; k0 += KC) {
@@ -175,47 +274,45 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end) {
           Micro(kc, panels + ip * p.k * MR, kept + k0, b, cbuf + ip * MR * gp + jp, gp, k0 > 0);
       }
     }
-    // Epilogue: scatter each result column to its place in y (these rows are in L2).
-    const int32_t* out_cols = p.columns + tile * p.g;
-    for (int64_t i = 0; i < rows; ++i) {
-      const float* cr = cbuf + i * gp;
-      float* yr = y + i * p.n;
-      for (int64_t j = 0; j < width; ++j) yr[out_cols[j]] = cr[j];
-    }
+    Epilogue(args, tile, m_begin, rows, cbuf, gp, xs);
   }
 }
 
 // Few rows (M <= kSmallRows): no packing at all. Each kept weight row is read once, straight
-// from the packed values, and used for every row of x (accumulators acc[m][G] stay in L1).
-void SmallTile(const TileGemmArgs& args, int64_t tile) {
+// from the packed values, and used for every row of the item (accumulators acc[m][G] in L1).
+void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end) {
   thread_local AlignedBuffer accs, row;
   const PackedTilesView& p = *args.p;
-  const int64_t depth = p.depth(tile), width = p.width(tile), offset = p.row_offsets[tile];
+  const int64_t rows = m_end - m_begin;
+  const XRows xs{&args, m_begin};
+  const int64_t depth = tile < p.t ? p.depth(tile) : 0;
+  if (depth == 0) {
+    Epilogue(args, tile, m_begin, rows, nullptr, 0, xs);
+    return;
+  }
+  const int64_t width = p.width(tile), offset = p.row_offsets[tile];
   const int64_t gp = (width + VL - 1) / VL * VL;
-  const int32_t* out_cols = p.columns + tile * p.g;
-  float* acc = accs.Get(args.m * gp);
+  float* acc = accs.Get(rows * gp);
   float* brow = row.Get(gp);
-  std::fill(acc, acc + args.m * gp, 0.f);
+  std::fill(acc, acc + rows * gp, 0.f);
   std::fill(brow, brow + gp, 0.f);
   for (int64_t q = 0; q < depth; ++q) {
     const int64_t src = (offset + q) * p.g;
-    for (int64_t j = 0; j < width; ++j)
-      brow[j] = LoadF32(args.values, src + j, args.bf16);
+    for (int64_t j = 0; j < width; ++j) brow[j] = LoadF32(args.values, src + j, args.bf16);
     const int64_t kq = p.rows[offset + q];
-    for (int64_t i = 0; i < args.m; ++i) {
-      const float a = LoadF32(args.x, i * p.k + kq, args.bf16);
+    for (int64_t i = 0; i < rows; ++i) {
+      const float a = xs.At(i, kq);
       float* ar = acc + i * gp;
       for (int64_t j = 0; j < gp; j += VL) Store(ar + j, Load(ar + j) + a * Load(brow + j));
     }
   }
-  for (int64_t i = 0; i < args.m; ++i)
-    for (int64_t j = 0; j < width; ++j) args.y[i * p.n + out_cols[j]] = acc[i * gp + j];
+  Epilogue(args, tile, m_begin, rows, acc, gp, xs);
 }
 
 }  // namespace
 
 TileKernel Kernel() {
-  return TileKernel{TW_ISA_NAME, MR, WeightSize, PackWeights, Rows, SmallTile};
+  return TileKernel{TW_ISA_NAME, MR, WeightSize, PackWeights, Rows, Few};
 }
 
 }  // namespace TW_NS

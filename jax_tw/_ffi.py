@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CPU_TARGET = "jax_tw_tw_matmul_cpu_v1"
+CPU_TARGET = "jax_tw_tw_matmul_cpu_v2"
+CPU_TARGET_V1 = "jax_tw_tw_matmul_cpu_v1"  # still registered, for modules exported before v2
 CUDA_TARGET = "jax_tw_tw_matmul_cuda_v1"
 
 def _load(name: str, platform: str, why: str):
@@ -81,22 +82,24 @@ def fold_batch(call):
     return folded
 
 
-def cpu_tw_matmul(x2: jax.Array, p) -> jax.Array:
-    """The host custom call: (M, K) x packed tiles -> (M, N) float32.
+def cpu_tw_matmul(x2: jax.Array, p, bias: jax.Array | None, out_dtype) -> jax.Array:
+    """The host custom call: (M, K) x packed tiles (residue included) + bias (N,) f32 or None
+    -> (M, N) in ``out_dtype`` (x's dtype, or float32), accumulated in float32.
 
     Under ``jax.shard_map`` the result carries x's varying manual axes (an ``ffi_call`` result
     would otherwise claim to be replicated, and a wrong ``out_specs=P()`` would silently return
     one shard's rows).
     """
+    bias = jnp.zeros((0,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
     operands = [x2] + [jnp.asarray(a, jnp.int32) for a in (p.columns, p.row_offsets, p.rows)] + [
         jnp.asarray(p.values), jnp.asarray(p.residue_rows, jnp.int32),
-        jnp.asarray(p.residue_cols, jnp.int32), jnp.asarray(p.residue_values)]
+        jnp.asarray(p.residue_cols, jnp.int32), jnp.asarray(p.residue_values), bias]
     axes = jax.typeof(x2).manual_axis_type.varying
     operands = make_varying(operands, axes)
     n, g = np.int64(p.n), np.int64(p.tile_size)
 
     def call(x2, *operands):
-        return jax.ffi.ffi_call(CPU_TARGET, result_type(x2, (x2.shape[0], p.n), jnp.float32),
+        return jax.ffi.ffi_call(CPU_TARGET, result_type(x2, (x2.shape[0], p.n), out_dtype),
                                 vmap_method="sequential")(x2, *operands, n=n, tile_size=g)
 
     return fold_batch(call)(*operands)

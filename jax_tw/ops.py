@@ -66,7 +66,8 @@ def available_backends() -> tuple[str, ...]:
 def export_checks() -> list:
     """The ``disabled_checks`` that ``jax.export.export`` needs for functions calling
     :func:`tw_matmul`: it allows jax_tw's versioned custom-call targets (``*_v1``)."""
-    return [jax.export.DisabledSafetyCheck.custom_call(t) for t in (_ffi.CPU_TARGET, _ffi.CUDA_TARGET)]
+    return [jax.export.DisabledSafetyCheck.custom_call(t)
+            for t in (_ffi.CPU_TARGET, _ffi.CPU_TARGET_V1, _ffi.CUDA_TARGET)]
 
 
 def _platform_backend(platform: str) -> str:
@@ -187,9 +188,9 @@ def _forward(backend: str, x2, p: PackedTiles, bias):
             default=lambda *a: _bias_fused(functools.partial(pallas.tw_matmul, interpret=True), *a))
     if backend == "cuda":
         return _bias_fused(_ffi.cuda_tw_matmul, x2, p, bias)
-    if backend == "cpu":
-        y = _ffi.cpu_tw_matmul(x2, p)
-    elif backend == "dense":
+    if backend == "cpu":  # bias, residue and output dtype fused into the kernel
+        return _ffi.cpu_tw_matmul(x2, p, bias, x2.dtype)
+    if backend == "dense":
         w = _dense_kernel(p)
         y = jax.lax.platform_dependent(  # XLA:CPU has no bf16 x bf16 -> f32 dot
             x2, w, cpu=lambda x, w: jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32)),

@@ -13,7 +13,8 @@ residue weights)::
     values          dtype (R, G)     values[r] = W[rows[r], tile's columns]; zero past the tile's width
     residue_rows    int32 (E,)       element-wise residue (TEW, or a baseline's whole mask):
     residue_cols    int32 (E,)         W[residue_rows[e], residue_cols[e]] = residue_values[e],
-    residue_values  dtype (E,)         sorted by (row, col), outside the tiles
+    residue_values  dtype (E,)         sorted by (col, row), outside the tiles (each column's
+                                       residue one run, as the host kernel reads it)
     dense           dtype (K, N)     or None: the masked dense kernel, kept when the layer is so
                                      dense that tiles would run slower (see DENSE_ABOVE). A cache
                                      of unpack(): replace values or residue_values only together
@@ -36,8 +37,8 @@ import numpy as np
 
 from jax_tw import patterns
 
-__all__ = ["PackedTiles", "pack", "unpack", "validate", "check_shapes", "pack_variables", "save",
-           "load", "to_arrays", "from_arrays", "PACKED_COLLECTION"]
+__all__ = ["PackedTiles", "pack", "unpack", "validate", "check_shapes", "sort_residue",
+           "pack_variables", "save", "load", "to_arrays", "from_arrays", "PACKED_COLLECTION"]
 
 
 @jax.tree_util.register_dataclass
@@ -161,7 +162,7 @@ def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int | None = None,
         values[offsets[i]:offsets[i + 1], :len(cols)] = w[np.ix_(r, cols)]
     tiles = np.asarray(patterns.expand(keep_cols, keep_rows, tile_size))
     elements = np.asarray(mask["elements"], bool) if "elements" in mask else np.zeros_like(tiles)
-    res_r, res_c = np.nonzero(elements & ~tiles)  # row-major order
+    res_c, res_r = np.nonzero((elements & ~tiles).T)  # sorted by (col, row)
     packed = PackedTiles(
         columns=columns, row_offsets=offsets, rows=rows, values=values,
         residue_rows=res_r.astype(np.int32), residue_cols=res_c.astype(np.int32),
@@ -192,6 +193,20 @@ def _unpack_valid(packed: PackedTiles) -> np.ndarray:
         w[np.ix_(rows, cols)] = p.values[p.row_offsets[i]:p.row_offsets[i + 1], :len(cols)]
     w[p.residue_rows, p.residue_cols] = p.residue_values
     return w
+
+
+def sort_residue(packed: PackedTiles) -> PackedTiles:
+    """``packed`` with its residue sorted by (column, row), the order the format requires (tiles
+    saved before it did were sorted by (row, column); :func:`load` and :func:`from_arrays` call
+    this, so old files load)."""
+    r, c = np.asarray(packed.residue_rows), np.asarray(packed.residue_cols)
+    if not r.ndim == c.ndim == 1 or not len(r) == len(c) == np.size(packed.residue_values):
+        return packed  # malformed: left for validate to name
+    order = np.lexsort((r, c))
+    if np.all(order == np.arange(len(order))):
+        return packed
+    return dataclasses.replace(packed, residue_rows=r[order], residue_cols=c[order],
+                               residue_values=np.asarray(packed.residue_values)[order])
 
 
 def check_shapes(packed: PackedTiles) -> None:
@@ -266,6 +281,11 @@ def validate(packed: PackedTiles) -> None:
         raise ValueError("packed tiles: rows must be strictly increasing within each tile")
     if len(res_r) and (res_r.min() < 0 or res_r.max() >= k or res_c.min() < 0 or res_c.max() >= n):
         raise ValueError(f"packed tiles: residue indices must lie in [0, {k}) x [0, {n})")
+    key = res_c.astype(np.int64) * k + res_r
+    if np.any(np.diff(key) <= 0):
+        raise ValueError("packed tiles: the residue must be sorted by (column, row) without repeats "
+                         "(tiles saved by earlier jax_tw versions were sorted by (row, column): "
+                         "packing.sort_residue sorts them)")
 
 
 # ----------------------------------------------------------------------------- model variables
@@ -394,6 +414,7 @@ def from_arrays(tree: Any) -> Any:
     empty.update(values=np.zeros((0, statics["tile_size"]), dtype), residue_values=np.zeros(0, dtype))
     tiles = PackedTiles(**{f: np.asarray(tree[f]) if f in tree else empty[f] for f in _FIELDS},
                         dense=np.asarray(tree["dense"]) if "dense" in tree else None, **statics)
+    tiles = sort_residue(tiles)
     validate(tiles)
     return tiles
 
@@ -417,8 +438,8 @@ def load(path: str) -> dict:
             arrays[key] = a.view(jnp.bfloat16) if dtypes[key] == "bfloat16" else a
     flat = {}
     for name, st in statics.items():
-        tiles = PackedTiles(**{f: arrays.pop(f"{name}/{f}") for f in _FIELDS},
-                            dense=arrays.pop(f"{name}/dense", None), **st)
+        tiles = sort_residue(PackedTiles(**{f: arrays.pop(f"{name}/{f}") for f in _FIELDS},
+                                         dense=arrays.pop(f"{name}/dense", None), **st))
         validate(tiles)
         flat[tuple(name.split("/"))] = tiles
     for key, a in arrays.items():

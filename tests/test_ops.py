@@ -58,6 +58,9 @@ CORRUPTIONS = [
     ("values shape", lambda p: dataclasses.replace(p, values=p.values[:-1]), "values has shape", True),
     ("index dtype", lambda p: dataclasses.replace(p, rows=p.rows.astype(np.int64)), "must be 1-D int32", True),
     ("residue", lambda p: dataclasses.replace(p, residue_cols=p.residue_cols[:-1]), "one length", True),
+    ("residue repeat", lambda p: dataclasses.replace(p, residue_rows=np.r_[p.residue_rows[:1], p.residue_rows[:-1]].astype(np.int32),
+                                                     residue_cols=np.r_[p.residue_cols[:1], p.residue_cols[:-1]].astype(np.int32)),
+     r"sorted by \(column, row\) without repeats", False),
     ("max_depth range", lambda p: dataclasses.replace(p, max_depth=p.k + 1), r"max_depth=25 must lie in \(0, k=24\]", True),
 ]
 
@@ -92,15 +95,38 @@ def test_call_reads_no_array_data(monkeypatch):
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
+def test_residue_saved_in_row_order_loads_sorted(tmp_path):
+    """Files written when the residue was sorted by (row, column) load, sorted by (column, row),
+    and compute the same product."""
+    _, _, p = _layer(24, 40, 8, 0.6, pattern=patterns.TEW(residue=0.1))
+    order = np.lexsort((p.residue_cols, p.residue_rows))
+    assert np.any(order != np.arange(len(order)))  # the two orders differ for this layer
+    old = dataclasses.replace(p, residue_rows=p.residue_rows[order], residue_cols=p.residue_cols[order],
+                              residue_values=p.residue_values[order])
+    with pytest.raises(ValueError, match=r"sorted by \(column, row\)"):
+        packing.validate(old)
+    path = str(tmp_path / "old.safetensors")
+    packing.save(path, {"tiles": old})
+    for q in (packing.load(path)["tiles"], packing.from_arrays(packing.to_arrays({"t": old}))["t"]):
+        for f in ("residue_rows", "residue_cols", "residue_values"):
+            np.testing.assert_array_equal(getattr(q, f), getattr(p, f))
+
+
 @pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
 def test_host_kernel_refuses_corrupt_tiles_on_its_own():
     """Inside jit the Python checks cannot see the data: the C++ handler checks every index."""
-    _, _, p = _layer(24, 40, 8, 0.6)
-    f = jax.jit(lambda x, p: _ffi.cpu_tw_matmul(x, p))
+    _, _, p = _layer(24, 40, 8, 0.6, pattern=patterns.TEW(residue=0.1))
+    assert len(p.residue_rows) > 2
+    f = jax.jit(lambda x, p: _ffi.cpu_tw_matmul(x, p, None, jnp.float32))
     x = jnp.ones((3, 24), jnp.float32)
+    # The residue in (row, column) order, as tiles saved by earlier versions held it.
+    order = np.lexsort((p.residue_cols, p.residue_rows))
+    by_rows = dataclasses.replace(p, residue_rows=p.residue_rows[order], residue_cols=p.residue_cols[order],
+                                  residue_values=p.residue_values[order])
     for bad, match in [(dataclasses.replace(p, rows=p.rows + 1000), r"row index out of \[0, k\)"),
                        (dataclasses.replace(p, columns=p.columns + 1000), r"column index out of \[0, n\)"),
-                       (dataclasses.replace(p, row_offsets=p.row_offsets * 2), "row_offsets must run")]:
+                       (dataclasses.replace(p, row_offsets=p.row_offsets * 2), "row_offsets must run"),
+                       (by_rows, r"residue is not sorted by \(column, row\)")]:
         with pytest.raises(Exception, match=match):
             jax.block_until_ready(f(x, bad))
 
