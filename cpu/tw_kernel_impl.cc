@@ -8,7 +8,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(TW_ISA_AVX512)
+#if defined(TW_ISA_AVX512) || defined(TW_ISA_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -100,6 +100,49 @@ void PackRowsGather(const float* x, int64_t k, float* panel, int64_t m0) {
 }
 #endif
 
+#if defined(TW_ISA_AVX2)
+// Eight consecutive values of x's row as f32.
+inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 Load8(const uint16_t* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+
+// A full panel (all MR = 6 rows inside x) by 8 x 8 register transposes: 8 columns of the 6 rows
+// (and two zero rows) become 8 panel rows of 6 values, stored 8 wide so that each store's last
+// two lanes are overwritten by the next one (the last spills 2 floats past the block: the next
+// block's, or the slack of the panel buffer).
+template <class T>
+void PackRowsAvx2(const T* x, int64_t k, float* panel, int64_t m0) {
+  const T* r = x + m0 * k;
+  int64_t q0 = 0;
+  const __m256 z = _mm256_setzero_ps();
+  for (; q0 + 8 <= k; q0 += 8) {
+    const __m256 a0 = Load8(r + q0), a1 = Load8(r + k + q0), a2 = Load8(r + 2 * k + q0),
+                 a3 = Load8(r + 3 * k + q0), a4 = Load8(r + 4 * k + q0), a5 = Load8(r + 5 * k + q0);
+    const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+    const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+    const __m256 t4 = _mm256_unpacklo_ps(a4, a5), t5 = _mm256_unpackhi_ps(a4, a5);
+    const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 s4 = _mm256_shuffle_ps(t4, z, 0x44), s5 = _mm256_shuffle_ps(t4, z, 0xEE);
+    const __m256 s6 = _mm256_shuffle_ps(t5, z, 0x44), s7 = _mm256_shuffle_ps(t5, z, 0xEE);
+    // Column c (c < 4) is (s_c low 128, s_{c+4} low 128); column c + 4 the high halves.
+    float* out = panel + q0 * MR;
+    _mm256_storeu_ps(out + 0 * MR, _mm256_permute2f128_ps(s0, s4, 0x20));
+    _mm256_storeu_ps(out + 1 * MR, _mm256_permute2f128_ps(s1, s5, 0x20));
+    _mm256_storeu_ps(out + 2 * MR, _mm256_permute2f128_ps(s2, s6, 0x20));
+    _mm256_storeu_ps(out + 3 * MR, _mm256_permute2f128_ps(s3, s7, 0x20));
+    _mm256_storeu_ps(out + 4 * MR, _mm256_permute2f128_ps(s0, s4, 0x31));
+    _mm256_storeu_ps(out + 5 * MR, _mm256_permute2f128_ps(s1, s5, 0x31));
+    _mm256_storeu_ps(out + 6 * MR, _mm256_permute2f128_ps(s2, s6, 0x31));
+    _mm256_storeu_ps(out + 7 * MR, _mm256_permute2f128_ps(s3, s7, 0x31));
+  }
+  for (int64_t q = q0; q < k; ++q)
+    for (int i = 0; i < MR; ++i) panel[q * MR + i] = ToF32(r[i * k + q]);
+}
+#endif
+
 // Rows [m0, m0 + npanels * MR) of x into `panels` (rows past M are zero).
 void Pack(const TileGemmArgs& args, float* panels, int64_t m0, int64_t npanels) {
   const int64_t k = args.p->k;
@@ -110,6 +153,13 @@ void Pack(const TileGemmArgs& args, float* panels, int64_t m0, int64_t npanels) 
     // Gather indices are int32: (MR - 1) * k + k must fit.
     if (!args.bf16 && first + MR <= args.m && MR * k < (int64_t{1} << 31)) {
       PackRowsGather(static_cast<const float*>(args.x), k, panel, first);
+      continue;
+    }
+#endif
+#if defined(TW_ISA_AVX2)
+    if (first + MR <= args.m) {
+      if (args.bf16) PackRowsAvx2(static_cast<const uint16_t*>(args.x), k, panel, first);
+      else PackRowsAvx2(static_cast<const float*>(args.x), k, panel, first);
       continue;
     }
 #endif
@@ -226,7 +276,12 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
     else std::memset(si, 0, len * sizeof(float));
     if (c == nullptr) continue;
     const float* ci = c + i * ldc;
-    for (int64_t j = 0; j < width; ++j) si[out[j] - lo] += ci[j];
+    // Stores only (no read-modify-write of the row just filled: that stalls on forwarding).
+    if (args.bias) {
+      for (int64_t j = 0; j < width; ++j) si[out[j] - lo] = ci[j] + args.bias[out[j]];
+    } else {
+      for (int64_t j = 0; j < width; ++j) si[out[j] - lo] = ci[j];
+    }
   }
   for (const int32_t* e = e_begin; e != e_end;) {
     const int32_t col = *e;
