@@ -4,9 +4,13 @@
     python -m jax_tw.bench --json out.json --plot speedup.png
     python -m jax_tw.bench --quick               # tiny shapes, a few repeats (used by the tests)
     python -m jax_tw.bench --shapes both -m 16384 --dtype bfloat16 --backend cuda,pallas   # on a GPU
+    python -m jax_tw.bench --pattern tew --residue 0.05 --sparsities 0.75
+    python -m jax_tw.bench --peers                # adds jax.experimental.sparse BCOO, same masks
 
 ``--backend`` takes a comma-separated list: every backend gets its own column in the table,
-timed in the same interleaved run as the dense dot.
+timed in the same interleaved run as the dense dot. ``--peers`` adds a ``bcoo`` column: the
+same masked kernel as a ``jax.experimental.sparse`` BCOO matrix (``x @ W`` as
+``(W^T @ x^T)^T`` with ``sparse.sparsify``), the JAX user's own alternative, in the same run.
 
 For every shape, dtype and sparsity, the dense dot and the TW call are timed *interleaved* (dense,
 TW, dense, TW, ...) so that a noisy machine slows both alike; the table reports the medians and
@@ -59,20 +63,33 @@ def time_pair(f_dense, f_tw, args_dense, args_tw, repeats: int, inner: int = 1) 
     return t_dense, t_tw
 
 
+def bcoo_matmul(x, w_t):
+    """``x @ W`` with ``W^T`` (N, K) a BCOO matrix: the sparse operand on the left, as
+    ``jax.experimental.sparse`` multiplies best."""
+    from jax.experimental import sparse
+    return sparse.sparsify(lambda w_t, x: (w_t @ x.T).T)(w_t, x)
+
+
 def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backend: str | None,
-        seed: int = 0, pattern: str = "tw2d", inner: int = 1) -> list[dict[str, Any]]:
+        seed: int = 0, pattern: str = "tw2d", inner: int = 1, residue: float | None = None,
+        peers: bool = False) -> list[dict[str, Any]]:
     """Times every (shape, dtype, sparsity); returns one row dict per measurement and backend.
 
     ``backend``: a name, a comma-separated list of names (each timed in the same interleaved
     run) or None (automatic). ``pattern`` (a :func:`jax_tw.patterns.get` name) makes the
     masks; EW/VW/BW masks pack into an element-wise residue only, which measures the residue
-    path."""
-    make_masks = patterns.get(pattern)
+    path. ``residue`` sets a TEW pattern's residue fraction; ``peers`` adds a ``'bcoo'`` row
+    (:func:`bcoo_matmul`) to every measurement."""
+    make_masks = patterns.get(pattern, **({} if residue is None else {"residue": residue}))
     rng = np.random.default_rng(seed)
     names = [ops.backend_for(b) for b in (backend.split(",") if backend else [None])]
     dense_fn = jax.jit(lambda x, w: jnp.dot(x, w))
     tw_fns = [jax.jit(functools.partial(lambda x, p, name: ops.tw_matmul(x, p, backend=name), name=b))
               for b in names]
+    if peers:
+        from jax.experimental import sparse
+        names = names + ["bcoo"]
+        tw_fns = tw_fns + [jax.jit(bcoo_matmul)]
     rows = []
     for k, n in shapes:
         w32 = rng.normal(size=(k, n)).astype(np.float32)
@@ -85,8 +102,20 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
                 [mask] = make_masks([np.abs(w32)], s, tile_size=tile_size, min_keep=0.0)
                 p = jax.device_put(packing.pack(w, jax.tree.map(np.asarray, mask), tile_size,
                                                 keep_dense=False))
+                operands = [p] * (len(tw_fns) - peers)
+                if peers:  # the same masked kernel, transposed, as BCOO
+                    operands.append(sparse.BCOO.fromdense(jnp.asarray(packing.unpack(p).T)))
+                # Every contender computes the same product (a wrong one would time nothing).
+                want = np.asarray(x, np.float32) @ packing.unpack(p).astype(np.float32)
+                for name, f, a in zip(names, tw_fns, operands):
+                    got = np.asarray(f(x, a), np.float32)
+                    tol = 1e-3 if np.dtype(dtype) == np.float32 else 5e-2
+                    if not np.allclose(got, want, rtol=tol, atol=tol * np.abs(want).max()):
+                        raise AssertionError(f"bench: {name} computed a wrong product for "
+                                             f"{k}x{n} at sparsity {s}")
                 t_dense, *t_tws = time_interleaved(
-                    [(dense_fn, (x, wj))] + [(f, (x, p)) for f in tw_fns], repeats, inner)
+                    [(dense_fn, (x, wj))] + [(f, (x, a)) for f, a in zip(tw_fns, operands)],
+                    repeats, inner)
                 for name, t_tw in zip(names, t_tws):
                     ratio = t_dense / t_tw
                     rows.append({
@@ -150,6 +179,10 @@ def main(argv=None) -> list[dict[str, Any]]:
     ap.add_argument("--sparsities", default="0,0.25,0.5,0.75,0.9")
     ap.add_argument("--tile-size", type=int, default=128)
     ap.add_argument("--pattern", default="tw2d", help="mask pattern: tw2d, tw1d, tew, ew, vw, bw")
+    ap.add_argument("--residue", type=float, default=None,
+                    help="TEW's residue fraction (default: the pattern's own, 0.05)")
+    ap.add_argument("--peers", action="store_true",
+                    help="also time jax.experimental.sparse BCOO on the same masked kernel")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--backend", default=None,
                     help="xla, cpu, cuda, pallas or dense, or a comma-separated list of them, each "
@@ -170,7 +203,7 @@ def main(argv=None) -> list[dict[str, Any]]:
         shapes, m, repeats, sparsities = [(96, 160)], 64, 3, [0.0, 0.5, 0.9]
     inner = args.inner or (20 if jax.default_backend() == "gpu" else 1)
     rows = run(shapes, m, dtypes, sparsities, args.tile_size, repeats, args.backend,
-               pattern=args.pattern, inner=inner)
+               pattern=args.pattern, inner=inner, residue=args.residue, peers=args.peers)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

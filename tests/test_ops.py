@@ -411,6 +411,18 @@ def test_bench_quick_prints_ratios(tmp_path, capsys):
     assert out_png.stat().st_size > 1000
 
 
+def test_bench_peers_and_residue(capsys):
+    """--peers adds the BCOO column (checked against the dense product like every contender);
+    --residue sets TEW's residue."""
+    from jax_tw import bench
+    rows = bench.main(["--quick", "--peers", "--pattern", "tew", "--residue", "0.1", "--backend", "cpu,xla"])
+    assert "bcoo ms" in capsys.readouterr().out
+    assert [r["backend"] for r in rows] == ["cpu", "xla", "bcoo"] * 3
+    for r in rows:
+        assert r["pattern"] == "tew" and r["tw_ms"] > 0
+        assert abs(r["measured_sparsity"] - r["sparsity"]) < 0.05
+
+
 def test_dense_fallback_counts_the_residue_cost():
     """A residue costs RESIDUE_COST dense weights each: an EW layer (all residue) or a TEW layer
     with a few percent of residue packs with the dense kernel; a tiny residue does not."""
