@@ -218,38 +218,63 @@ struct XRows {
   float At(int64_t i, int64_t q) const { return LoadF32(args->x, (m0 + i) * args->p->k + q, args->bf16); }
 };
 
-// Adds residue weights [e0, e1) (all in output column `col`, sorted by row) times rows of x to
-// column `col` of the span buffer s (rows x lds).
-inline void ResidueColumn(const TileGemmArgs& args, const PanelRows& x, int64_t rows, int64_t e0,
-                          int64_t e1, float* s, int64_t lds) {
+// acc[j] = sum over e in [e0, e1) of v[e] * (panel j's MR rows at K index kr[e]), for P panels
+// `stride` floats apart (lanes past MR: unused).
+template <int P>
+inline void ResiduePanels(const float* base, int64_t stride, const int32_t* __restrict kr,
+                          const float* __restrict v, int64_t n, vf* acc) {
+  vf a[P] = {};
+  for (int64_t e = 0; e < n; ++e) {
+    const float* col = base + static_cast<int64_t>(kr[e]) * MR;
+    for (int j = 0; j < P; ++j) a[j] += Load(col + j * stride) * v[e];
+  }
+  for (int j = 0; j < P; ++j) acc[j] = a[j];
+}
+
+// Adds residue weights [e0, e1) (sorted by column, then row) times rows of x to their columns
+// of the span buffer s (rows x lds, column lo first). One panel at a time (its MR rows of x stay
+// in L1 while every residue weight of the span reads them), one column's sum per accumulator.
+inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, int64_t e0,
+                    int64_t e1, int64_t lo, float* s, int64_t lds) {
+  thread_local std::vector<float> vbuf;
+  thread_local std::vector<int64_t> starts;  // where each column's run begins, then e1
+  const int32_t* cols = args.p->residue_cols;
+  vbuf.resize(e1 - e0);
+  starts.clear();
+  for (int64_t e = e0; e < e1; ++e) {
+    vbuf[e - e0] = LoadF32(args.residue_values, e, args.bf16);
+    if (e == e0 || cols[e] != cols[e - 1]) starts.push_back(e);
+  }
+  starts.push_back(e1);
   const int32_t* kr = args.p->residue_rows;
-  const int64_t npanels = (rows + MR - 1) / MR, k = x.k;
-  constexpr int P = 4;  // panels per pass: independent accumulators
-  for (int64_t ip = 0; ip < npanels; ip += P) {
-    const int np = static_cast<int>(std::min<int64_t>(P, npanels - ip));
-    vf acc[P] = {};
-    const float* base = x.panels + ip * k * MR;
-    for (int64_t e = e0; e < e1; ++e) {
-      const float v = LoadF32(args.residue_values, e, args.bf16);
-      const float* a = base + static_cast<int64_t>(kr[e]) * MR;
-      for (int j = 0; j < P; ++j)
-        if (j < np) acc[j] += Load(a + j * k * MR) * v;  // lanes past MR: unused
-    }
-    for (int j = 0; j < np; ++j)
-      for (int i = 0; i < MR; ++i) {
-        const int64_t row = (ip + j) * MR + i;
-        if (row < rows) s[row * lds] += acc[j][i];
+  const float* v = vbuf.data() - e0;
+  const int64_t npanels = (rows + MR - 1) / MR;
+  for (int64_t ip = 0; ip < npanels; ++ip) {
+    const float* panel = x.panels + ip * x.k * MR;
+    const int64_t row0 = ip * MR;
+    const int valid = static_cast<int>(std::min<int64_t>(MR, rows - row0));
+    for (size_t g = 0; g + 1 < starts.size(); ++g) {
+      vf a0 = {}, a1 = {};  // two chains: the adds of one would wait on each other
+      int64_t e = starts[g];
+      const int64_t end = starts[g + 1];
+      for (; e + 1 < end; e += 2) {
+        a0 += Load(panel + static_cast<int64_t>(kr[e]) * MR) * v[e];
+        a1 += Load(panel + static_cast<int64_t>(kr[e + 1]) * MR) * v[e + 1];
       }
+      if (e < end) a0 += Load(panel + static_cast<int64_t>(kr[e]) * MR) * v[e];
+      const vf acc = a0 + a1;  // lanes past MR: unused
+      float* out = s + row0 * lds + (cols[starts[g]] - lo);
+      for (int i = 0; i < valid; ++i) out[i * lds] += acc[i];
+    }
   }
 }
-inline void ResidueColumn(const TileGemmArgs& args, const XRows& x, int64_t rows, int64_t e0,
-                          int64_t e1, float* s, int64_t lds) {
+inline void Residue(const TileGemmArgs& args, const XRows& x, int64_t rows, int64_t e0,
+                    int64_t e1, int64_t lo, float* s, int64_t lds) {
   const int32_t* kr = args.p->residue_rows;
-  for (int64_t i = 0; i < rows; ++i) {
-    float acc = 0.f;
-    for (int64_t e = e0; e < e1; ++e) acc += x.At(i, kr[e]) * LoadF32(args.residue_values, e, args.bf16);
-    s[i * lds] += acc;
-  }
+  const int32_t* cols = args.p->residue_cols;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t e = e0; e < e1; ++e)
+      s[i * lds + cols[e] - lo] += x.At(i, kr[e]) * LoadF32(args.residue_values, e, args.bf16);
 }
 
 // The epilogue of span t for rows [m0, m0 + rows): y = bias (or 0) + c (the tile's result,
@@ -283,12 +308,8 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
       for (int64_t j = 0; j < width; ++j) si[out[j] - lo] = ci[j];
     }
   }
-  for (const int32_t* e = e_begin; e != e_end;) {
-    const int32_t col = *e;
-    const int32_t* next = std::upper_bound(e, e_end, col);
-    ResidueColumn(args, x, rows, e - p.residue_cols, next - p.residue_cols, s + (col - lo), lds);
-    e = next;
-  }
+  if (e_begin != e_end)
+    Residue(args, x, rows, e_begin - p.residue_cols, e_end - p.residue_cols, lo, s, lds);
   if (direct) return;
   for (int64_t i = 0; i < rows; ++i) {
     const float* si = s + i * lds;

@@ -111,7 +111,7 @@ DENSE_ABOVE = 0.75
 # (`python -m jax_tw.bench --pattern ew --sparsities 0.75,0.95,0.99 --backend cpu`, M = 2048,
 # BERT-base shapes, f32) cost 50-78 dense weights per residue weight (BUILD_NOTES.md has the
 # table), so a residue above about 1.5% of the weights makes the dense dot faster.
-RESIDUE_COST = 50.0
+RESIDUE_COST = 6.0
 
 
 def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int | None = None,
