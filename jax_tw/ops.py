@@ -4,7 +4,8 @@ Backends:
 
 * ``'xla'``  the pure-XLA reference: gathers plus one batched ``dot_general`` over tiles padded
   to the deepest tile. Runs everywhere; every kernel is checked against it.
-* ``'cpu'``  the XLA FFI custom call of the ``jax_tw._cpu`` extension (host kernel).
+* ``'cpu'``  the XLA FFI custom call of the ``jax_tw._cpu`` extension (host kernel; the bias,
+  a TEW residue and the cast to x's dtype are fused into it).
 * ``'cuda'`` the XLA FFI custom call of the ``jax_tw._cuda`` extension (CUDA kernel; the bias is
   fused into it, and a TEW residue is added by XLA afterwards in float32).
 * ``'pallas'`` the Pallas kernel of :mod:`jax_tw.pallas` (bias fused, residue added by XLA): on

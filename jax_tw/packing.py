@@ -106,11 +106,14 @@ jax.export.register_pytree_node_serialization(
 DENSE_ABOVE = 0.75
 
 # What one residue weight costs, in dense weights, in the fallback rule: packing keeps the dense
-# kernel when ``tile density + RESIDUE_COST * residue density > DENSE_ABOVE``. The residue is a
-# gather/scatter-add per weight, far slower than a GEMM's multiply-add. Residue-only layers
-# (`python -m jax_tw.bench --pattern ew --sparsities 0.75,0.95,0.99 --backend cpu`, M = 2048,
-# BERT-base shapes, f32) cost 50-78 dense weights per residue weight (BUILD_NOTES.md has the
-# table), so a residue above about 1.5% of the weights makes the dense dot faster.
+# kernel when ``tile density + RESIDUE_COST * residue density > DENSE_ABOVE``. The host kernel
+# runs the residue per output column, vectorised over the rows of its x panels, but each weight
+# is still a gathered load and one multiply-add of MR rows, against a GEMM's register-blocked
+# ones. Measured (`python -m jax_tw.bench --pattern ew --sparsities 0.75,0.9 --backend cpu` and
+# `--pattern tew --residue 0.01|0.05|0.125 --sparsities 0.75`, M = 2048, BERT-base shapes, f32,
+# 2-core AVX2 machine; BUILD_NOTES.md has the tables): one residue weight costs 5-8 dense
+# weights, so TEW layers with the paper's 1-5% residue run the tiles (1.8-2.9x), 12.5% about
+# breaks even (1.05-1.23x) and falls back, as do EW layers below about 88% sparsity.
 RESIDUE_COST = 6.0
 
 

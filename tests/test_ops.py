@@ -113,6 +113,22 @@ def test_residue_saved_in_row_order_loads_sorted(tmp_path):
 
 
 @pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
+def test_host_target_v1_still_answers():
+    """Modules exported before v2 call jax_tw_tw_matmul_cpu_v1 (no bias, f32 result): it stays
+    registered and computes the same product, residue included."""
+    _, _, p = _layer(24, 40, 8, 0.6, pattern=patterns.TEW(residue=0.1))
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(37, 24)), jnp.float32)
+    operands = [x] + [jnp.asarray(a) for a in (p.columns, p.row_offsets, p.rows, p.values,
+                                                p.residue_rows, p.residue_cols, p.residue_values)]
+    y = jax.ffi.ffi_call(_ffi.CPU_TARGET_V1, jax.ShapeDtypeStruct((37, 40), jnp.float32))(
+        *operands, n=np.int64(40), tile_size=np.int64(8))
+    np.testing.assert_allclose(np.asarray(y, np.float64), _reference(x, packing.unpack(p)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="must be float32"):
+        jax.block_until_ready(jax.ffi.ffi_call(_ffi.CPU_TARGET_V1, jax.ShapeDtypeStruct((37, 40), jnp.bfloat16))(
+            *operands, n=np.int64(40), tile_size=np.int64(8)))
+
+
+@pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
 def test_host_kernel_refuses_corrupt_tiles_on_its_own():
     """Inside jit the Python checks cannot see the data: the C++ handler checks every index."""
     _, _, p = _layer(24, 40, 8, 0.6, pattern=patterns.TEW(residue=0.1))
@@ -204,13 +220,17 @@ def test_poisoned_output_is_fully_written(backend, m, monkeypatch):
     if backend not in BACKENDS:
         pytest.skip(f"no {backend} custom call runs here")
     monkeypatch.setenv("JAX_TW_POISON_OUTPUT", "1")
+    rng = np.random.default_rng(5)
     for pattern in (patterns.TW2D(), patterns.TEW(residue=0.05)):
-        _, _, p = _layer(32, 50, 8, 0.8, empty_tiles=True, pattern=pattern)
-        assert len(p.columns) < 50  # some columns pruned
-        x = np.random.default_rng(5).normal(size=(m, 32)).astype(np.float32)
-        y = np.asarray(ops.tw_matmul(x, p, backend=backend))
-        assert np.isfinite(y).all()
-        np.testing.assert_allclose(y, _reference(x, packing.unpack(p)), rtol=1e-5, atol=1e-5)
+        for dtype, bias in [(np.float32, None), (jnp.bfloat16, rng.normal(size=50).astype(np.float32))]:
+            _, _, p = _layer(32, 50, 8, 0.8, dtype, empty_tiles=True, pattern=pattern)
+            assert len(p.columns) < 50  # some columns pruned
+            x = rng.normal(size=(m, 32)).astype(dtype)
+            y = np.asarray(ops.tw_matmul(x, p, bias, backend=backend), np.float64)
+            assert np.isfinite(y).all()
+            want = _reference(np.asarray(x, np.float32), np.asarray(packing.unpack(p), np.float32), bias)
+            tol = 1e-5 if dtype == np.float32 else 2e-2
+            np.testing.assert_allclose(y, want, rtol=tol, atol=tol)
 
 
 # ----------------------------------------------------------------------------- transforms

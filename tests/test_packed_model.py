@@ -89,3 +89,24 @@ def test_packed_errors(tmp_path):
     save_file({"a": np.ones(2, np.float32)}, str(bad))
     with pytest.raises(ValueError, match="not written by jax_tw.packing.save"):
         packing.load(str(bad))
+
+
+@pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_packed_layer_fuses_bias_and_dtype_into_the_host_call(dtype, monkeypatch):
+    """TWDense's packed path hands its bias to tw_matmul, and the host kernel adds it and writes
+    the layer's dtype itself: the lowered layer is the custom call and nothing after it."""
+    monkeypatch.setenv("JAX_TW_BACKEND", "cpu")
+    layer = TWDense(40, tile_size=G, dtype=dtype, param_dtype=dtype)
+    x = jax.random.normal(jax.random.key(0), (16, 24), dtype)
+    variables = layer.init(jax.random.key(1), x)
+    variables["params"]["bias"] = jax.random.normal(jax.random.key(2), (40,), dtype)
+    packed = packing.pack_variables(variables)
+    f = jax.jit(lambda v, x: layer.apply(v, x))
+    text = f.lower(packed, x).as_text()
+    assert f"custom_call @{_ffi.CPU_TARGET}" in text
+    ops_after = text.split(f"custom_call @{_ffi.CPU_TARGET}")[1]
+    assert "stablehlo.add" not in ops_after and "stablehlo.convert" not in ops_after, ops_after
+    want = np.asarray(layer.apply(variables, x), np.float64)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(f(packed, x), np.float64), want, rtol=tol, atol=tol)
