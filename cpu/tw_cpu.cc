@@ -27,10 +27,15 @@ namespace ffi = xla::ffi;
 namespace jax_tw {
 namespace {
 
+// The widest variant this CPU runs; JAX_TW_ISA=generic|avx2 (read at import) asks for a
+// narrower one, so that tests can run every variant this machine supports.
 TileKernel ChooseKernel() {
+  const char* want = std::getenv("JAX_TW_ISA");
+  const std::string ask = want ? want : "";
+  if (ask == "generic") return generic::Kernel();
 #if defined(__x86_64__) && defined(JAX_TW_HAVE_X86_VARIANTS)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return avx512::Kernel();
+  if (__builtin_cpu_supports("avx512f") && ask != "avx2") return avx512::Kernel();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2::Kernel();
 #endif
   return generic::Kernel();

@@ -231,6 +231,30 @@ inline void ResiduePanels(const float* base, int64_t stride, const int32_t* __re
   for (int j = 0; j < P; ++j) acc[j] = a[j];
 }
 
+// The residue of one panel of x (its MR rows: rows row0.. of the span buffer s) for every
+// column run [starts[g], starts[g + 1]) of residue weights.
+void ResiduePanel(const float* panel, const std::vector<int64_t>& starts,
+                  const int32_t* __restrict kr, const float* __restrict v,
+                  const int32_t* __restrict cols, int64_t lo, float* s, int64_t lds, int64_t row0,
+                  int64_t rows) {
+  const int valid = static_cast<int>(std::min<int64_t>(MR, rows - row0));
+  for (size_t g = 0; g + 1 < starts.size(); ++g) {
+    const int64_t begin = starts[g], end = starts[g + 1];
+    vf a0 = {}, a1 = {}, a2 = {}, a3 = {};  // four independent chains
+    int64_t e = begin;
+    for (; e + 3 < end; e += 4) {
+      a0 += Load(panel + static_cast<int64_t>(kr[e]) * MR) * v[e];
+      a1 += Load(panel + static_cast<int64_t>(kr[e + 1]) * MR) * v[e + 1];
+      a2 += Load(panel + static_cast<int64_t>(kr[e + 2]) * MR) * v[e + 2];
+      a3 += Load(panel + static_cast<int64_t>(kr[e + 3]) * MR) * v[e + 3];
+    }
+    for (; e < end; ++e) a0 += Load(panel + static_cast<int64_t>(kr[e]) * MR) * v[e];
+    const vf acc = (a0 + a1) + (a2 + a3);  // lanes past MR: unused
+    float* out = s + row0 * lds + (cols[begin] - lo);
+    for (int i = 0; i < valid; ++i) out[i * lds] += acc[i];
+  }
+}
+
 // Adds residue weights [e0, e1) (sorted by column, then row) times rows of x to their columns
 // of the span buffer s (rows x lds, column lo first). One panel at a time (its MR rows of x stay
 // in L1 while every residue weight of the span reads them), one column's sum per accumulator.
@@ -249,25 +273,10 @@ inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, 
   const int32_t* kr = args.p->residue_rows;
   const float* v = vbuf.data() - e0;
   const int64_t npanels = (rows + MR - 1) / MR;
-  for (int64_t ip = 0; ip < npanels; ++ip) {
-    const float* panel = x.panels + ip * x.k * MR;
-    const int64_t row0 = ip * MR;
-    const int valid = static_cast<int>(std::min<int64_t>(MR, rows - row0));
-    for (size_t g = 0; g + 1 < starts.size(); ++g) {
-      vf a0 = {}, a1 = {};  // two chains: the adds of one would wait on each other
-      int64_t e = starts[g];
-      const int64_t end = starts[g + 1];
-      for (; e + 1 < end; e += 2) {
-        a0 += Load(panel + static_cast<int64_t>(kr[e]) * MR) * v[e];
-        a1 += Load(panel + static_cast<int64_t>(kr[e + 1]) * MR) * v[e + 1];
-      }
-      if (e < end) a0 += Load(panel + static_cast<int64_t>(kr[e]) * MR) * v[e];
-      const vf acc = a0 + a1;  // lanes past MR: unused
-      float* out = s + row0 * lds + (cols[starts[g]] - lo);
-      for (int i = 0; i < valid; ++i) out[i * lds] += acc[i];
-    }
-  }
+  for (int64_t ip = 0; ip < npanels; ++ip)
+    ResiduePanel(x.panels + ip * x.k * MR, starts, kr, v, cols, lo, s, lds, ip * MR, rows);
 }
+
 inline void Residue(const TileGemmArgs& args, const XRows& x, int64_t rows, int64_t e0,
                     int64_t e1, int64_t lo, float* s, int64_t lds) {
   const int32_t* kr = args.p->residue_rows;

@@ -236,8 +236,8 @@ def check_shapes(packed: PackedTiles) -> None:
     if np.shape(packed.row_offsets)[0] != t + 1:
         raise ValueError(f"packed tiles: row_offsets has length {np.shape(packed.row_offsets)[0]}, "
                          f"expected {t + 1} for {c} columns in tiles of {g}")
-    if t and not 0 < packed.max_depth <= k or not t and packed.max_depth:
-        raise ValueError(f"packed tiles: max_depth={packed.max_depth} must lie in (0, k={k}] "
+    if not 0 <= packed.max_depth <= k or not t and packed.max_depth:  # 0: every tile empty
+        raise ValueError(f"packed tiles: max_depth={packed.max_depth} must lie in [0, k={k}] "
                          f"for {t} tiles (0 without tiles)")
     if np.shape(packed.values) != (r, g):
         raise ValueError(f"packed tiles: values has shape {np.shape(packed.values)}, expected {(r, g)}")

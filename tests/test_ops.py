@@ -61,7 +61,7 @@ CORRUPTIONS = [
     ("residue repeat", lambda p: dataclasses.replace(p, residue_rows=np.r_[p.residue_rows[:1], p.residue_rows[:-1]].astype(np.int32),
                                                      residue_cols=np.r_[p.residue_cols[:1], p.residue_cols[:-1]].astype(np.int32)),
      r"sorted by \(column, row\) without repeats", False),
-    ("max_depth range", lambda p: dataclasses.replace(p, max_depth=p.k + 1), r"max_depth=25 must lie in \(0, k=24\]", True),
+    ("max_depth range", lambda p: dataclasses.replace(p, max_depth=p.k + 1), r"max_depth=25 must lie in \[0, k=24\]", True),
 ]
 
 
@@ -110,6 +110,23 @@ def test_residue_saved_in_row_order_loads_sorted(tmp_path):
     for q in (packing.load(path)["tiles"], packing.from_arrays(packing.to_arrays({"t": old}))["t"]):
         for f in ("residue_rows", "residue_cols", "residue_values"):
             np.testing.assert_array_equal(getattr(q, f), getattr(p, f))
+
+
+@pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_narrower_isa_variants_match_reference(isa):
+    """The host kernel is compiled once per instruction set and the widest the CPU runs is
+    chosen; JAX_TW_ISA asks for a narrower one, so every variant this machine can run is
+    checked (tests/isa_check.py, in a fresh process: the choice is made at import)."""
+    from jax_tw import _cpu
+    order = ["generic", "avx2", "avx512"]
+    if order.index(isa) >= order.index(_cpu.isa()):
+        pytest.skip(f"{isa} is not narrower than this machine's {_cpu.isa()} (run by every other test)")
+    here = pathlib.Path(__file__).parent
+    out = subprocess.run([sys.executable, str(here / "isa_check.py")], capture_output=True, text=True,
+                         env={**__import__("os").environ, "JAX_TW_ISA": isa, "PYTHONPATH": str(here)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == isa
 
 
 @pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
@@ -186,11 +203,13 @@ def test_forward_with_residue(backend, pattern):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("m", [3, 40])  # the few-rows path and the blocked path
-def test_fully_pruned_layer_gives_bias(backend, m, monkeypatch):
+@pytest.mark.parametrize("columns", [False, True])  # no tiles; tiles that all lost every row
+def test_fully_pruned_layer_gives_bias(backend, m, columns, monkeypatch):
     monkeypatch.setenv("JAX_TW_POISON_OUTPUT", "1")  # the host kernel must still write every entry
     w = np.ones((6, 10), np.float32)
-    mask = {"columns": np.zeros(10, bool), "rows": np.zeros((3, 6), bool), "elements": np.zeros((6, 10), bool)}
+    mask = {"columns": np.full(10, columns), "rows": np.zeros((3, 6), bool), "elements": np.zeros((6, 10), bool)}
     p = packing.pack(w, mask, 4)
+    assert p.max_depth == 0 and p.num_tiles == (3 if columns else 0)
     bias = np.arange(10, dtype=np.float32)
     y = ops.tw_matmul(np.ones((m, 6), np.float32), p, bias, backend=backend)
     np.testing.assert_array_equal(np.asarray(y), np.broadcast_to(bias, (m, 10)))

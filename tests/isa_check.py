@@ -1,0 +1,26 @@
+"""Checks the host kernel of the instruction-set variant named by JAX_TW_ISA (set by
+test_ops.py before this process starts) against a float64 reference: few rows and blocks of
+rows, tiles with no kept rows, N not a multiple of G, a residue, a bias, f32 and bf16. Prints
+the variant that ran."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_tw._cpu
+from jax_tw import ops, packing, patterns
+from twcheck import packed_layer
+
+rng = np.random.default_rng(0)
+for pattern in (patterns.TW2D(), patterns.TEW(residue=0.05), patterns.EW()):
+    for m in (1, 7, 33, 200):
+        for dtype in (np.float32, jnp.bfloat16):
+            for k, n, g in ((40, 70, 16), (29, 33, 8), (64, 150, 128)):
+                _, _, p = packed_layer(k, n, g, 0.6, dtype, seed=m + k, pattern=pattern, empty_every=2)
+                x = rng.normal(size=(m, k)).astype(dtype)
+                bias = rng.normal(size=n).astype(np.float32)
+                y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu"), np.float64)
+                want = np.asarray(x, np.float64) @ np.asarray(packing.unpack(p), np.float64) + bias
+                tol = 1e-5 if dtype == np.float32 else 3e-2 * np.abs(want).max()
+                np.testing.assert_allclose(y, want, rtol=1e-5, atol=tol,
+                                           err_msg=f"{pattern} m={m} {np.dtype(dtype).name} {k}x{n} G={g}")
+print(jax_tw._cpu.isa())
