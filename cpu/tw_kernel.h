@@ -13,7 +13,8 @@
 // values directly (no copies) for its rows of x. Otherwise (Rows):
 //  1. each tile's weights are copied into f32 micro-panels (contiguous KC x NR blocks), in
 //     parallel over tiles;
-//  2. work items are blocks of rows of x; each packs its rows into panels
+//  2. work items are blocks of rows of x (and, when there are too few blocks to keep every
+//     thread busy, ranges of tiles); each packs its rows into panels
 //     (panel[q][i] = x[m0 + i][q], f32, zero past M: the MR values a micro-kernel needs at depth
 //     q are contiguous whatever q is, so the K gather of every tile costs one index load per q,
 //     fused into the micro-kernel's loads), then per tile runs a register-blocked GEMM of the
@@ -80,8 +81,8 @@ struct TileKernel {
   // Floats of the micro-panel copy of a tile's weights, and the copy itself (64-byte aligned b).
   int64_t (*weight_size)(const PackedTilesView&, int64_t tile);
   void (*pack_weights)(const TileGemmArgs&, int64_t tile, float* b);
-  // Rows [m_begin, m_end) of y, every span (step 2); needs args.weights.
-  void (*rows)(const TileGemmArgs&, int64_t m_begin, int64_t m_end);
+  // Rows [m_begin, m_end) of y, spans [t_begin, t_end) (step 2); needs args.weights.
+  void (*rows)(const TileGemmArgs&, int64_t m_begin, int64_t m_end, int64_t t_begin, int64_t t_end);
   // Span `tile` of rows [m_begin, m_end) when M <= kSmallRows: reads the packed values directly.
   void (*few)(const TileGemmArgs&, int64_t tile, int64_t m_begin, int64_t m_end);
 };

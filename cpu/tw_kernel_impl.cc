@@ -332,7 +332,7 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
 }
 
 // Rows [m_begin, m_end) of y: pack those rows of x, then per tile its GEMM and its span.
-void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end) {
+void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_begin, int64_t t_end) {
   thread_local AlignedBuffer panel_scratch, cscratch;
   const PackedTilesView& p = *args.p;
   const int64_t rows = m_end - m_begin;
@@ -342,7 +342,7 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end) {
   const PanelRows xs{panels, p.k};
   const int64_t gmax = (p.g + NR - 1) / NR * NR;
   float* cbuf = cscratch.Get(npanels * MR * gmax);
-  for (int64_t tile = 0; tile < Spans(p); ++tile) {
+  for (int64_t tile = t_begin; tile < t_end; ++tile) {
     const int64_t depth = tile < p.t ? p.depth(tile) : 0;
     if (depth == 0) {  // no tile, or one with no kept rows: its columns are bias (+ residue)
       Epilogue(args, tile, m_begin, rows, nullptr, 0, xs);
