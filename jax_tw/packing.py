@@ -105,16 +105,18 @@ jax.export.register_pytree_node_serialization(
 # packing of x) is the safer choice there.
 DENSE_ABOVE = 0.75
 
-# What one residue weight costs, in dense weights, in the fallback rule: packing keeps the dense
-# kernel when ``tile density + RESIDUE_COST * residue density > DENSE_ABOVE``. The host kernel
-# runs the residue per output column, vectorised over the rows of its x panels, but each weight
-# is still a gathered load and one multiply-add of MR rows, against a GEMM's register-blocked
-# ones. Measured (`python -m jax_tw.bench --pattern ew --sparsities 0.75,0.9 --backend cpu` and
-# `--pattern tew --residue 0.01|0.05|0.125 --sparsities 0.75`, M = 2048, BERT-base shapes, f32,
-# 2-core AVX2 machine; BUILD_NOTES.md has the tables): one residue weight costs 5-8 dense
-# weights, so TEW layers with the paper's 1-5% residue run the tiles (1.8-2.9x), 12.5% about
-# breaks even (1.05-1.23x) and falls back, as do EW layers below about 88% sparsity.
-RESIDUE_COST = 6.0
+# What one residue weight costs, in kept tile weights (the unit of DENSE_ABOVE), in the fallback
+# rule: packing keeps the dense kernel when ``tile density + RESIDUE_COST * residue density >
+# DENSE_ABOVE``. The host kernel runs the residue per output column, vectorised over the rows of
+# its x panels, but each weight is still a gathered load and one multiply-add of MR rows, against
+# a GEMM's register-blocked ones. Measured (`python -m jax_tw.bench --pattern ew --sparsities
+# 0.8,0.85,0.9 --backend cpu --dtype float32 --repeats 5` and `--pattern tew --residue 0.125
+# --sparsities 0.75 --repeats 7`, M = 2048, BERT-base shapes, 2-core AVX2 machine;
+# BUILD_NOTES.md has the tables): a layer's time over the dense dot's is about tile density /
+# 0.85 + 5.5 * residue density, so one residue weight costs 5.5 * 0.85 = 4.7 tile weights. TEW
+# layers with the paper's 1-12.5% residue then run the tiles (12.5%: 1.13-1.25x), EW layers from
+# about 84% sparsity (85%: 1.12-1.23x; 80%: 0.89-0.96x, dense).
+RESIDUE_COST = 4.7
 
 
 def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int | None = None,

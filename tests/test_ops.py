@@ -462,7 +462,7 @@ def test_bench_peers_and_residue(capsys):
 
 
 def test_dense_fallback_counts_the_residue_cost():
-    """A residue costs RESIDUE_COST dense weights each: an EW layer (all residue) or a TEW layer
+    """A residue weight costs RESIDUE_COST tile weights: an EW layer (all residue) or a TEW layer
     with enough residue packs with the dense kernel; a tiny residue does not."""
     rng = np.random.default_rng(11)
     w = rng.normal(size=(64, 96)).astype(np.float32)
