@@ -111,7 +111,7 @@ DENSE_ABOVE = 0.75
 # its x panels, but each weight is still a gathered load and one multiply-add of MR rows, against
 # a GEMM's register-blocked ones. Measured (`python -m jax_tw.bench --pattern ew --sparsities
 # 0.8,0.85,0.9 --backend cpu --dtype float32 --repeats 5` and `--pattern tew --residue 0.125
-# --sparsities 0.75 --repeats 7`, M = 2048, BERT-base shapes, 2-core AVX2 machine;
+# --sparsities 0.75 --backend cpu --dtype float32 --repeats 7`, M = 2048, BERT-base shapes, 2-core AVX2 machine;
 # BUILD_NOTES.md has the tables): a layer's time over the dense dot's is about tile density /
 # 0.85 + 5.5 * residue density, so one residue weight costs 5.5 * 0.85 = 4.7 tile weights. TEW
 # layers with the paper's 1-12.5% residue then run the tiles (12.5%: 1.13-1.25x), EW layers from
