@@ -11,6 +11,12 @@
 //   residue_rows   int32 [E]      element-wise residue outside the tiles:
 //   residue_cols   int32 [E]        W[residue_rows[e]][residue_cols[e]] = residue_values[e],
 //   residue_values T_val [E]        sorted by (column, row): each column's weights are one run
+//   tile_order     int32 [T]      the schedule, computed once by pack from columns and row_offsets
+//   pruned         int32 [P]        (packing.schedule): tiles deepest first; the P = N - C pruned
+//   pruned_offsets int32 [T + 1]    output columns, ascending; tile t's span of them, those
+//                                   between tile t-1's last kept column and tile t's (the last
+//                                   tile's span runs to N). The GPU kernels read it; the host
+//                                   kernel finds its spans from the columns (Span, tw_kernel.h)
 //
 // Why values is [R, G] row-major: each tile's weights are one contiguous K_t x G block, the B
 // operand of the tile's small dense GEMM, read one K row (G contiguous values) at a time by the
@@ -35,6 +41,11 @@ struct PackedTilesView {
   const int32_t* rows = nullptr;         // [r]
   const int32_t* residue_rows = nullptr; // [e]
   const int32_t* residue_cols = nullptr; // [e]
+  // The schedule (GPU kernels only): np pruned columns.
+  int64_t np = 0;
+  const int32_t* tile_order = nullptr;      // [t]
+  const int32_t* pruned = nullptr;          // [np]
+  const int32_t* pruned_offsets = nullptr;  // [t + 1]
 
   int64_t depth(int64_t tile) const { return row_offsets[tile + 1] - row_offsets[tile]; }
   int64_t width(int64_t tile) const {

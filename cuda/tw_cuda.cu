@@ -7,20 +7,26 @@
 // x, and the K gather is fused into the kernel's global-to-shared copies (16-byte cp.async per
 // thread; zeros past the tile's depth): there is no gather pass.
 //
-// One launch runs every tile of a layer: a CTA computes a BM x BN block of one tile's outputs (M
-// block x column chunk; a tile of G <= BN columns is one chunk), CTAs of the deepest tiles
-// first. The main loop is the multi-stage cp.async pipeline of CuTe's sm80 GEMM tutorial over
-// the tile's own depth. The epilogue adds the bias and scatters each result column to its kept
-// output column; a second kernel writes the bias into the pruned columns.
+// One launch runs every tile of a layer, and nothing else runs: a CTA computes a BM x BN block
+// of one tile's outputs (M block x column chunk; a tile of G <= BN columns is one chunk), CTAs
+// of the deepest tiles first, in the order the packed format's schedule holds (computed once,
+// by pack). The main loop is the multi-stage cp.async pipeline of CuTe's sm80 GEMM tutorial
+// over the tile's own depth. The epilogue stages the accumulators in shared memory and writes
+// the CTA's share of its tile's span of output columns: the chunk's kept columns (plus bias),
+// and for chunk 0 the span's pruned columns (the bias, or zero), each warp storing consecutive
+// columns of a row. Every output element is written once, by one CTA: no fill kernel, no
+// scratch memory, no per-call sort.
 //
-// bf16: tensor cores (mma.sync m16n8k16, ldmatrix.trans from swizzled shared memory). f32: plain
-// f32 FMA on the CUDA cores (exact f32, no TF32). Both run on sm_80 and later (A100, H100, H200).
+// bf16: tensor cores (mma.sync m16n8k16, ldmatrix.trans from swizzled shared memory). f32: TF32
+// tensor cores (mma.sync m16n8k8), as jnp.dot by default; exact f32 FMA on the CUDA cores when
+// the call asks for Precision.HIGHEST. All run on sm_80 and later (A100, H100, H200).
 //
 // Corrupt tiles handed over under jit cannot be validated on the host (they live on the GPU):
 // every index the kernels read is range-checked on the device, so they never touch memory out
 // of bounds; jax_tw validates concrete tiles on the host before the call.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
@@ -40,28 +46,16 @@ namespace {
 
 using namespace cute;
 
-// The layer's packed tiles (the format's one C++ definition; index arrays on the GPU) and the
-// rest of a call.
+// The layer's packed tiles (the format's one C++ definition, schedule included; index arrays
+// on the GPU) and the rest of a call.
 struct Params : PackedTilesView {
   const void* xt;            // x, element (m, k) at xt[k * m_rows + m]
   const void* values;        // [r, ldv]: row q holds the G weights of kept row q (zero past G)
-  const int32_t* order;      // [t]: tiles, deepest first
   const float* bias;         // [n]
   void* y;                   // [m_rows, n], row-major
   int64_t m_rows, ldv;
   int64_t m_blocks, n_chunks;
 };
-
-__device__ __forceinline__ int64_t Clamp(int64_t v, int64_t lo, int64_t hi) {
-  return v < lo ? lo : (v > hi ? hi : v);
-}
-
-// Tile i's range of kept rows, clamped so that corrupt offsets stay inside rows[0, r).
-__device__ __forceinline__ void TileRange(const Params& p, int64_t i, int64_t& begin,
-                                          int64_t& end) {
-  begin = Clamp(p.row_offsets[i], 0, p.r);
-  end = Clamp(p.row_offsets[i + 1], begin, p.r);
-}
 
 // 16 bytes from global to shared memory: cp.async where ok, else zeros stored directly (no
 // address is formed from an invalid index, not even for a zero-byte copy).
@@ -89,14 +83,9 @@ __global__ void __launch_bounds__(decltype(size(typename Cfg::TiledMma{}))::valu
   // Which (tile, column chunk, M block) this CTA computes: deepest tiles first.
   const int64_t bid = blockIdx.x;
   const int64_t mb = bid % p.m_blocks;
-  const int64_t unit = bid / p.m_blocks;
-  const int64_t chunk = unit % p.n_chunks;
-  const int64_t tile = Clamp(p.order[unit / p.n_chunks], 0, p.t - 1);
-  int64_t begin, end;
-  TileRange(p, tile, begin, end);
-  const int64_t depth = end - begin;
-  const int64_t col0 = tile * p.g + chunk * BN::value;  // first kept column of this chunk
-  const int64_t width = Clamp(p.c - col0, 0, Clamp(p.g - chunk * BN::value, 0, BN::value));
+  const CtaWork work = WorkOf(p, bid / p.m_blocks, p.n_chunks, BN::value);
+  const int64_t begin = work.begin, depth = work.end - work.begin;
+  const int64_t chunk = (bid / p.m_blocks) % p.n_chunks;
   const int64_t m0 = mb * BM::value;
 
   extern __shared__ __align__(128) char smem_raw[];
@@ -198,56 +187,31 @@ __global__ void __launch_bounds__(decltype(size(typename Cfg::TiledMma{}))::valu
     }
   }
   cp_async_wait<0>();
+  __syncthreads();  // the stages' shared memory becomes the epilogue's
 
-  // Epilogue: bias, then scatter to the kept output columns.
-  TOut* y = static_cast<TOut*>(p.y);
+  // Epilogue: accumulators to shared memory, then the CTA's part of the tile's span to y.
+  using Epi = EpilogueStorage<Cfg>;
+  Epi& epi = *reinterpret_cast<Epi*>(smem_raw);
   CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) {
-    const int64_t mm = m0 + get<0>(tCcC(i));
-    const int64_t jj = get<1>(tCcC(i));
-    if (mm < p.m_rows && jj < width) {
-      const int64_t col = p.columns[col0 + jj];
-      if (col >= 0 && col < p.n) y[mm * p.n + col] = static_cast<TOut>(acc(i) + p.bias[col]);
-    }
+  for (int i = 0; i < size(acc); ++i) epi.c[get<0>(tCcC(i)) * Epi::kLdc + get<1>(tCcC(i))] = acc(i);
+  for (int64_t j = threadIdx.x; j < work.width; j += blockDim.x) {
+    const int64_t col = p.columns[work.col0 + j];
+    const bool ok = col >= 0 && col < p.n;  // corrupt columns are not written
+    epi.columns[j] = ok ? static_cast<int32_t>(col) : -1;
+    epi.bias[j] = ok ? p.bias[col] : 0.f;
   }
-}
-
-// order[rank] = tile, deepest tiles first (ties by index): a rank sort, t is at most a few
-// thousand.
-__global__ void OrderTilesKernel(Params p, int32_t* order) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.t;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t b, e;
-    TileRange(p, i, b, e);
-    const int64_t di = e - b;
-    int64_t rank = 0;
-    for (int64_t j = 0; j < p.t; ++j) {
-      TileRange(p, j, b, e);
-      const int64_t dj = e - b;
-      rank += dj > di || (dj == di && j < i);
-    }
-    order[rank] = static_cast<int32_t>(i);
-  }
-}
-
-__global__ void MarkKeptKernel(Params p, uint8_t* kept) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.c;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t col = p.columns[i];
-    if (col >= 0 && col < p.n) kept[col] = 1;
-  }
-}
-
-// y[:, j] = bias[j] for every column j that no tile keeps. A thread owns one column (threads of
-// kept columns leave at once) and walks the rows with the grid's y stride: no per-element
-// division, work in proportion to the pruned entries.
-template <class TOut>
-__global__ void FillPrunedKernel(Params p, const uint8_t* kept) {
-  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (j >= p.n || kept[j]) return;
+  __syncthreads();
   TOut* y = static_cast<TOut*>(p.y);
-  const TOut b = static_cast<TOut>(p.bias[j]);
-  for (int64_t i = blockIdx.y; i < p.m_rows; i += gridDim.y) y[i * p.n + j] = b;
+  const int64_t rows = Clamp(p.m_rows - m0, 0, BM::value);
+  ForRowsCols(threadIdx.x, blockDim.x, rows, work.width, [&](int64_t i, int64_t j) {
+    const int32_t col = epi.columns[j];
+    if (col >= 0) y[(m0 + i) * p.n + col] = static_cast<TOut>(epi.c[i * Epi::kLdc + j] + epi.bias[j]);
+  });
+  ForRowsCols(threadIdx.x, blockDim.x, rows, work.pruned_end - work.pruned_begin,
+              [&](int64_t i, int64_t j) {
+                const int64_t col = p.pruned[work.pruned_begin + j];
+                if (col >= 0 && col < p.n) y[(m0 + i) * p.n + col] = static_cast<TOut>(p.bias[col]);
+              });
 }
 
 ffi::Error CudaError(const char* what) {
@@ -257,59 +221,58 @@ ffi::Error CudaError(const char* what) {
                               cudaGetErrorString(e));
 }
 
-int GridFor(int64_t n, int threads) {
-  const int64_t blocks = (n + threads - 1) / threads;
-  return static_cast<int>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
+// Test hook: while set, y is filled with NaN first (all bits set is a NaN in f32 and bf16), so
+// any entry the kernel fails to write shows up in the results. Set from JAX_TW_POISON_OUTPUT=1
+// when the module loads, and by jax_tw._cuda.set_poison_output (no getenv per call).
+std::atomic<bool> poison_output{[] {
+  const char* v = std::getenv("JAX_TW_POISON_OUTPUT");
+  return v != nullptr && v[0] == '1';
+}()};
+
+// The dynamic shared memory limit of a kernel, raised once per device (not on every call).
+template <class Cfg, class TOut>
+cudaError_t AllowSharedMemory(const void* kernel, int bytes) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> done[kMaxDevices];  // 0: not yet, 1: raised, else the error + 2
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  if (device < 0 || device >= kMaxDevices)
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  int state = done[device].load(std::memory_order_acquire);
+  if (state == 0) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    state = e == cudaSuccess ? 1 : static_cast<int>(e) + 2;
+    done[device].store(state, std::memory_order_release);
+  }
+  return state == 1 ? cudaSuccess : static_cast<cudaError_t>(state - 2);
 }
 
 template <class Cfg, class TOut>
-ffi::Error Launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, Params p) {
-  // Test hook: JAX_TW_POISON_OUTPUT=1 fills y with NaN first (all bits set is a NaN in f32 and
-  // bf16), so any entry the kernels fail to write shows up in the results.
-  if (const char* poison = std::getenv("JAX_TW_POISON_OUTPUT"); poison && poison[0] == '1') {
-    if (cudaMemsetAsync(p.y, 0xff, p.m_rows * p.n * sizeof(TOut), stream) != cudaSuccess)
-      return CudaError("cudaMemsetAsync (poison)");
-  }
-  // Pruned columns: bias (or zeros).
-  if (p.c < p.n) {
-    auto kept = scratch.Allocate(p.n, 16);
-    if (!kept) return ffi::Error::Internal("tw_matmul (CUDA): no scratch memory for the column flags");
-    uint8_t* flags = static_cast<uint8_t*>(*kept);
-    if (cudaMemsetAsync(flags, 0, p.n, stream) != cudaSuccess) return CudaError("cudaMemsetAsync");
-    if (p.c > 0) MarkKeptKernel<<<GridFor(p.c, 256), 256, 0, stream>>>(p, flags);
-    const dim3 grid(static_cast<unsigned>((p.n + 255) / 256),
-                    static_cast<unsigned>(p.m_rows < 1024 ? p.m_rows : 1024));
-    FillPrunedKernel<TOut><<<grid, 256, 0, stream>>>(p, flags);
-    if (ffi::Error err = CudaError("pruned-column kernels"); err.failure()) return err;
-  }
-  if (p.t == 0) return ffi::Error::Success();
-  auto order = scratch.Allocate(p.t * sizeof(int32_t), 16);
-  if (!order) return ffi::Error::Internal("tw_matmul (CUDA): no scratch memory for the tile order");
-  p.order = static_cast<int32_t*>(*order);
-  OrderTilesKernel<<<GridFor(p.t, 256), 256, 0, stream>>>(p, static_cast<int32_t*>(*order));
-  if (ffi::Error err = CudaError("tile-order kernel"); err.failure()) return err;
-
+ffi::Error Launch(cudaStream_t stream, Params p) {
+  if (poison_output.load(std::memory_order_relaxed) &&
+      cudaMemsetAsync(p.y, 0xff, p.m_rows * p.n * sizeof(TOut), stream) != cudaSuccess)
+    return CudaError("cudaMemsetAsync (poison)");
   p.m_blocks = (p.m_rows + Cfg::BM::value - 1) / Cfg::BM::value;
   p.n_chunks = (p.g + Cfg::BN::value - 1) / Cfg::BN::value;
   const int64_t blocks = p.m_blocks * p.n_chunks * p.t;
   if (blocks > 0x7fffffff)
     return ffi::Error::InvalidArgument("tw_matmul (CUDA): too many CTAs (" +
                                        std::to_string(blocks) + ") for one launch");
-  const int smem = static_cast<int>(sizeof(SharedStorage<Cfg>));
+  constexpr int smem = SmemBytes<Cfg>();
   auto kernel = TileGemmKernel<Cfg, TOut>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
-      cudaSuccess)
+  if (AllowSharedMemory<Cfg, TOut>(reinterpret_cast<const void*>(kernel), smem) != cudaSuccess)
     return CudaError("cudaFuncSetAttribute");
   const int threads = decltype(size(typename Cfg::TiledMma{}))::value;
   kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(p);
   return CudaError("tile GEMM kernel");
 }
 
-ffi::Error TwMatmulCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
-                            ffi::Buffer<ffi::S32> columns, ffi::Buffer<ffi::S32> row_offsets,
-                            ffi::Buffer<ffi::S32> rows, ffi::AnyBuffer values,
+ffi::Error TwMatmulCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> columns,
+                            ffi::Buffer<ffi::S32> row_offsets, ffi::Buffer<ffi::S32> rows,
+                            ffi::AnyBuffer values, ffi::Buffer<ffi::S32> tile_order,
+                            ffi::Buffer<ffi::S32> pruned, ffi::Buffer<ffi::S32> pruned_offsets,
                             ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> y, int64_t n,
-                            int64_t tile_size) {
+                            int64_t tile_size, int64_t exact_f32) {
   try {
     const auto xd = x.dimensions();
     if (xd.size() != 2) return ffi::Error::InvalidArgument("tw_matmul (CUDA): x must be 2-D (M, K)");
@@ -328,6 +291,16 @@ ffi::Error TwMatmulCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, 
     p.m_rows = xd[0];
     if (std::string bad = p.ValidateSizes(); !bad.empty())
       return ffi::Error::InvalidArgument("tw_matmul (CUDA): corrupt packed tiles: " + bad);
+    if (p.t == 0)  // jax_tw writes the bias itself then, without a call
+      return ffi::Error::InvalidArgument("tw_matmul (CUDA): no tiles (the output is the bias)");
+    p.np = pruned.element_count();
+    if (tile_order.element_count() != p.t || pruned_offsets.element_count() != p.t + 1 || p.np > n)
+      return ffi::Error::InvalidArgument(
+          "tw_matmul (CUDA): the schedule must hold t tile_order, at most n pruned and t + 1 "
+          "pruned_offsets entries (t = " + std::to_string(p.t) + ")");
+    p.tile_order = tile_order.typed_data();
+    p.pruned = pruned.typed_data();
+    p.pruned_offsets = pruned_offsets.typed_data();
     const auto vd = values.dimensions();
     if (vd.size() != 2 || vd[0] != p.r || vd[1] < p.g || vd[1] % vec)
       return ffi::Error::InvalidArgument(
@@ -347,9 +320,9 @@ ffi::Error TwMatmulCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, 
     p.values = values.untyped_data();
     p.bias = bias.typed_data();
     p.y = y->untyped_data();
-    if (!bf16) return Launch<F32Config, float>(stream, scratch, p);
-    if (yt == ffi::DataType::F32) return Launch<Bf16Config, float>(stream, scratch, p);
-    return Launch<Bf16Config, cute::bfloat16_t>(stream, scratch, p);
+    if (!bf16) return exact_f32 ? Launch<F32Config, float>(stream, p) : Launch<Tf32Config, float>(stream, p);
+    if (yt == ffi::DataType::F32) return Launch<Bf16Config, float>(stream, p);
+    return Launch<Bf16Config, cute::bfloat16_t>(stream, p);
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("tw_matmul (CUDA): ") + e.what());
   }
@@ -359,22 +332,26 @@ ffi::Error TwMatmulCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, 
 }  // namespace cuda
 }  // namespace jax_tw
 
-// Target jax_tw_tw_matmul_cuda_v1: x (column-major), columns, row_offsets, rows, values, bias
-// -> y (x's dtype, or f32); attributes n, tile_size (int64).
+// Target jax_tw_tw_matmul_cuda_v2: x (column-major), columns, row_offsets, rows, values,
+// tile_order, pruned, pruned_offsets, bias -> y (x's dtype, or f32); attributes n, tile_size,
+// exact_f32 (int64; f32 x: 0 runs TF32 tensor cores, 1 exact f32 on the CUDA cores).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxTwTwMatmulCuda, jax_tw::cuda::TwMatmulCudaImpl,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<ffi::ScratchAllocator>()
         .Arg<ffi::AnyBuffer>()         // x (M, K), column-major
         .Arg<ffi::Buffer<ffi::S32>>()  // columns (C,)
         .Arg<ffi::Buffer<ffi::S32>>()  // row_offsets (T + 1,)
         .Arg<ffi::Buffer<ffi::S32>>()  // rows (R,)
         .Arg<ffi::AnyBuffer>()         // values (R, L)
+        .Arg<ffi::Buffer<ffi::S32>>()  // tile_order (T,)
+        .Arg<ffi::Buffer<ffi::S32>>()  // pruned (P,), P >= 1 (a dummy when no column is pruned)
+        .Arg<ffi::Buffer<ffi::S32>>()  // pruned_offsets (T + 1,)
         .Arg<ffi::Buffer<ffi::F32>>()  // bias (N,)
         .Ret<ffi::AnyBuffer>()         // y (M, N)
         .Attr<int64_t>("n")
-        .Attr<int64_t>("tile_size"));
+        .Attr<int64_t>("tile_size")
+        .Attr<int64_t>("exact_f32"));
 
 // Number of CUDA devices the runtime sees, or minus the CUDA error code (a check that the
 // statically linked runtime loads without a GPU).
@@ -383,3 +360,5 @@ extern "C" int JaxTwCudaDeviceCount() {
   const cudaError_t e = cudaGetDeviceCount(&count);
   return e == cudaSuccess ? count : -static_cast<int>(e);
 }
+
+extern "C" void JaxTwCudaSetPoisonOutput(int on) { jax_tw::cuda::poison_output.store(on != 0); }

@@ -10,7 +10,7 @@ import numpy as np
 
 CPU_TARGET = "jax_tw_tw_matmul_cpu_v2"
 CPU_TARGET_V1 = "jax_tw_tw_matmul_cpu_v1"  # still registered, for modules exported before v2
-CUDA_TARGET = "jax_tw_tw_matmul_cuda_v1"
+CUDA_TARGET = "jax_tw_tw_matmul_cuda_v2"
 
 def _load(name: str, platform: str, why: str):
     """Imports the extension ``jax_tw.<name>`` and registers its FFI targets for ``platform``;
@@ -112,15 +112,20 @@ def result_type(x2, shape, dtype):
                                 manual_axis_type=x_type.manual_axis_type)
 
 
-def cuda_tw_matmul(x2: jax.Array, p, bias: jax.Array, out_dtype) -> jax.Array:
+def cuda_tw_matmul(x2: jax.Array, p, bias: jax.Array, out_dtype, exact_f32: bool = False) -> jax.Array:
     """The CUDA custom call: (M, K) x packed tiles + bias (N,) f32 -> (M, N) in ``out_dtype``
-    (x's dtype, or float32). The residue is not part of it.
+    (x's dtype, or float32). The residue is not part of it. float32 x runs on TF32 tensor cores,
+    or with ``exact_f32`` in IEEE f32 on the CUDA cores.
 
     The call asks XLA for x in column-major layout (each input feature one contiguous M-vector),
     so the kernel's K gather is a contiguous 16-byte load. It needs M and the weight rows in
     whole 16-byte runs: M is padded to a multiple of 8 (bf16) or 4 (f32) rows and the weight
-    rows to such a multiple of columns; the padding is sliced off again.
+    rows to such a multiple of columns; the padding is sliced off again. The kernel reads the
+    packed format's schedule (tile order, pruned columns and their spans); a layer without
+    tiles is its bias, with no call.
     """
+    if np.shape(p.columns)[0] == 0:
+        return jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (x2.shape[0], p.n)).astype(out_dtype)
     vec = 16 // jnp.dtype(x2.dtype).itemsize
     m = x2.shape[0]
     m_pad = max(vec, -(-m // vec) * vec)
@@ -130,16 +135,21 @@ def cuda_tw_matmul(x2: jax.Array, p, bias: jax.Array, out_dtype) -> jax.Array:
     g_pad = -(-p.tile_size // vec) * vec
     if g_pad != p.tile_size:
         values = jnp.pad(values, ((0, 0), (0, g_pad - p.tile_size)))
+    pruned = jnp.asarray(p.pruned, jnp.int32)
+    if pruned.shape[0] == 0:  # no pruned column: one dummy entry, never read (empty spans)
+        pruned = jnp.full((1,), p.n, jnp.int32)
     operands = [x2] + [jnp.asarray(a, jnp.int32) for a in (p.columns, p.row_offsets, p.rows)] + [
-        values, jnp.asarray(bias, jnp.float32)]
+        values, jnp.asarray(p.tile_order, jnp.int32), pruned,
+        jnp.asarray(p.pruned_offsets, jnp.int32), jnp.asarray(bias, jnp.float32)]
     operands = make_varying(operands, jax.typeof(x2).manual_axis_type.varying)
-    n, g = np.int64(p.n), np.int64(p.tile_size)
+    n, g, exact = np.int64(p.n), np.int64(p.tile_size), np.int64(bool(exact_f32))
 
     def call(x2, *operands):
         return jax.ffi.ffi_call(
             CUDA_TARGET, result_type(x2, (x2.shape[0], p.n), out_dtype), vmap_method="sequential",
             # major-to-minor: (1, 0) is column-major for x; the rest in their default layouts
-            input_layouts=[(1, 0), None, None, None, None, None])(x2, *operands, n=n, tile_size=g)
+            input_layouts=[(1, 0)] + [None] * len(operands))(x2, *operands, n=n, tile_size=g,
+                                                               exact_f32=exact)
 
     y = fold_batch(call)(*operands)
     return y[:m] if m_pad != m else y

@@ -41,6 +41,7 @@ BUILD_NOTES.md for their compatibility promise) and import ``jax_tw`` before des
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any
@@ -52,7 +53,7 @@ import numpy as np
 from jax_tw import _ffi, packing, pallas
 from jax_tw.packing import PackedTiles
 
-__all__ = ["tw_matmul", "available_backends", "backend_for", "export_checks", "BACKENDS"]
+__all__ = ["tw_matmul", "available_backends", "backend_for", "export_checks", "exact_f32", "BACKENDS"]
 
 BACKENDS = ("xla", "cpu", "cuda", "pallas", "dense")
 
@@ -124,7 +125,7 @@ def _padded_tiles(p: PackedTiles):
     return idx, valid, w
 
 
-def _forward_xla(x2: jax.Array, p: PackedTiles) -> jax.Array:
+def _forward_xla(x2: jax.Array, p: PackedTiles, precision=None) -> jax.Array:
     """(M, K) -> (M, N) in f32 on the reference path."""
     m = x2.shape[0]
     y = jnp.zeros((m, p.n), jnp.float32)
@@ -132,7 +133,7 @@ def _forward_xla(x2: jax.Array, p: PackedTiles) -> jax.Array:
     if c and p.max_depth:
         idx, _, w = _padded_tiles(p)
         xg = x2[:, idx].astype(jnp.float32)  # (M, T, D); f32 operands = f32 accumulation
-        out = jnp.einsum("mtd,tdg->mtg", xg, w.astype(jnp.float32))
+        out = jnp.einsum("mtd,tdg->mtg", xg, w.astype(jnp.float32), precision=precision)
         out = out.reshape(m, p.num_tiles * p.tile_size)[:, :c]  # explicit sizes: M may be 0
         y = y.at[:, jnp.asarray(p.columns)].set(out)
     return _add_residue(y, x2, p)
@@ -175,29 +176,33 @@ def _backward_xla(x2, p: PackedTiles, dy):
 
 # ----------------------------------------------------------------------------- custom_vjp
 
-def _forward(backend: str, x2, p: PackedTiles, bias):
-    """x2 @ W + bias in x2's dtype, accumulated in f32; bias is f32 (N,) or None."""
+def _forward(backend: str, exact: bool, x2, p: PackedTiles, bias):
+    """x2 @ W + bias in x2's dtype, accumulated in f32; bias is f32 (N,) or None. ``exact``:
+    f32 products in IEEE f32 (Precision.HIGHEST), else as XLA's default precision (TF32 tensor
+    cores on a GPU; the host kernel is always exact)."""
     if backend == "auto":
         return jax.lax.platform_dependent(
-            x2, p, bias, cpu=lambda *a: _forward(_platform_backend("cpu"), *a),
-            cuda=lambda *a: _forward(_platform_backend("cuda"), *a),
-            default=lambda *a: _forward("xla", *a))
+            x2, p, bias, cpu=lambda *a: _forward(_platform_backend("cpu"), exact, *a),
+            cuda=lambda *a: _forward(_platform_backend("cuda"), exact, *a),
+            default=lambda *a: _forward("xla", exact, *a))
+    precision = jax.lax.Precision.HIGHEST if exact else None
     if backend == "pallas":
+        kernel = functools.partial(pallas.tw_matmul, precision=precision)
         return jax.lax.platform_dependent(  # compiled by Triton on a GPU, interpreted elsewhere
-            x2, p, bias,
-            cuda=lambda *a: _bias_fused(functools.partial(pallas.tw_matmul, interpret=False), *a),
-            default=lambda *a: _bias_fused(functools.partial(pallas.tw_matmul, interpret=True), *a))
+            x2, p, bias, cuda=lambda *a: _bias_fused(functools.partial(kernel, interpret=False), *a),
+            default=lambda *a: _bias_fused(functools.partial(kernel, interpret=True), *a))
     if backend == "cuda":
-        return _bias_fused(_ffi.cuda_tw_matmul, x2, p, bias)
+        return _bias_fused(functools.partial(_ffi.cuda_tw_matmul, exact_f32=exact), x2, p, bias)
     if backend == "cpu":  # bias, residue and output dtype fused into the kernel
         return _ffi.cpu_tw_matmul(x2, p, bias, x2.dtype)
     if backend == "dense":
         w = _dense_kernel(p)
         y = jax.lax.platform_dependent(  # XLA:CPU has no bf16 x bf16 -> f32 dot
             x2, w, cpu=lambda x, w: jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32)),
-            default=lambda x, w: jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32))
+            default=lambda x, w: jnp.dot(x, w.astype(x.dtype), precision=precision,
+                                         preferred_element_type=jnp.float32))
     else:
-        y = _forward_xla(x2, p)
+        y = _forward_xla(x2, p, precision)
     if bias is not None:
         y = y + bias
     return y.astype(x2.dtype)
@@ -229,10 +234,10 @@ def _dense_kernel(p: PackedTiles) -> jax.Array:
     return w
 
 
-def _make_matmul(backend: str):
+def _make_matmul(backend: str, exact: bool):
     @jax.custom_vjp
     def matmul(x2, p, bias):
-        return _forward(backend, x2, p, bias)
+        return _forward(backend, exact, x2, p, bias)
 
     def fwd(x2, p, bias):
         # symbolic_zeros: every leaf is a CustomVJPPrimal telling whether it is differentiated.
@@ -252,36 +257,59 @@ def _make_matmul(backend: str):
             dy = jnp.zeros(dy.shape, dy.dtype)
         dy = dy.astype(jnp.float32)
         dx, dvalues, dres = _backward_xla(x2, p, dy)
-        zeros = jax.tree.map(lambda a: np.zeros(np.shape(a), jax.dtypes.float0)
-                             if jnp.issubdtype(jnp.result_type(a), jnp.integer) else None, p)
-        dp = PackedTiles(
-            columns=zeros.columns, row_offsets=zeros.row_offsets, rows=zeros.rows,
+        # Index arrays get float0 zeros; values, residue values and the dense cache real ones.
+        dp = dataclasses.replace(
+            jax.tree.map(lambda a: np.zeros(np.shape(a), jax.dtypes.float0)
+                         if jnp.issubdtype(jnp.result_type(a), jnp.integer) else None, p),
             values=dvalues.astype(jnp.result_type(p.values)),
-            residue_rows=zeros.residue_rows, residue_cols=zeros.residue_cols,
             residue_values=dres.astype(jnp.result_type(p.residue_values)),
-            dense=None if p.dense is None else jnp.zeros_like(p.dense),
-            k=p.k, n=p.n, tile_size=p.tile_size, max_depth=p.max_depth)
+            dense=None if p.dense is None else jnp.zeros_like(p.dense))
         return dx.astype(x2.dtype), dp, (None if bias is None else jnp.sum(dy, axis=0))
 
     matmul.defvjp(fwd, bwd, symbolic_zeros=True)
     return matmul
 
 
-_MATMULS = {b: _make_matmul(b) for b in BACKENDS + ("auto",)}
+_MATMULS = {(b, exact): _make_matmul(b, exact) for b in BACKENDS + ("auto",) for exact in (False, True)}
 
 
-@functools.partial(jax.jit, static_argnames="name")
-def _matmul(x2, packed, bias, *, name):
+@functools.partial(jax.jit, static_argnames=("name", "exact"))
+def _matmul(x2, packed, bias, *, name, exact):
     """Jitted, so an eager call dispatches one compiled computation (cached per shapes and
     static sizes) instead of each small op of the platform switch and the custom_vjp."""
-    return _MATMULS[name](x2, packed, bias)
+    return _MATMULS[name, exact](x2, packed, bias)
 
 
-def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | None = None) -> jax.Array:
+def exact_f32(precision: Any = None) -> bool:
+    """Whether ``precision`` (as ``jnp.dot`` takes it; None: JAX's default matmul precision)
+    asks for exact IEEE f32 products (``Precision.HIGHEST``), which on a GPU rules out TF32
+    tensor cores. Raises ValueError for a value ``jnp.dot`` would not take."""
+    if precision is None:
+        precision = jax.config.jax_default_matmul_precision
+        if precision is None:
+            return False
+        try:  # the config also takes names of dot algorithms: those are not exact f32 here
+            return jax.lax.Precision(precision) == jax.lax.Precision.HIGHEST
+        except ValueError:
+            return False
+    values = precision if isinstance(precision, (tuple, list)) else (precision,)
+    try:
+        return len(values) in (1, 2) and all(
+            jax.lax.Precision(v) == jax.lax.Precision.HIGHEST for v in values)
+    except ValueError:
+        raise ValueError(f"precision must be None, a jax.lax.Precision (or its name) or a pair of "
+                         f"them, got {precision!r}") from None
+
+
+def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | None = None,
+              precision: Any = None) -> jax.Array:
     """``x @ unpack(packed) + bias`` over packed tiles.
 
     ``x`` is ``(..., K)`` (leading dims are flattened into M), float32 or bfloat16 like the
     packed values; the result is ``(..., N)`` in the same dtype, accumulated in float32.
+    ``precision`` is honoured as ``jnp.dot`` honours it: float32 products on a GPU run on TF32
+    tensor cores by default, and in exact IEEE float32 only under ``Precision.HIGHEST`` (or
+    with that as JAX's default matmul precision); the host kernel is always exact.
 
     >>> import numpy as np
     >>> from jax_tw import packing, patterns
@@ -304,6 +332,7 @@ def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | N
     if x.dtype != packed.dtype:
         raise ValueError(f"x dtype {x.dtype} must match the packed values' dtype {packed.dtype}")
     name = _choose(backend, packed)
+    exact = exact_f32(precision)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, packed.k)
     # Under shard_map, replicated tiles meet a batch-sharded x: make them varying like x so the
@@ -316,5 +345,5 @@ def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | N
         if bias.shape != (packed.n,):
             raise ValueError(f"bias must have shape ({packed.n},), got {bias.shape}")
         [bias] = _ffi.make_varying([bias.astype(jnp.float32)], jax.typeof(x2).manual_axis_type.varying)
-    y = _matmul(x2, packed, bias, name=name)
+    y = _matmul(x2, packed, bias, name=name, exact=exact)
     return y.reshape(*lead, packed.n)

@@ -15,6 +15,12 @@ residue weights)::
     residue_cols    int32 (E,)         W[residue_rows[e], residue_cols[e]] = residue_values[e],
     residue_values  dtype (E,)         sorted by (col, row), outside the tiles (each column's
                                        residue one run, as the host kernel reads it)
+    tile_order      int32 (T,)       the schedule, made by pack from columns and row_offsets alone
+    pruned          int32 (N - C,)     (see schedule()): tiles deepest first; the pruned output
+    pruned_offsets  int32 (T + 1,)     columns, ascending; tile t's span of them (those between
+                                       tile t-1's last kept column and tile t's), the last tile's
+                                       span running to N. The GPU kernels read it instead of
+                                       sorting tiles or finding pruned columns on every call
     dense           dtype (K, N)     or None: the masked dense kernel, kept when the layer is so
                                      dense that tiles would run slower (see DENSE_ABOVE). A cache
                                      of unpack(): replace values or residue_values only together
@@ -37,7 +43,8 @@ import numpy as np
 
 from jax_tw import patterns
 
-__all__ = ["PackedTiles", "pack", "unpack", "validate", "check_shapes", "sort_residue",
+__all__ = ["PackedTiles", "pack", "unpack", "validate", "check_shapes", "sort_residue", "schedule",
+           "with_schedule",
            "pack_variables", "save", "load", "to_arrays", "from_arrays", "PACKED_COLLECTION"]
 
 
@@ -53,6 +60,9 @@ class PackedTiles:
     residue_rows: Any
     residue_cols: Any
     residue_values: Any
+    tile_order: Any
+    pruned: Any
+    pruned_offsets: Any
     dense: Any  # None, or the masked dense (K, N) kernel when the tiles would run slower
     k: int = dataclasses.field(metadata=dict(static=True))
     n: int = dataclasses.field(metadata=dict(static=True))
@@ -171,7 +181,8 @@ def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int | None = None,
     packed = PackedTiles(
         columns=columns, row_offsets=offsets, rows=rows, values=values,
         residue_rows=res_r.astype(np.int32), residue_cols=res_c.astype(np.int32),
-        residue_values=w[res_r, res_c], dense=None, k=k, n=n, tile_size=tile_size,
+        residue_values=w[res_r, res_c], **_schedule_fields(columns, offsets, n, tile_size),
+        dense=None, k=k, n=n, tile_size=tile_size,
         max_depth=int(max((len(r) for r in tile_rows), default=0)))
     validate(packed)
     if keep_dense is None:
@@ -214,6 +225,54 @@ def sort_residue(packed: PackedTiles) -> PackedTiles:
                                residue_values=np.asarray(packed.residue_values)[order])
 
 
+SCHEDULE_FIELDS = ("tile_order", "pruned", "pruned_offsets")
+
+
+def schedule(columns: Any, row_offsets: Any, n: int, tile_size: int):
+    """The schedule of tiles with these columns and row offsets, as numpy int32 arrays:
+    ``(tile_order, pruned, pruned_offsets)`` (see the module docstring).
+
+    Output column j belongs to one span: tile t's kept columns, and the pruned columns between
+    tile t-1's last kept column and tile t's (the last tile's run to N). A kernel that writes
+    tile t's kept columns and ``pruned[pruned_offsets[t]:pruned_offsets[t + 1]]`` (bias, or
+    zero) then writes every output column exactly once, with no fill pass.
+
+    Defined for any index arrays, so kernels handed hand-edited tiles stay in bounds: columns
+    outside [0, n) mark nothing kept (those output columns are pruned), and the offsets rise
+    even for unsorted columns. With no tiles, ``pruned`` is every column and
+    ``pruned_offsets`` is ``[0]`` (the output is the bias; kernels need no schedule).
+
+    >>> order, pruned, offsets = schedule([1, 2, 5], [0, 3, 4], n=7, tile_size=2)
+    >>> order.tolist(), pruned.tolist(), offsets.tolist()
+    ([0, 1], [0, 3, 4, 6], [0, 1, 4])
+    """
+    columns = np.asarray(columns).astype(np.int64).ravel()
+    offsets = np.asarray(row_offsets).astype(np.int64).ravel()
+    c, t = len(columns), max(len(offsets) - 1, 0)
+    order = np.argsort(-np.diff(offsets), kind="stable").astype(np.int32)
+    kept = np.zeros(n, bool)
+    kept[columns[(columns >= 0) & (columns < n)]] = True
+    pruned = np.flatnonzero(~kept).astype(np.int32)
+    if t == 0 or c == 0:
+        return order, pruned, np.zeros(t + 1, np.int32)
+    last = columns[np.minimum(np.arange(1, t + 1) * tile_size, c) - 1]  # each tile's last column
+    ends = np.searchsorted(pruned, last)[:-1]  # pruned columns before it: spans 0..t
+    pruned_offsets = np.concatenate([[0], np.clip(ends, 0, len(pruned)), [len(pruned)]])
+    return order, pruned, np.maximum.accumulate(pruned_offsets).astype(np.int32)
+
+
+def _schedule_fields(columns, row_offsets, n, tile_size) -> dict:
+    return dict(zip(SCHEDULE_FIELDS, schedule(columns, row_offsets, n, tile_size)))
+
+
+def with_schedule(packed: PackedTiles) -> PackedTiles:
+    """``packed`` with its schedule computed again from its columns and row offsets (for tiles
+    whose index arrays were edited by hand; :func:`load` and :func:`from_arrays` also use it
+    for files written before the format carried a schedule)."""
+    return dataclasses.replace(packed, **_schedule_fields(
+        packed.columns, packed.row_offsets, packed.n, packed.tile_size))
+
+
 def check_shapes(packed: PackedTiles) -> None:
     """Raises ValueError, naming the first inconsistency, unless the shapes, dtypes and static
     sizes of ``packed`` fit together. Reads no array data (cheap, works on traced tiles)."""
@@ -224,7 +283,7 @@ def check_shapes(packed: PackedTiles) -> None:
         raise ValueError(f"packed tiles: k and n must be positive, got k={k}, n={n}")
     patterns.check_tile_size(g)
     dtype = lambda a: np.dtype(a.dtype) if hasattr(a, "dtype") else np.asarray(a).dtype
-    for name in ("columns", "row_offsets", "rows", "residue_rows", "residue_cols"):
+    for name in ("columns", "row_offsets", "rows", "residue_rows", "residue_cols") + SCHEDULE_FIELDS:
         a = getattr(packed, name)
         if np.ndim(a) != 1 or dtype(a) != np.int32:
             raise ValueError(f"packed tiles: {name} must be 1-D int32, got {dtype(a)} {np.shape(a)}")
@@ -241,6 +300,11 @@ def check_shapes(packed: PackedTiles) -> None:
     if not 0 <= packed.max_depth <= k or not t and packed.max_depth:  # 0: every tile empty
         raise ValueError(f"packed tiles: max_depth={packed.max_depth} must lie in [0, k={k}] "
                          f"for {t} tiles (0 without tiles)")
+    sched = {f: np.shape(getattr(packed, f))[0] for f in SCHEDULE_FIELDS}
+    if (sched["tile_order"], sched["pruned_offsets"]) != (t, t + 1) or sched["pruned"] > n:
+        raise ValueError(f"packed tiles: the schedule has lengths {sched}, expected tile_order {t}, "
+                         f"pruned at most n={n} and pruned_offsets {t + 1} (packing.with_schedule "
+                         "makes it)")
     if np.shape(packed.values) != (r, g):
         raise ValueError(f"packed tiles: values has shape {np.shape(packed.values)}, expected {(r, g)}")
     res = [np.shape(getattr(packed, f)) for f in ("residue_rows", "residue_cols", "residue_values")]
@@ -291,6 +355,10 @@ def validate(packed: PackedTiles) -> None:
         raise ValueError("packed tiles: the residue must be sorted by (column, row) without repeats "
                          "(tiles saved by earlier jax_tw versions were sorted by (row, column): "
                          "packing.sort_residue sorts them)")
+    for name, want in zip(SCHEDULE_FIELDS, schedule(cols, offs, n, g)):
+        if not np.array_equal(np.asarray(getattr(packed, name)), want):
+            raise ValueError(f"packed tiles: {name} does not match the schedule of these columns and "
+                             "row_offsets (edited by hand? packing.with_schedule computes it again)")
 
 
 # ----------------------------------------------------------------------------- model variables
@@ -346,6 +414,8 @@ def pack_variables(variables: dict, tile_size: int | None = None, dtype: Any = N
 
 
 _FIELDS = ("columns", "row_offsets", "rows", "values", "residue_rows", "residue_cols", "residue_values")
+# Saved too, and computed again where a file written before the format had them lacks them.
+_SAVED = _FIELDS + SCHEDULE_FIELDS + ("dense",)
 _STATICS = ("k", "n", "tile_size", "max_depth")
 
 
@@ -365,8 +435,7 @@ def save(path: str, variables: dict) -> None:
         name = "/".join(path_)
         if isinstance(leaf, PackedTiles):
             statics[name] = {s: getattr(leaf, s) for s in _STATICS}
-            items = {f"{name}/{f}": getattr(leaf, f) for f in _FIELDS + ("dense",)
-                     if getattr(leaf, f) is not None}
+            items = {f"{name}/{f}": getattr(leaf, f) for f in _SAVED if getattr(leaf, f) is not None}
         else:
             items = {name: leaf}
         for key, value in items.items():
@@ -391,7 +460,7 @@ def to_arrays(tree: Any) -> Any:
     def convert(leaf):
         if not isinstance(leaf, PackedTiles):
             return leaf
-        out = {f: getattr(leaf, f) for f in _FIELDS + ("dense",)
+        out = {f: getattr(leaf, f) for f in _FIELDS + ("dense",)  # the schedule is derived
                if getattr(leaf, f) is not None and np.size(getattr(leaf, f))}
         out["statics"] = np.array([getattr(leaf, s) for s in _STATICS], np.int64)
         out["dtype"] = np.zeros(1, leaf.dtype)
@@ -408,7 +477,7 @@ def from_arrays(tree: Any) -> Any:
     keys = set(tree.keys())
     if not {"statics", "dtype"} <= keys:
         return {k: from_arrays(v) for k, v in tree.items()}
-    extra = keys - set(_FIELDS) - {"statics", "dtype", "dense"}
+    extra = keys - set(_SAVED) - {"statics", "dtype"}
     statics = np.asarray(tree["statics"])
     if extra or statics.shape != (len(_STATICS),):
         raise ValueError(f"packed tiles: unexpected entries {sorted(extra)} or statics of shape "
@@ -418,8 +487,9 @@ def from_arrays(tree: Any) -> Any:
     empty = {f: np.zeros(0, np.int32) for f in _FIELDS}
     empty.update(values=np.zeros((0, statics["tile_size"]), dtype), residue_values=np.zeros(0, dtype))
     tiles = PackedTiles(**{f: np.asarray(tree[f]) if f in tree else empty[f] for f in _FIELDS},
+                        **{f: np.zeros(0, np.int32) for f in SCHEDULE_FIELDS},
                         dense=np.asarray(tree["dense"]) if "dense" in tree else None, **statics)
-    tiles = sort_residue(tiles)
+    tiles = sort_residue(with_schedule(tiles))  # to_arrays leaves the schedule out
     validate(tiles)
     return tiles
 
@@ -443,8 +513,12 @@ def load(path: str) -> dict:
             arrays[key] = a.view(jnp.bfloat16) if dtypes[key] == "bfloat16" else a
     flat = {}
     for name, st in statics.items():
-        tiles = sort_residue(PackedTiles(**{f: arrays.pop(f"{name}/{f}") for f in _FIELDS},
-                                         dense=arrays.pop(f"{name}/dense", None), **st))
+        sched = {f: arrays.pop(f"{name}/{f}", None) for f in SCHEDULE_FIELDS}
+        tiles = PackedTiles(**{f: arrays.pop(f"{name}/{f}") for f in _FIELDS}, **sched,
+                            dense=arrays.pop(f"{name}/dense", None), **st)
+        if any(v is None for v in sched.values()):  # written before the format had a schedule
+            tiles = with_schedule(tiles)
+        tiles = sort_residue(tiles)
         validate(tiles)
         flat[tuple(name.split("/"))] = tiles
     for key, a in arrays.items():

@@ -5,7 +5,9 @@ it runs in Pallas interpret mode, the same kernel code evaluated with XLA ops (s
 :func:`jax_tw.ops.tw_matmul` runs it as ``backend='pallas'`` (or ``JAX_TW_BACKEND=pallas``).
 
 The grid is (tiles x column chunks) x (M blocks), tiles deepest first and varying fastest, so the
-programs in flight share the rows of x they read. A program
+programs in flight share the rows of x they read. The tile order and each tile's span of pruned
+columns are the packed format's schedule (:func:`jax_tw.packing.schedule`, computed once by
+``pack``), as the CUDA kernel reads them too. A program
 
 1. walks its tile's kept K rows in blocks of ``BK``: it gathers those rows of the feature-major
    ``x^T`` (each kept K index a contiguous M-vector, so the gather is a coalesced load) and the
@@ -16,9 +18,10 @@ programs in flight share the rows of x they read. A program
    written exactly once, by one program, and no fill pass runs.
 
 Indices are range-checked in the kernel (masked loads and stores), so corrupt tiles handed over
-under jit never touch memory out of bounds; they give the clamped result the CUDA kernel gives
-(row offsets clamped into [0, len(rows)], out-of-range rows read as zero, out-of-range columns
-not written).
+under jit never touch memory out of bounds; when their schedule matches their indices
+(:func:`jax_tw.packing.with_schedule`) they give the clamped result the CUDA kernel gives (row
+offsets clamped into [0, len(rows)], out-of-range rows read as zero, out-of-range columns not
+written, every other column the bias).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from jax_tw import _ffi
+from jax_tw import _ffi, packing
 
 __all__ = ["tw_matmul", "block_sizes", "debug"]
 
@@ -128,41 +131,22 @@ def _kernel(order_ref, offsets_ref, rows_ref, values_ref, columns_ref, pruned_re
     jax.lax.fori_loop(0, (p_end - p_begin + bn - 1) // bn, fill, 0)
 
 
-def _schedule(columns, row_offsets, n: int, g: int):
-    """What depends only on the tiles, computed in the graph: the tile order (deepest first),
-    the pruned columns (padded with N to length N) and each tile's span of them: (T,), (N,),
-    (T + 1,)."""
-    c, t = columns.shape[0], row_offsets.shape[0] - 1
-    depth = row_offsets[1:] - row_offsets[:-1]
-    order = jnp.argsort(-depth, stable=True).astype(jnp.int32)
-    in_range = (columns >= 0) & (columns < n)  # corrupt columns never mark a column kept
-    kept = jnp.zeros((n,), bool).at[jnp.where(in_range, columns, n)].set(True, mode="drop")
-    pruned = jnp.nonzero(~kept, size=n, fill_value=n)[0].astype(jnp.int32)
-    n_pruned = jnp.sum(~kept).astype(jnp.int32)  # N - C, unless the columns are corrupt
-    # Tile t's span ends at its last kept column: a pruned column belongs to the first tile whose
-    # last kept column lies after it; the last tile also takes those after every kept column.
-    last = columns[jnp.minimum(jnp.arange(1, t + 1) * g, c) - 1]  # (T,)
-    pruned_offsets = jnp.concatenate([
-        jnp.zeros((1,), jnp.int32), jnp.searchsorted(pruned, last).astype(jnp.int32)[:-1],
-        n_pruned[None]])
-    # Rising even for corrupt (unsorted) columns, so every pruned column is in some span.
-    pruned_offsets = jax.lax.cummax(jnp.minimum(pruned_offsets, n_pruned))
-    return order, pruned, pruned_offsets
-
-
-def _call(x2, bias, columns, row_offsets, rows, values, *, n, g, out_dtype, interpret):
-    """The pallas_call for (M, K) x and packed tiles with at least one kept column."""
+def _call(x2, bias, columns, row_offsets, rows, values, order, pruned, pruned_offsets, *, n, g,
+          out_dtype, interpret, precision):
+    """The pallas_call for (M, K) x and packed tiles with at least one kept column; the tile
+    order and the pruned columns' spans come from the packed format's schedule."""
     m, k = x2.shape
     c, t = columns.shape[0], row_offsets.shape[0] - 1
     bm, bk, bn = block_sizes(m, g, x2.dtype)
     chunks = -(-g // bn)
-    order, pruned, pruned_offsets = _schedule(columns, row_offsets, n, g)
     if rows.shape[0] == 0:  # no kept rows at all: one dummy row, never read (depth 0)
         rows, values = jnp.zeros((1,), jnp.int32), jnp.zeros((1, g), values.dtype)
+    if pruned.shape[0] == 0:  # no pruned columns: one dummy, never read (empty spans)
+        pruned = jnp.full((1,), n, jnp.int32)
     if chunks * bn != g:  # whole column chunks (zeros past G)
         values = jnp.pad(values, ((0, 0), (0, chunks * bn - g)))
-    # f32 exact (IEEE) as the host and CUDA kernels are; Triton's default would be TF32.
-    precision = jax.lax.Precision.HIGHEST if x2.dtype == jnp.float32 else None
+    # f32: TF32 by default, as jnp.dot on a GPU; IEEE f32 under Precision.HIGHEST.
+    precision = precision if x2.dtype == jnp.float32 else None
     kernel = functools.partial(_kernel, k=k, m=m, n=n, g=g, c=c, r=rows.shape[0], p=pruned.shape[0],
                                bm=bm, bk=bk, bn=bn, chunks=chunks, precision=precision)
     m_blocks = pl.cdiv(m, bm)
@@ -176,13 +160,16 @@ def _call(x2, bias, columns, row_offsets, rows, values, *, n, g, out_dtype, inte
     return call(order, row_offsets, rows, values, columns, pruned, pruned_offsets, bias, xt)
 
 
-def tw_matmul(x2: jax.Array, p, bias: jax.Array | None, out_dtype, interpret: bool) -> jax.Array:
+def tw_matmul(x2: jax.Array, p, bias: jax.Array | None, out_dtype, interpret: bool,
+              precision=None) -> jax.Array:
     """(M, K) x packed tiles + bias (f32 (N,) or None) -> (M, N) in ``out_dtype``, without the
-    element-wise residue. ``interpret``: run in Pallas interpret mode (on a CPU)."""
+    element-wise residue. ``interpret``: run in Pallas interpret mode (on a CPU). ``precision``
+    of the float32 dot: None (TF32 on a GPU, as jnp.dot) or ``Precision.HIGHEST`` (IEEE f32)."""
     b = jnp.zeros((p.n,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
     if np.shape(p.columns)[0] == 0 or x2.shape[0] == 0:  # no tiles (the output is the bias), or no rows
         return jnp.broadcast_to(b, (x2.shape[0], p.n)).astype(out_dtype)
-    call = functools.partial(_call, n=p.n, g=p.tile_size, out_dtype=out_dtype, interpret=interpret)
+    call = functools.partial(_call, n=p.n, g=p.tile_size, out_dtype=out_dtype, interpret=interpret,
+                             precision=precision)
     operands = [jnp.asarray(a, jnp.int32) for a in (p.columns, p.row_offsets, p.rows)] + [
-        jnp.asarray(p.values)]
+        jnp.asarray(p.values)] + [jnp.asarray(getattr(p, f), jnp.int32) for f in packing.SCHEDULE_FIELDS]
     return _ffi.fold_batch(call)(x2, b, *operands)

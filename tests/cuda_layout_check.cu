@@ -8,7 +8,19 @@
 //    computes a copy's source address from the coordinate of its first element.)
 // 2. Epilogue: the accumulator coordinates of all threads cover the BM x BN tile exactly once.
 // 3. The shared-memory copies to registers for the MMA are constructible (static checks).
+// 4. Depth not a multiple of BK: over a tile's k-tiles, the copies load every (m, q) with q below
+//    the depth exactly once and zero-fill the rest.
+// 5. Epilogue staging: the accumulator coordinates index inside the staged buffer, and the
+//    epilogue's shared memory fits the stages' bytes or the device limit.
+// 6. The schedule (WorkOf): on random layers (partial last tiles, tiles with no kept rows, G above
+//    and below BN, every column pruned but one, none pruned) the CTAs of all units write every
+//    output column exactly once: their chunk's kept columns, and chunk 0 its span's pruned ones.
+//    The schedule is computed here independently of packing.schedule.
+// 7. The epilogue's thread loops (ForRowsCols) visit every (row, column) of a block exactly once,
+//    and the M blocks cover every row once when M is not a multiple of BM.
+#include <algorithm>
 #include <cstdio>
+#include <random>
 #include <vector>
 
 #include "tw_cuda_config.h"
@@ -90,13 +102,126 @@ void Check(const char* name) {
   auto s2r_a = make_tiled_copy_A(typename Cfg::SmemCopyAtom{}, mma);
   auto s2r_b = make_tiled_copy_B(typename Cfg::SmemCopyAtom{}, mma);
   CHECK(int(size(s2r_a)) == threads && int(size(s2r_b)) == threads, "%s: s2r threads", name);
+  // 4. depth not a multiple of BK (the kernel's load_stage predicate q < depth)
+  for (int depth : {0, 1, BK::value - 1, BK::value, BK::value + 1, 3 * BK::value + 5}) {
+    std::vector<int> loaded(BM::value * (depth + 1), 0);
+    const int k_tiles = (depth + BK::value - 1) / BK::value;
+    for (int kt = 0; kt < std::max(k_tiles, 1); ++kt)
+      for (int t = 0; t < threads; ++t) {
+        Tensor coord = gmem_copy.get_slice(t).partition_S(make_identity_tensor(make_shape(BM{}, BK{})));
+        for (int i = 0; i < size<1>(coord); ++i)
+          for (int j = 0; j < size<2>(coord); ++j) {
+            const int q = kt * BK::value + get<1>(coord(0, i, j));
+            if (q >= depth) continue;  // zero-filled
+            for (int v = 0; v < kVec; ++v) ++loaded[get<0>(coord(v, i, j)) * (depth + 1) + q];
+          }
+      }
+    for (int m = 0; m < BM::value; ++m)
+      for (int q = 0; q < depth; ++q)
+        CHECK(loaded[m * (depth + 1) + q] == 1, "%s: depth %d: (m %d, q %d) loaded %d times", name,
+              depth, m, q, loaded[m * (depth + 1) + q]);
+  }
+
+  // 5. epilogue staging
+  using Epi = EpilogueStorage<Cfg>;
+  for (int t = 0; t < threads; ++t) {
+    Tensor c = mma.get_slice(t).partition_C(make_identity_tensor(make_shape(BM{}, BN{})));
+    for (int i = 0; i < size(c); ++i) {
+      const int at = get<0>(c(i)) * Epi::kLdc + get<1>(c(i));
+      CHECK(at >= 0 && at < BM::value * Epi::kLdc && get<1>(c(i)) < BN::value, "%s: staged at %d", name, at);
+    }
+  }
+  CHECK(SmemBytes<Cfg>() <= 227 * 1024, "%s: %d shared bytes", name, SmemBytes<Cfg>());
   std::printf("%s: %d threads, %d-value copies, %d shared bytes: checked\n", name, threads, kVec,
-              int(sizeof(SharedStorage<Cfg>)));
+              SmemBytes<Cfg>());
+}
+
+// 6. One random layer: n columns, c kept, tile size g; every output column written once.
+void CheckSchedule(std::mt19937& rng, int n, int c, int g, int bn) {
+  std::vector<int32_t> all(n);
+  for (int j = 0; j < n; ++j) all[j] = j;
+  std::shuffle(all.begin(), all.end(), rng);
+  std::vector<int32_t> columns(all.begin(), all.begin() + c);
+  std::sort(columns.begin(), columns.end());
+  const int t = (c + g - 1) / g;
+  std::vector<int32_t> offsets(t + 1, 0);
+  for (int i = 0; i < t; ++i) offsets[i + 1] = offsets[i] + (i % 3 == 1 ? 0 : int(rng() % 40));  // empty tiles
+  // The schedule, independently: order by depth (deepest first, ties by index); each pruned
+  // column belongs to the first tile whose last kept column lies after it, else to the last.
+  std::vector<int32_t> order(t);
+  for (int i = 0; i < t; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+    return offsets[a + 1] - offsets[a] > offsets[b + 1] - offsets[b];
+  });
+  std::vector<char> kept(n, 0);
+  for (int32_t col : columns) kept[col] = 1;
+  std::vector<std::vector<int32_t>> spans(t);
+  for (int j = 0; j < n; ++j) {
+    if (kept[j]) continue;
+    int owner = t - 1;
+    for (int i = 0; i < t; ++i)
+      if (columns[std::min((i + 1) * g, c) - 1] > j) { owner = i; break; }
+    spans[owner].push_back(j);
+  }
+  std::vector<int32_t> pruned, pruned_offsets(1, 0);
+  for (auto& span : spans) {
+    pruned.insert(pruned.end(), span.begin(), span.end());
+    pruned_offsets.push_back(static_cast<int32_t>(pruned.size()));
+  }
+  jax_tw::PackedTilesView p;
+  p.k = 1 << 20; p.n = n; p.g = g; p.c = c; p.t = t; p.r = offsets[t]; p.np = pruned.size();
+  p.columns = columns.data(); p.row_offsets = offsets.data(); p.tile_order = order.data();
+  p.pruned = pruned.data(); p.pruned_offsets = pruned_offsets.data();
+  const int64_t n_chunks = (g + bn - 1) / bn;
+  std::vector<int> written(n, 0), units_of_tile(t, 0);
+  for (int64_t unit = 0; unit < t * n_chunks; ++unit) {
+    const CtaWork w = WorkOf(p, unit, n_chunks, bn);
+    ++units_of_tile[w.tile];
+    CHECK(w.tile == order[unit / n_chunks] && w.begin == offsets[w.tile] && w.end == offsets[w.tile + 1],
+          "n %d c %d g %d: unit %lld tile %lld rows [%lld, %lld)", n, c, g, (long long)unit,
+          (long long)w.tile, (long long)w.begin, (long long)w.end);
+    CHECK(w.width >= 0 && w.width <= bn, "width %lld", (long long)w.width);
+    for (int64_t j = 0; j < w.width; ++j) ++written[columns[w.col0 + j]];
+    for (int64_t q = w.pruned_begin; q < w.pruned_end; ++q) ++written[pruned[q]];
+  }
+  for (int i = 0; i < t; ++i) CHECK(units_of_tile[i] == n_chunks, "tile %d in %d units", i, units_of_tile[i]);
+  for (int j = 0; j < n; ++j)
+    CHECK(written[j] == 1, "n %d c %d g %d bn %d: column %d written %d times", n, c, g, bn, j, written[j]);
+}
+
+// 7. thread loops
+void CheckThreadLoops() {
+  for (int threads : {128, 256})
+    for (int rows : {1, 37, 128})
+      for (int cols : {0, 1, 31, 33, 128, 300}) {
+        std::vector<int> seen(rows * std::max(cols, 1), 0);
+        for (int tid = 0; tid < threads; ++tid)
+          ForRowsCols(tid, threads, rows, cols, [&](int64_t i, int64_t j) { ++seen[i * cols + j]; });
+        for (int e = 0; e < rows * cols; ++e)
+          CHECK(seen[e] == 1, "threads %d rows %d cols %d: entry %d seen %d times", threads, rows, cols, e, seen[e]);
+      }
+  for (int m_rows : {1, 127, 128, 129, 1000}) {  // the kernel's rows = clamp(M - m0, 0, BM)
+    const int bm = 128, m_blocks = (m_rows + bm - 1) / bm;
+    std::vector<int> seen(m_rows, 0);
+    for (int mb = 0; mb < m_blocks; ++mb)
+      for (int64_t i = 0; i < Clamp(m_rows - mb * bm, 0, bm); ++i) ++seen[mb * bm + i];
+    for (int h : seen) CHECK(h == 1, "M %d: a row written %d times", m_rows, h);
+  }
 }
 
 int main() {
   Check<Bf16Config>("bf16");
   Check<F32Config>("f32");
+  Check<Tf32Config>("tf32");
+  std::mt19937 rng(0);
+  for (int g : {12, 64, 128, 200, 256, 300})
+    for (int trial = 0; trial < 20; ++trial) {
+      const int n = 1 + int(rng() % 700);
+      const int c = trial == 0 ? n : trial == 1 ? 1 : 1 + int(rng() % n);  // none / all but one pruned
+      CheckSchedule(rng, n, c, g, Bf16Config::BN::value);
+    }
+  std::printf("schedule: checked\n");
+  CheckThreadLoops();
   if (failures) {
     std::printf("%d checks failed\n", failures);
     return 1;

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_tw  # registers the custom-call targets and PackedTiles' serialization
-from jax_tw import nn, ops, packing, prune
+from jax_tw import _ffi, nn, ops, packing, prune
 
 step, out = sys.argv[1], pathlib.Path(sys.argv[2])
 model = nn.TWDense(40, tile_size=8)
@@ -29,7 +29,8 @@ if step == "export":
         assert "custom calls" in str(e), e
     exported = jax.export.export(f, platforms=("cpu", "cuda"), disabled_checks=ops.export_checks())(packed, x)
     text = exported.mlir_module()
-    assert "jax_tw_tw_matmul_cpu_v1" in text or "jax_tw_tw_matmul_cuda_v1" in text
+    assert _ffi.CPU_TARGET in text, text
+    assert _ffi.CUDA_TARGET in text or not _ffi.cuda_available(), text
     (out / "model.bin").write_bytes(exported.serialize())
     packing.save(str(out / "packed.safetensors"), packed)
     np.save(out / "want.npy", np.asarray(f(packed, x)))

@@ -4,6 +4,7 @@ custom call with x requested feature-major. On a GPU the numerical tests of test
 test_packed_model.py also run the 'cuda' backend (twcheck.runnable_backends), and the tests
 marked below check what only a GPU can."""
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -21,7 +22,7 @@ from flax import linen as nn
 
 from jax_tw import _ffi, ops, packing, patterns
 from jax_tw.nn import TWDense
-from twcheck import clamped_reference
+from twcheck import clamped_reference, corrupt
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 needs_cuda_module = pytest.mark.skipif(not _ffi.cuda_available(), reason=_ffi.cuda_import_error())
@@ -64,7 +65,7 @@ def test_kernel_index_assumptions_hold_for_its_cute_layouts(tmp_path):
     if not nvcc or not include:
         pytest.skip("needs nvcc and the CUTLASS headers (nvidia-cutlass)")
     exe = tmp_path / "layout_check"
-    subprocess.run([nvcc, "-std=c++17", "-O1", "--expt-relaxed-constexpr", f"-I{ROOT / 'cuda'}",
+    subprocess.run([nvcc, "-std=c++17", "-O1", "--expt-relaxed-constexpr", f"-I{ROOT / 'cuda'}", f"-I{ROOT / 'cpu'}",
                     f"-I{include}", str(ROOT / "tests" / "cuda_layout_check.cu"), "-o", str(exe)],
                    check=True, capture_output=True, timeout=300)
     done = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
@@ -111,12 +112,12 @@ def test_module_carries_sm80_and_sm90_tile_kernels():
     assert {80, 90} <= set(elf), f"machine code for sm_{sorted(elf)}, expected sm_80 and sm_90"
     for sm in (80, 90):
         text = {name: size for name, (_, size) in _elf_sections(elf[sm]).items() if name.startswith(".text.")}
-        for config in ("Bf16Config", "F32Config"):
+        for config in ("Bf16Config", "Tf32Config", "F32Config"):
             sizes = [size for name, size in text.items() if re.search(rf"TileGemmKernelI\w*?{config}", name)]
             assert sizes, (sm, config, sorted(text))
             assert min(sizes) > 16384, f"sm_{sm} {config} tile GEMM is only {min(sizes)} bytes: a stub?"
-        for helper in ("FillPrunedKernel", "OrderTilesKernel", "MarkKeptKernel"):
-            assert any(helper in name for name in text), (sm, helper)
+        # One kernel per layer: no fill, tile-order or column-marking kernels any more.
+        assert all("TileGemmKernel" in name for name in text if "jax_tw" in name), (sm, sorted(text))
 
 
 class PackedModel(nn.Module):
@@ -167,6 +168,30 @@ def test_jitted_model_lowers_to_the_cuda_custom_call(dtype, monkeypatch):
         assert re.search(r"operand_layouts = \[dense<\[0, 1\]>", call), call
         out = "bf16" if dtype else "f32"
         assert re.search(rf"-> tensor<40x\d+x{out}>", call), call
+        assert "exact_f32 = 0" in call, call  # f32: TF32 tensor cores, as jnp.dot by default
+
+
+@needs_cuda_module
+def test_layer_precision_reaches_the_cuda_call(monkeypatch):
+    """A packed layer's precision: HIGHEST asks the kernel for exact f32, anything else (or
+    nothing) for TF32, per call or through JAX's default matmul precision."""
+    monkeypatch.delenv("JAX_TW_BACKEND", raising=False)
+    _, packed, x = _packed_model(None)
+    tiles = packed[packing.PACKED_COLLECTION]["fc1"]["tiles"]
+    variables = {"params": {"bias": np.zeros(96, np.float32)}, packing.PACKED_COLLECTION: {"tiles": tiles}}
+
+    def exact_flags(precision, default=None):
+        layer = TWDense(96, tile_size=32, precision=precision)
+        with jax.default_matmul_precision(default) if default else contextlib.nullcontext():
+            text = jax.jit(layer.apply).trace(variables, x).lower(lowering_platforms=("cuda",)).as_text()
+        return re.findall(r"exact_f32 = (\d)", text)
+
+    highest = jax.lax.Precision.HIGHEST
+    assert exact_flags(None) == exact_flags(jax.lax.Precision.DEFAULT) == exact_flags("high") == ["0"]
+    assert exact_flags(highest) == exact_flags((highest, highest)) == exact_flags("highest") == ["1"]
+    assert exact_flags(None, default="float32") == ["1"]
+    with pytest.raises(ValueError, match="precision must be"):
+        ops.tw_matmul(x.reshape(-1, 64), tiles, precision="bogus")
 
 
 @needs_cuda_module
@@ -204,23 +229,32 @@ def _emulated_kernel(calls):
         if target != _ffi.CUDA_TARGET:
             return real_ffi_call(target, result, vmap_method=vmap_method, input_layouts=input_layouts, **kw)
 
-        def call(x, columns, row_offsets, rows, values, bias, *, n, tile_size):
-            calls.append(dict(layouts=input_layouts, x=x.shape, values=values.shape, out=result.dtype))
+        def call(x, columns, row_offsets, rows, values, tile_order, pruned, pruned_offsets, bias, *,
+                 n, tile_size, exact_f32):
+            calls.append(dict(layouts=input_layouts, x=x.shape, values=values.shape, out=result.dtype,
+                              exact_f32=int(exact_f32)))
 
-            def host(x, columns, row_offsets, rows, values, bias):
+            def host(x, columns, row_offsets, rows, values, tile_order, pruned, pruned_offsets, bias):
                 vec = 16 // x.dtype.itemsize
                 assert x.shape[0] % vec == 0 and values.shape[1] % vec == 0
                 assert values.shape[1] >= tile_size and bias.dtype == np.float32
+                t = len(row_offsets) - 1
+                assert t > 0 and len(pruned) >= 1
+                # The kernel's write pattern: tile t writes its columns and its span of pruned
+                # columns, in the schedule's order (NaN where nothing writes).
                 xf, vf = np.asarray(x, np.float64), np.asarray(values, np.float64)
-                y = np.broadcast_to(np.asarray(bias, np.float64), (x.shape[0], int(n))).copy()
-                for t in range(len(row_offsets) - 1):
-                    q = slice(row_offsets[t], row_offsets[t + 1])
-                    cols = columns[t * tile_size:(t + 1) * tile_size]
-                    y[:, cols] += xf[:, rows[q]] @ vf[q, :len(cols)]
+                y = np.full((x.shape[0], int(n)), np.nan)
+                for tile in tile_order:
+                    q = slice(row_offsets[tile], row_offsets[tile + 1])
+                    cols = columns[tile * tile_size:(tile + 1) * tile_size]
+                    y[:, cols] = xf[:, rows[q]] @ vf[q, :len(cols)] + bias[cols]
+                    span = pruned[pruned_offsets[tile]:pruned_offsets[tile + 1]]
+                    y[:, span] = bias[span]
                 return y.astype(result.dtype)
 
             return jax.pure_callback(host, jax.ShapeDtypeStruct(result.shape, result.dtype),
-                                     x, columns, row_offsets, rows, values, bias)
+                                     x, columns, row_offsets, rows, values, tile_order, pruned,
+                                     pruned_offsets, bias)
         return call
     return ffi_call
 
@@ -253,6 +287,7 @@ def test_cuda_path_glue_with_an_emulated_kernel(dtype, m, g, pattern, monkeypatc
     assert c["layouts"][0] == (1, 0) and c["x"] == (max(vec, -(-m // vec) * vec), k)
     assert c["values"][1] == -(-g // vec) * vec
     assert c["out"] == (np.float32 if has_residue else np.dtype(dtype))
+    assert c["exact_f32"] == 0  # TF32 for f32 unless HIGHEST is asked for
     if dtype == np.float32:  # gradients: the reference backward around the custom forward
         gx = jax.grad(lambda x: jnp.sum(ops.tw_matmul(x, p, bias, backend="cuda") ** 2))(x)
         gx_ref = jax.grad(lambda x: jnp.sum((x @ packing.unpack(p) + bias) ** 2))(x)
@@ -280,8 +315,15 @@ def test_cuda_kernel_matches_float64_reference(dtype, m, k, n, g, s):
     y = jax.jit(lambda x, p, b: ops.tw_matmul(x, p, b, backend="cuda"))(x, p, bias)
     want = np.asarray(x, np.float64) @ np.asarray(packing.unpack(p), np.float64) + bias
     got = np.asarray(y, np.float64)
-    if dtype == np.float32:
+    if dtype == np.float32:  # exact f32 (the tests' default precision is HIGHEST on a GPU)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+        # TF32 tensor cores (Precision.DEFAULT, jnp.dot's default): within twice the error of
+        # XLA's own default-precision dot of the same operands.
+        default = jax.lax.Precision.DEFAULT
+        tf32 = jax.jit(lambda x, p, b: ops.tw_matmul(x, p, b, backend="cuda", precision=default))(x, p, bias)
+        xla = jnp.dot(x, jnp.asarray(packing.unpack(p)), precision=default) + bias
+        err, xla_err = (np.abs(np.asarray(a, np.float64) - want).max() for a in (tf32, xla))
+        assert 0 < err <= 2 * xla_err + 1e-6, (err, xla_err)  # > 0: TF32 did run
     else:  # bf16 inputs exactly representable; f32 accumulation; one bf16 rounding of y
         np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-2 * np.abs(want).max())
 
@@ -296,13 +338,12 @@ def test_cuda_kernel_is_memory_safe_on_corrupt_tiles():
     [mask] = patterns.TW2D()([rng.random((64, 96)).astype(np.float32)], 0.5, tile_size=32, min_keep=0.0)
     p = packing.pack(w, jax.tree.map(np.asarray, mask), 32)
     bias = rng.normal(size=(96,)).astype(np.float32)
-    f = jax.jit(lambda x, p: _ffi.cuda_tw_matmul(x, p, jnp.asarray(bias), jnp.float32))
+    f = jax.jit(lambda x, p: _ffi.cuda_tw_matmul(x, p, jnp.asarray(bias), jnp.float32, exact_f32=True))
     x = rng.normal(size=(16, 64)).astype(np.float32)
     rows = p.rows.copy()
     rows[::2] += 10 ** 6  # half the rows out of range
-    for bad in (dataclasses.replace(p, rows=p.rows + 10 ** 6), dataclasses.replace(p, rows=rows),
-                dataclasses.replace(p, columns=p.columns - 10 ** 6),
-                dataclasses.replace(p, row_offsets=p.row_offsets * 1000)):
+    for bad in (corrupt(p, rows=p.rows + 10 ** 6), corrupt(p, rows=rows),
+                corrupt(p, columns=p.columns - 10 ** 6), corrupt(p, row_offsets=p.row_offsets * 1000)):
         y = np.asarray(jax.block_until_ready(f(x, bad)), np.float64)
         np.testing.assert_allclose(y, clamped_reference(x, bad, bias), rtol=1e-5, atol=1e-4)
 

@@ -62,7 +62,12 @@ CORRUPTIONS = [
                                                      residue_cols=np.r_[p.residue_cols[:1], p.residue_cols[:-1]].astype(np.int32)),
      r"sorted by \(column, row\) without repeats", False),
     ("max_depth range", lambda p: dataclasses.replace(p, max_depth=p.k + 1), r"max_depth=25 must lie in \[0, k=24\]", True),
+    ("tile order", lambda p: dataclasses.replace(p, tile_order=p.tile_order[::-1].copy()), "tile_order does not match", False),
+    ("pruned", lambda p: dataclasses.replace(p, pruned=p.pruned + 1), "pruned does not match", False),
+    ("schedule length", lambda p: dataclasses.replace(p, pruned_offsets=p.pruned_offsets[:-1]), "the schedule has lengths", True),
 ]
+# Read by the GPU kernels only: the host kernel needs no schedule.
+_HOST_IGNORES = {"max_depth", "tile order", "pruned"}
 
 
 @pytest.mark.parametrize("name,corrupt,match,shape", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
@@ -79,7 +84,7 @@ def test_corrupt_packed_tiles_raise_clear_errors(name, corrupt, match, shape, tm
         for backend in BACKENDS:
             with pytest.raises(ValueError, match=match):
                 ops.tw_matmul(np.ones((2, 24), np.float32), bad, backend=backend)
-    elif _ffi.cpu_available() and name != "max_depth":  # the host kernel refuses them itself
+    elif _ffi.cpu_available() and name not in _HOST_IGNORES:  # the host kernel refuses them itself
         with pytest.raises(Exception, match="corrupt packed tiles"):
             jax.block_until_ready(ops.tw_matmul(np.ones((2, 24), np.float32), bad, backend="cpu"))
 
@@ -110,6 +115,50 @@ def test_residue_saved_in_row_order_loads_sorted(tmp_path):
     for q in (packing.load(path)["tiles"], packing.from_arrays(packing.to_arrays({"t": old}))["t"]):
         for f in ("residue_rows", "residue_cols", "residue_values"):
             np.testing.assert_array_equal(getattr(q, f), getattr(p, f))
+
+
+@pytest.mark.parametrize("columns,n,g", [([1, 2, 5, 6, 9], 12, 2), ([0, 1, 2], 3, 2), ([], 5, 4),
+                                         ([4, 1, 7, -3, 10 ** 6], 9, 2)])  # the last: corrupt
+def test_schedule_spans_cover_every_column_once(columns, n, g):
+    """Every output column is written once: by its tile (kept, in range) or as a pruned column in
+    exactly one tile's span, a span ending at its tile's last kept column. Tiles deepest first."""
+    rng = np.random.default_rng(len(columns))
+    t = -(-len(columns) // g)
+    offsets = np.r_[0, np.cumsum(rng.integers(0, 5, size=t))].astype(np.int32)
+    order, pruned, pruned_offsets = packing.schedule(np.asarray(columns, np.int32), offsets, n, g)
+    depth = np.diff(offsets)
+    assert sorted(order) == list(range(t)) and (np.diff(depth[order]) <= 0).all()
+    assert all(depth[a] > depth[b] or a < b for a, b in zip(order[:-1], order[1:]))  # stable
+    assert len(pruned_offsets) == t + 1 and (np.diff(pruned_offsets) >= 0).all()
+    kept = [c for c in columns if 0 <= c < n]
+    if not t:
+        assert pruned.tolist() == list(range(n))
+        return
+    assert pruned_offsets[0] == 0 and pruned_offsets[-1] == len(pruned)
+    spans = [pruned[pruned_offsets[i]:pruned_offsets[i + 1]].tolist() for i in range(t)]
+    assert sorted(sum(spans, []) + kept) == list(range(n))
+    if columns == sorted(kept):  # valid columns: a span ends at its tile's last kept column
+        for i, span in enumerate(spans[:-1]):
+            last = columns[min((i + 1) * g, len(columns)) - 1]
+            before = columns[i * g - 1] if i else -1
+            assert span == [j for j in range(before + 1, last) if j not in columns]
+
+
+def test_tiles_saved_without_a_schedule_load(tmp_path):
+    """Files written before the format carried its schedule load with it computed."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+    _, _, p = _layer(24, 40, 8, 0.6)
+    path = str(tmp_path / "old.safetensors")
+    packing.save(path, {"tiles": p})
+    with safe_open(path, framework="numpy") as f:
+        meta = f.metadata()
+    arrays = {key: a for key, a in load_file(path).items() if key.split("/")[-1] not in packing.SCHEDULE_FIELDS}
+    assert len(arrays) == 7
+    save_file(arrays, path, metadata=meta)
+    q = packing.load(path)["tiles"]
+    for f in packing.SCHEDULE_FIELDS:
+        np.testing.assert_array_equal(getattr(q, f), getattr(p, f))
 
 
 @pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
@@ -201,11 +250,22 @@ def test_forward_with_residue(backend, pattern):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def poisoned(monkeypatch):
+    """The kernels' test hook on: they fill their output with NaN before they run. The host
+    kernel reads JAX_TW_POISON_OUTPUT on every call; the CUDA module at import, or when told."""
+    monkeypatch.setenv("JAX_TW_POISON_OUTPUT", "1")
+    if _ffi.cuda_available():
+        _ffi._cuda.set_poison_output(True)
+    yield
+    if _ffi.cuda_available():
+        _ffi._cuda.set_poison_output(False)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("m", [3, 40])  # the few-rows path and the blocked path
 @pytest.mark.parametrize("columns", [False, True])  # no tiles; tiles that all lost every row
-def test_fully_pruned_layer_gives_bias(backend, m, columns, monkeypatch):
-    monkeypatch.setenv("JAX_TW_POISON_OUTPUT", "1")  # the host kernel must still write every entry
+def test_fully_pruned_layer_gives_bias(backend, m, columns, poisoned):
     w = np.ones((6, 10), np.float32)
     mask = {"columns": np.full(10, columns), "rows": np.zeros((3, 6), bool), "elements": np.zeros((6, 10), bool)}
     p = packing.pack(w, mask, 4)
@@ -233,12 +293,11 @@ def test_bf16_error_within_xla_bf16_error(backend, m):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "cuda")] or ["cpu"])
 @pytest.mark.parametrize("m", [1, 7, 200])  # the few-rows path and the blocked path
-def test_poisoned_output_is_fully_written(backend, m, monkeypatch):
+def test_poisoned_output_is_fully_written(backend, m, poisoned):
     """The kernels fill their output with NaN first (test hook): every entry must be
     overwritten, including pruned columns and tiles with no kept rows."""
     if backend not in BACKENDS:
         pytest.skip(f"no {backend} custom call runs here")
-    monkeypatch.setenv("JAX_TW_POISON_OUTPUT", "1")
     rng = np.random.default_rng(5)
     for pattern in (patterns.TW2D(), patterns.TEW(residue=0.05)):
         for dtype, bias in [(np.float32, None), (jnp.bfloat16, rng.normal(size=50).astype(np.float32))]:

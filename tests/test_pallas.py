@@ -14,7 +14,7 @@ import pytest
 
 from jax_tw import ops, packing, patterns
 from jax_tw import pallas as tw_pallas
-from twcheck import clamped_reference, packed_layer, reference
+from twcheck import clamped_reference, corrupt, packed_layer, reference
 
 
 def _layer(k, n, g, sparsity, dtype=np.float32, seed=0, pattern=None, empty_tiles=True, keep_dense=False):
@@ -100,27 +100,14 @@ def test_memory_safe_and_clamped_on_corrupt_tiles_under_jit():
     x = rng.normal(size=(7, 24)).astype(np.float32)
     bias = rng.normal(size=(60,)).astype(np.float32)
     interpret = jax.default_backend() != "gpu"  # on a GPU: the compiled kernel
-    f = jax.jit(lambda x, p, b: tw_pallas.tw_matmul(x, p, b, jnp.float32, interpret=interpret))
+    f = jax.jit(lambda x, p, b: tw_pallas.tw_matmul(x, p, b, jnp.float32, interpret=interpret,
+                                                    precision=jax.lax.Precision.HIGHEST))
     rows = p.rows.copy()
     rows[::2] += 10 ** 6
-    for bad in (dataclasses.replace(p, rows=rows), dataclasses.replace(p, columns=p.columns - 10 ** 6),
-                dataclasses.replace(p, row_offsets=p.row_offsets * 1000)):
+    for bad in (corrupt(p, rows=rows), corrupt(p, columns=p.columns - 10 ** 6),
+                corrupt(p, row_offsets=p.row_offsets * 1000)):
         y = np.asarray(f(x, bad, bias), np.float64)
         np.testing.assert_allclose(y, clamped_reference(x, bad, bias), rtol=1e-5, atol=1e-4)
-
-
-def test_schedule_spans_cover_every_pruned_column_once():
-    """Each pruned column is in exactly one tile's span, and the order is deepest first."""
-    p = _layer(30, 90, 8, 0.6, seed=7)
-    order, pruned, offsets = tw_pallas._schedule(jnp.asarray(p.columns), jnp.asarray(p.row_offsets), p.n, 8)
-    order, pruned, offsets = map(np.asarray, (order, pruned, offsets))
-    depth = np.diff(p.row_offsets)
-    assert (np.diff(depth[order]) <= 0).all() and sorted(order) == list(range(p.num_tiles))
-    spans = [pruned[offsets[t]:offsets[t + 1]] for t in range(p.num_tiles)]
-    assert sorted(np.concatenate(spans)) == sorted(set(range(90)) - set(p.columns))
-    for t, span in enumerate(spans):  # a span ends at its tile's last kept column
-        last = p.columns[min((t + 1) * 8, len(p.columns)) - 1]
-        assert (span < last).all() or t == p.num_tiles - 1
 
 
 def test_block_sizes_follow_tile_size_and_dtype():
@@ -144,3 +131,21 @@ def test_lowers_to_a_triton_kernel_with_its_dot_for_cuda():
         jax.jit(lambda x, p: tw_pallas.tw_matmul(x, p, None, x.dtype, interpret=False)).trace(
             x, p).lower(lowering_platforms=("cuda",))
     assert "tt.dot" in out.getvalue(), out.getvalue()[-2000:]
+
+
+@pytest.mark.parametrize("precision,tf32", [(None, True), (jax.lax.Precision.HIGH, True),
+                                            (jax.lax.Precision.HIGHEST, False)])
+def test_f32_dot_precision_follows_the_call(precision, tf32):
+    """float32 on a GPU: TF32 tensor cores by default, as jnp.dot; IEEE f32 under HIGHEST (the
+    Triton IR's dot, lowered for "cuda" on this machine, says `inputPrecision = tf32`, or
+    nothing for its default, IEEE)."""
+    p = _layer(64, 256, 128, 0.5, jnp.float32)
+    x = jnp.ones((256, 64), jnp.float32)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), tw_pallas.debug():
+        jax.jit(lambda x, p: ops.tw_matmul(x, p, backend="pallas", precision=precision)).trace(
+            x, p).lower(lowering_platforms=("cuda",))
+    dots = [line for line in out.getvalue().splitlines() if "tt.dot" in line]
+    assert dots, out.getvalue()[-2000:]
+    for line in dots:
+        assert ("inputPrecision = tf32" in line) == tf32 and ("inputPrecision" in line) == tf32, line

@@ -1,5 +1,6 @@
 """Independent numpy references for the tests: mask expansion and pattern properties."""
 
+import dataclasses
 import pathlib
 import subprocess
 import sys
@@ -95,10 +96,17 @@ def normalised(scores):
     return s / mean if mean > 0 else s
 
 
+def corrupt(p, **fields):
+    """Tiles with some index arrays replaced (by corrupt ones) and a schedule to match, as
+    hand-edited tiles under jit would have (packing.with_schedule, which any arrays go through)."""
+    return packing.with_schedule(dataclasses.replace(p, **fields))
+
+
 def clamped_reference(x, p, bias):
-    """What the GPU kernels (CUDA and Pallas) are specified to compute from corrupt tiles: row
-    offsets clamped into [0, len(rows)], out-of-range rows read as zeros, out-of-range columns
-    never written, every column no tile writes set to the bias."""
+    """What the GPU kernels (CUDA and Pallas) are specified to compute from corrupt tiles whose
+    schedule matches their indices (see corrupt): row offsets clamped into [0, len(rows)],
+    out-of-range rows read as zeros, out-of-range columns never written, every column no tile
+    writes set to the bias."""
     x = np.asarray(x, np.float64)
     y = np.tile(np.asarray(bias, np.float64), (x.shape[0], 1))
     r, g = len(p.rows), p.tile_size
