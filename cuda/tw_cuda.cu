@@ -36,6 +36,7 @@
 
 #include "packed_tiles.h"
 #include "tw_cuda_config.h"
+#include "tw_cuda_sm90.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -45,17 +46,6 @@ namespace cuda {
 namespace {
 
 using namespace cute;
-
-// The layer's packed tiles (the format's one C++ definition, schedule included; index arrays
-// on the GPU) and the rest of a call.
-struct Params : PackedTilesView {
-  const void* xt;            // x, element (m, k) at xt[k * m_rows + m]
-  const void* values;        // [r, ldv]: row q holds the G weights of kept row q (zero past G)
-  const float* bias;         // [n]
-  void* y;                   // [m_rows, n], row-major
-  int64_t m_rows, ldv;
-  int64_t m_blocks, n_chunks;
-};
 
 // 16 bytes from global to shared memory: cp.async where ok, else zeros stored directly (no
 // address is formed from an invalid index, not even for a zero-byte copy).
@@ -194,24 +184,7 @@ __global__ void __launch_bounds__(decltype(size(typename Cfg::TiledMma{}))::valu
   Epi& epi = *reinterpret_cast<Epi*>(smem_raw);
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) epi.c[get<0>(tCcC(i)) * Epi::kLdc + get<1>(tCcC(i))] = acc(i);
-  for (int64_t j = threadIdx.x; j < work.width; j += blockDim.x) {
-    const int64_t col = p.columns[work.col0 + j];
-    const bool ok = col >= 0 && col < p.n;  // corrupt columns are not written
-    epi.columns[j] = ok ? static_cast<int32_t>(col) : -1;
-    epi.bias[j] = ok ? p.bias[col] : 0.f;
-  }
-  __syncthreads();
-  TOut* y = static_cast<TOut*>(p.y);
-  const int64_t rows = Clamp(p.m_rows - m0, 0, BM::value);
-  ForRowsCols(threadIdx.x, blockDim.x, rows, work.width, [&](int64_t i, int64_t j) {
-    const int32_t col = epi.columns[j];
-    if (col >= 0) y[(m0 + i) * p.n + col] = static_cast<TOut>(epi.c[i * Epi::kLdc + j] + epi.bias[j]);
-  });
-  ForRowsCols(threadIdx.x, blockDim.x, rows, work.pruned_end - work.pruned_begin,
-              [&](int64_t i, int64_t j) {
-                const int64_t col = p.pruned[work.pruned_begin + j];
-                if (col >= 0 && col < p.n) y[(m0 + i) * p.n + col] = static_cast<TOut>(p.bias[col]);
-              });
+  StoreSpan<TOut>(p, work, m0, epi, threadIdx.x, blockDim.x, [] { __syncthreads(); });
 }
 
 ffi::Error CudaError(const char* what) {
@@ -245,6 +218,47 @@ cudaError_t AllowSharedMemory(const void* kernel, int bytes) {
     done[device].store(state, std::memory_order_release);
   }
   return state == 1 ? cudaSuccess : static_cast<cudaError_t>(state - 2);
+}
+
+// Whether bf16 calls run the Hopper kernel: on devices of compute capability 9.0 (read once per
+// device), unless JAX_TW_CUDA_KERNEL=sm80 was set when the module loaded (to compare the two).
+bool UseSm90() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("JAX_TW_CUDA_KERNEL");
+    return v == nullptr || std::string(v) != "sm80";
+  }();
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> sm90[kMaxDevices];  // 0: not read yet, 1: no, 2: yes
+  int device = 0;
+  if (!allowed || cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return false;
+  int state = sm90[device].load(std::memory_order_acquire);
+  if (state == 0) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    state = major == 9 && minor == 0 ? 2 : 1;
+    sm90[device].store(state, std::memory_order_release);
+  }
+  return state == 2;
+}
+
+template <class TOut>
+ffi::Error LaunchSm90Kernel(cudaStream_t stream, Params p) {
+  if (poison_output.load(std::memory_order_relaxed) &&
+      cudaMemsetAsync(p.y, 0xff, p.m_rows * p.n * sizeof(TOut), stream) != cudaSuccess)
+    return CudaError("cudaMemsetAsync (poison)");
+  if (const cudaError_t e = LaunchSm90<TOut>(stream, p); e != cudaSuccess)
+    return ffi::Error::Internal(std::string("tw_matmul (CUDA): sm90 tile GEMM: ") + cudaGetErrorString(e));
+  return ffi::Error::Success();
+}
+
+template <class Cfg, class TOut>
+ffi::Error Launch(cudaStream_t stream, Params p);
+
+// bf16: the Hopper kernel on compute capability 9.0, else the sm80 one.
+template <class TOut>
+ffi::Error LaunchBf16(cudaStream_t stream, Params p) {
+  return UseSm90() ? LaunchSm90Kernel<TOut>(stream, p) : Launch<Bf16Config, TOut>(stream, p);
 }
 
 template <class Cfg, class TOut>
@@ -285,9 +299,11 @@ ffi::Error TwMatmulCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<f
     if (yt != xt && yt != ffi::DataType::F32)
       return ffi::Error::InvalidArgument("tw_matmul (CUDA): the output must be x's dtype or float32");
     const int64_t vec = bf16 ? 8 : 4;  // values per 16-byte copy
+    if (xd[1] < 2)
+      return ffi::Error::InvalidArgument("tw_matmul (CUDA): x must hold K + 1 columns, the last zeros");
     Params p{};
     static_cast<PackedTilesView&>(p) =
-        PackedTilesView::Of(xd[1], n, tile_size, columns, row_offsets, rows);
+        PackedTilesView::Of(xd[1] - 1, n, tile_size, columns, row_offsets, rows);
     p.m_rows = xd[0];
     if (std::string bad = p.ValidateSizes(); !bad.empty())
       return ffi::Error::InvalidArgument("tw_matmul (CUDA): corrupt packed tiles: " + bad);
@@ -321,8 +337,8 @@ ffi::Error TwMatmulCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<f
     p.bias = bias.typed_data();
     p.y = y->untyped_data();
     if (!bf16) return exact_f32 ? Launch<F32Config, float>(stream, p) : Launch<Tf32Config, float>(stream, p);
-    if (yt == ffi::DataType::F32) return Launch<Bf16Config, float>(stream, p);
-    return Launch<Bf16Config, cute::bfloat16_t>(stream, p);
+    if (yt == ffi::DataType::F32) return LaunchBf16<float>(stream, p);
+    return LaunchBf16<cute::bfloat16_t>(stream, p);
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("tw_matmul (CUDA): ") + e.what());
   }

@@ -12,6 +12,17 @@ namespace cuda {
 
 using namespace cute;
 
+// The layer's packed tiles (the format's one C++ definition, schedule included; index arrays
+// on the GPU) and the rest of a call.
+struct Params : PackedTilesView {
+  const void* xt;            // x, element (m, k) at xt[k * m_rows + m]; row k of xt is zeros
+  const void* values;        // [r, ldv]: row q holds the G weights of kept row q (zero past G)
+  const float* bias;         // [n]
+  void* y;                   // [m_rows, n], row-major
+  int64_t m_rows, ldv;
+  int64_t m_blocks, n_chunks;
+};
+
 __host__ __device__ __forceinline__ int64_t Clamp(int64_t v, int64_t lo, int64_t hi) {
   return v < lo ? lo : (v > hi ? hi : v);
 }
@@ -127,11 +138,37 @@ struct SharedStorage {
 // output columns and their bias.
 template <class Cfg>
 struct EpilogueStorage {
+  static constexpr int kRows = Cfg::BM::value;
   static constexpr int kLdc = Cfg::BN::value + 4;  // padded rows: fewer bank conflicts
   float c[Cfg::BM::value * kLdc];
   int32_t columns[Cfg::BN::value];
   float bias[Cfg::BN::value];
 };
+
+// The epilogue's stores, shared by the kernels, once the CTA's accumulators are in epi.c
+// (row-major, epi.kLdc apart): the chunk's kept columns plus bias, then (chunk 0) the span's
+// pruned columns, the bias or zero. Threads tid < threads take part; sync() is their barrier.
+template <class TOut, class Epi, class Sync>
+__device__ __forceinline__ void StoreSpan(const Params& p, const CtaWork& work, int64_t m0, Epi& epi,
+                                          int tid, int threads, Sync&& sync) {
+  for (int64_t j = tid; j < work.width; j += threads) {
+    const int64_t col = p.columns[work.col0 + j];
+    const bool ok = col >= 0 && col < p.n;  // corrupt columns are not written
+    epi.columns[j] = ok ? static_cast<int32_t>(col) : -1;
+    epi.bias[j] = ok ? p.bias[col] : 0.f;
+  }
+  sync();
+  TOut* y = static_cast<TOut*>(p.y);
+  const int64_t rows = Clamp(p.m_rows - m0, 0, Epi::kRows);
+  ForRowsCols(tid, threads, rows, work.width, [&](int64_t i, int64_t j) {
+    const int32_t col = epi.columns[j];
+    if (col >= 0) y[(m0 + i) * p.n + col] = static_cast<TOut>(epi.c[i * Epi::kLdc + j] + epi.bias[j]);
+  });
+  ForRowsCols(tid, threads, rows, work.pruned_end - work.pruned_begin, [&](int64_t i, int64_t j) {
+    const int64_t col = p.pruned[work.pruned_begin + j];
+    if (col >= 0 && col < p.n) y[(m0 + i) * p.n + col] = static_cast<TOut>(p.bias[col]);
+  });
+}
 
 template <class Cfg>
 constexpr int SmemBytes() {

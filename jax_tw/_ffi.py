@@ -120,7 +120,8 @@ def cuda_tw_matmul(x2: jax.Array, p, bias: jax.Array, out_dtype, exact_f32: bool
     The call asks XLA for x in column-major layout (each input feature one contiguous M-vector),
     so the kernel's K gather is a contiguous 16-byte load. It needs M and the weight rows in
     whole 16-byte runs: M is padded to a multiple of 8 (bf16) or 4 (f32) rows and the weight
-    rows to such a multiple of columns; the padding is sliced off again. The kernel reads the
+    rows to such a multiple of columns; the padding is sliced off again. x also gains one zero
+    column (K + 1 in all), read by the Hopper kernel for a corrupt kept K index. The kernel reads the
     packed format's schedule (tile order, pruned columns and their spans); a layer without
     tiles is its bias, with no call.
     """
@@ -129,8 +130,9 @@ def cuda_tw_matmul(x2: jax.Array, p, bias: jax.Array, out_dtype, exact_f32: bool
     vec = 16 // jnp.dtype(x2.dtype).itemsize
     m = x2.shape[0]
     m_pad = max(vec, -(-m // vec) * vec)
-    if m_pad != m:
-        x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
+    # One zero feature appended (x has K + 1 columns): the Hopper kernel reads it in place of a
+    # kept K index out of range. XLA fuses the padding into the transpose to column-major.
+    x2 = jnp.pad(x2, ((0, m_pad - m), (0, 1)))
     values = jnp.asarray(p.values)
     g_pad = -(-p.tile_size // vec) * vec
     if g_pad != p.tile_size:

@@ -15,11 +15,11 @@ Backends:
 * ``'dense'`` ``x @ unpack(packed)`` with XLA's dense dot (what the automatic choice falls back
   to where the sparse path would be slower).
 
-``backend=None`` picks automatically: ``'dense'`` when packing kept the dense kernel (layers
-whose estimated cost, tile density plus ``packing.RESIDUE_COST`` times residue density, exceeds
-``packing.DENSE_ABOVE``: there the measured tile kernel gains nothing),
-else the custom call of the platform (``'cpu'`` or ``'cuda'``) when it was built, else
-``'xla'``. The platform is the one the computation is lowered for (``lax.platform_dependent``),
+``backend=None`` picks automatically, per platform: ``'dense'`` where that platform's fallback
+rule (``packing.FALLBACK_RULES``: estimated cost, tile density plus the rule's residue cost
+times residue density, above its density threshold; measured on the CPU, a guess on GPUs)
+chose it at pack time (``PackedTiles.dense_on``), else the custom call of the platform
+(``'cpu'`` or ``'cuda'``) when it was built, else ``'xla'``. The platform is the one the computation is lowered for (``lax.platform_dependent``),
 not the default backend: ``jax.jit(f, device=cpu_device)`` on a GPU host runs the host
 kernel, and ``jax.export`` for several platforms holds each platform's call. Few rows (M <= 32)
 need no fallback: the host kernel then reads the packed values directly and was measured at
@@ -72,8 +72,13 @@ def export_checks() -> list:
             for t in (_ffi.CPU_TARGET, _ffi.CPU_TARGET_V1, _ffi.CUDA_TARGET)]
 
 
-def _platform_backend(platform: str) -> str:
-    """The automatic backend on ``platform`` ('cpu' or 'cuda'), given what was built."""
+def _platform_backend(platform: str, p: PackedTiles | None = None) -> str:
+    """The automatic backend on ``platform`` ('cpu' or 'cuda') for tiles ``p``, given what was
+    built: the dense dot where the platform's fallback rule chose it at pack time (on the CPU
+    only while the dense cache is kept: dropping it asks for the tiles)."""
+    if p is not None and p.dense_on is not None and platform in p.dense_on and (
+            platform != "cpu" or p.dense is not None):
+        return "dense"
     if platform == "cpu" and _ffi.cpu_available():
         return "cpu"
     if platform == "cuda" and _ffi.cuda_available():
@@ -96,9 +101,10 @@ def _choose(backend: str | None, packed: PackedTiles | None = None) -> str:
     if backend is None:
         backend = os.environ.get("JAX_TW_BACKEND") or None
     if backend is None:
-        if packed is not None and packed.dense is not None:
-            return "dense"  # packing kept the dense kernel: the tiles would be slower
-        return "auto"
+        if packed is not None and packed.dense is not None and (
+                packed.dense_on is None or set(packed.dense_on) >= set(packing.FALLBACK_RULES)):
+            return "dense"  # the dense dot on every platform: the tiles would be slower
+        return "auto"  # chosen per platform (see _platform_backend)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (or None for automatic), got {backend!r}")
     if backend == "cpu":
@@ -182,9 +188,9 @@ def _forward(backend: str, exact: bool, x2, p: PackedTiles, bias):
     cores on a GPU; the host kernel is always exact)."""
     if backend == "auto":
         return jax.lax.platform_dependent(
-            x2, p, bias, cpu=lambda *a: _forward(_platform_backend("cpu"), exact, *a),
-            cuda=lambda *a: _forward(_platform_backend("cuda"), exact, *a),
-            default=lambda *a: _forward("xla", exact, *a))
+            x2, p, bias, cpu=lambda *a: _forward(_platform_backend("cpu", p), exact, *a),
+            cuda=lambda *a: _forward(_platform_backend("cuda", p), exact, *a),
+            default=lambda *a: _forward("dense" if p.dense is not None else "xla", exact, *a))
     precision = jax.lax.Precision.HIGHEST if exact else None
     if backend == "pallas":
         kernel = functools.partial(pallas.tw_matmul, precision=precision)
@@ -241,7 +247,7 @@ def _make_matmul(backend: str, exact: bool):
 
     def fwd(x2, p, bias):
         # symbolic_zeros: every leaf is a CustomVJPPrimal telling whether it is differentiated.
-        if backend == "dense" and p.dense is not None and any(
+        if backend in ("dense", "auto") and p.dense is not None and any(
                 leaf.perturbed for leaf in (p.values, p.residue_values, p.dense)):
             raise ValueError(
                 "tw_matmul: this layer's packed tiles keep a dense copy of the kernel (packing fell "

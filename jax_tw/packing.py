@@ -22,10 +22,13 @@ residue weights)::
                                        span running to N. The GPU kernels read it instead of
                                        sorting tiles or finding pruned columns on every call
     dense           dtype (K, N)     or None: the masked dense kernel, kept when the layer is so
-                                     dense that tiles would run slower (see DENSE_ABOVE). A cache
-                                     of unpack(): replace values or residue_values only together
-                                     with dense=None (or pack again), or it goes stale
+                                     dense that the host kernel would run slower (see
+                                     FALLBACK_RULES). A cache of unpack(): replace values or
+                                     residue_values only together with dense=None (or pack
+                                     again), or it goes stale
     k, n, tile_size, max_depth       static ints (max_depth = the deepest tile's kept rows)
+    dense_on                         static: the platforms whose automatic backend runs the
+                                     dense dot for this layer (FALLBACK_RULES), or None
 
 Why ``values`` is (R, G) row-major: a tile's weights are then one contiguous ``K_t x G`` block,
 the B operand of that tile's small dense GEMM, read one K row (G contiguous values) at a time by
@@ -68,6 +71,10 @@ class PackedTiles:
     n: int = dataclasses.field(metadata=dict(static=True))
     tile_size: int = dataclasses.field(metadata=dict(static=True))
     max_depth: int = dataclasses.field(metadata=dict(static=True))
+    # The platforms ('cpu', 'cuda') whose automatic backend runs the dense dot for this layer,
+    # decided by pack from each platform's FallbackRule; None (tiles made before the rules were
+    # per platform): the dense dot wherever ``dense`` is kept. See :func:`dense_platforms`.
+    dense_on: tuple | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def num_tiles(self) -> int:
@@ -77,11 +84,13 @@ class PackedTiles:
     def dtype(self) -> np.dtype:
         return np.dtype(jnp.result_type(self.values))
 
-    def cost(self) -> float:
-        """Estimated work relative to the dense kernel: tile density plus ``RESIDUE_COST`` times
-        the residue density (see ``DENSE_ABOVE``)."""
+    def cost(self, residue_cost: float | None = None) -> float:
+        """Estimated work relative to the dense kernel: tile density plus ``residue_cost``
+        (default: the host kernel's, ``RESIDUE_COST``) times the residue density (see
+        ``DENSE_ABOVE`` and :class:`FallbackRule`)."""
+        residue_cost = RESIDUE_COST if residue_cost is None else residue_cost
         residue = int(np.shape(self.residue_rows)[0]) / (self.k * self.n)
-        return self.density() - residue + RESIDUE_COST * residue
+        return self.density() - residue + residue_cost * residue
 
     def density(self) -> float:
         """Fraction of the K x N weights held (tiles, without their padding, plus residue)."""
@@ -98,7 +107,7 @@ def _serialize_statics(statics: tuple) -> bytes:
 
 def _deserialize_statics(data: bytes) -> tuple:
     import json
-    return tuple(json.loads(data.decode()))
+    return tuple(tuple(s) if isinstance(s, list) else s for s in json.loads(data.decode()))
 
 
 # jax.export can serialize functions whose arguments or results hold PackedTiles.
@@ -129,6 +138,42 @@ DENSE_ABOVE = 0.75
 RESIDUE_COST = 4.7
 
 
+@dataclasses.dataclass(frozen=True)
+class FallbackRule:
+    """When a platform's automatic backend runs the dense dot instead of the tiles: when the
+    layer's estimated cost, ``tile density + residue_cost * residue density``, exceeds
+    ``dense_above``. ``source`` says where the numbers come from."""
+
+    dense_above: float
+    residue_cost: float
+    source: str
+
+    def dense_is_faster(self, packed: "PackedTiles") -> bool:
+        return packed.cost(self.residue_cost) > self.dense_above
+
+
+# One rule per platform. Neither depends on M or the dtype: on the CPU, few rows (M <= 32) run a
+# path that reads the packed values directly, measured at 0.8-2.6x of dense for M = 1 at 50-75%
+# sparsity, and bf16 measured as fast as f32 or faster in 11 of 15 rows (BUILD_NOTES.md); on a
+# GPU nothing is measured yet.
+FALLBACK_RULES = {
+    "cpu": FallbackRule(DENSE_ABOVE, RESIDUE_COST, "measured on the host kernel (see DENSE_ABOVE "
+                        "and RESIDUE_COST)"),
+    # A guess, until a GPU run measures it. The sm80 tile kernel on an H200 was estimated (from
+    # a read of its code, not a run) at about 1.0-1.8x of dense at 75% sparsity: tiles would
+    # break even at a density of about 0.25-0.45. The residue is added by XLA after the call, a
+    # gather of x's columns and a scatter-add into y, memory-bound: about M * 12 bytes per
+    # residue weight at 4.8 TB/s, against 2 * M flops per dense weight at about 790 TFLOP/s,
+    # some 1000 dense weights each.
+    "cuda": FallbackRule(0.4, 1000.0, "a guess: no GPU measurement exists yet"),
+}
+
+
+def dense_platforms(packed: "PackedTiles") -> tuple:
+    """The platforms whose fallback rule prefers the dense dot for ``packed``."""
+    return tuple(p for p, rule in FALLBACK_RULES.items() if rule.dense_is_faster(packed))
+
+
 def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int | None = None,
          keep_dense: bool | None = None) -> PackedTiles:
     """Packs a layer's kernel (K, N) under its layer mask, on the host (not under jit).
@@ -136,9 +181,12 @@ def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int | None = None,
     ``tile_size`` defaults to the one the mask carries; given, it must equal it (a mask
     built by hand without the ``tile_size`` entry needs it).
 
-    ``keep_dense``: also keep the masked dense kernel (for the dense fallback of
-    :func:`jax_tw.ops.tw_matmul`); ``None`` keeps it when the estimated cost of the tiles and
-    residue (:meth:`PackedTiles.cost`) exceeds ``DENSE_ABOVE``.
+    ``keep_dense``: the dense fallback of :func:`jax_tw.ops.tw_matmul`. ``None`` asks each
+    platform's :class:`FallbackRule` (``FALLBACK_RULES``) and records the platforms that
+    prefer the dense dot in ``dense_on``; the masked dense kernel is kept (``dense``) when the
+    CPU's rule prefers it (the host path would otherwise rebuild it on every call; a GPU
+    rebuilds it in the graph, a scatter that is small next to the GEMM). ``True`` keeps it and
+    runs the dense dot everywhere, ``False`` runs the tiles everywhere.
 
     >>> import numpy as np
     >>> w = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -185,9 +233,9 @@ def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int | None = None,
         dense=None, k=k, n=n, tile_size=tile_size,
         max_depth=int(max((len(r) for r in tile_rows), default=0)))
     validate(packed)
-    if keep_dense is None:
-        keep_dense = packed.cost() > DENSE_ABOVE
-    if keep_dense:
+    dense_on = dense_platforms(packed) if keep_dense is None else tuple(FALLBACK_RULES) if keep_dense else ()
+    packed = dataclasses.replace(packed, dense_on=dense_on)
+    if keep_dense or keep_dense is None and "cpu" in dense_on:
         packed = dataclasses.replace(packed, dense=_unpack_valid(packed))
     return packed
 
@@ -314,6 +362,10 @@ def check_shapes(packed: PackedTiles) -> None:
     if dtype(packed.residue_values) != vdtype:
         raise ValueError(f"packed tiles: residue_values dtype {dtype(packed.residue_values)} "
                          f"!= values dtype {vdtype}")
+    if packed.dense_on is not None and (not isinstance(packed.dense_on, tuple)
+                                        or not set(packed.dense_on) <= set(FALLBACK_RULES)):
+        raise ValueError(f"packed tiles: dense_on must be None or a tuple of platforms from "
+                         f"{tuple(FALLBACK_RULES)}, got {packed.dense_on!r}")
     if packed.dense is not None and (np.shape(packed.dense) != (k, n) or dtype(packed.dense) != vdtype):
         raise ValueError(f"packed tiles: dense must be {vdtype} {(k, n)}, "
                          f"got {dtype(packed.dense)} {np.shape(packed.dense)}")
@@ -434,7 +486,7 @@ def save(path: str, variables: dict) -> None:
     for path_, leaf in traverse_util.flatten_dict(patterns.plain_dict(variables)).items():
         name = "/".join(path_)
         if isinstance(leaf, PackedTiles):
-            statics[name] = {s: getattr(leaf, s) for s in _STATICS}
+            statics[name] = {s: getattr(leaf, s) for s in _STATICS + ("dense_on",)}
             items = {f"{name}/{f}": getattr(leaf, f) for f in _SAVED if getattr(leaf, f) is not None}
         else:
             items = {name: leaf}
@@ -463,6 +515,8 @@ def to_arrays(tree: Any) -> Any:
         out = {f: getattr(leaf, f) for f in _FIELDS + ("dense",)  # the schedule is derived
                if getattr(leaf, f) is not None and np.size(getattr(leaf, f))}
         out["statics"] = np.array([getattr(leaf, s) for s in _STATICS], np.int64)
+        if leaf.dense_on is not None:  # one flag per platform of FALLBACK_RULES
+            out["dense_on"] = np.array([p in leaf.dense_on for p in FALLBACK_RULES], np.int8)
         out["dtype"] = np.zeros(1, leaf.dtype)
         return out
     return jax.tree.map(convert, patterns.plain_dict(tree), is_leaf=lambda x: isinstance(x, PackedTiles))
@@ -477,12 +531,15 @@ def from_arrays(tree: Any) -> Any:
     keys = set(tree.keys())
     if not {"statics", "dtype"} <= keys:
         return {k: from_arrays(v) for k, v in tree.items()}
-    extra = keys - set(_SAVED) - {"statics", "dtype"}
+    extra = keys - set(_SAVED) - {"statics", "dtype", "dense_on"}
     statics = np.asarray(tree["statics"])
     if extra or statics.shape != (len(_STATICS),):
         raise ValueError(f"packed tiles: unexpected entries {sorted(extra)} or statics of shape "
                          f"{statics.shape}, expected ({len(_STATICS)},)")
     statics = {s: int(v) for s, v in zip(_STATICS, statics)}
+    if "dense_on" in tree:
+        flags = np.asarray(tree["dense_on"]).astype(bool).ravel()
+        statics["dense_on"] = tuple(p for p, on in zip(FALLBACK_RULES, flags) if on)
     dtype = np.asarray(tree["dtype"]).dtype
     empty = {f: np.zeros(0, np.int32) for f in _FIELDS}
     empty.update(values=np.zeros((0, statics["tile_size"]), dtype), residue_values=np.zeros(0, dtype))
@@ -513,6 +570,8 @@ def load(path: str) -> dict:
             arrays[key] = a.view(jnp.bfloat16) if dtypes[key] == "bfloat16" else a
     flat = {}
     for name, st in statics.items():
+        if st.get("dense_on") is not None:
+            st["dense_on"] = tuple(st["dense_on"])
         sched = {f: arrays.pop(f"{name}/{f}", None) for f in SCHEDULE_FIELDS}
         tiles = PackedTiles(**{f: arrays.pop(f"{name}/{f}") for f in _FIELDS}, **sched,
                             dense=arrays.pop(f"{name}/dense", None), **st)

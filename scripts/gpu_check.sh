@@ -3,14 +3,17 @@
 # log to $OUT/<stage>.log, so that a session with a lent GPU can run them one by one and stop
 # early:
 #
-#   scripts/gpu_check.sh build      build and install jax_tw with its CUDA module (sm_80, sm_90)
+#   scripts/gpu_check.sh build      build and install jax_tw with its CUDA module (sm_80, sm_90, sm_90a)
 #   scripts/gpu_check.sh test       kernel tests on the GPU: the cuda and pallas backends against
-#                                   float64 references (test_cuda/test_pallas/test_ops/
-#                                   test_packed_model)
+#                                   float64 references (test_cuda, test_pallas, and the cuda and
+#                                   pallas cases of test_ops and test_packed_model)
 #   scripts/gpu_check.sh memcheck   compute-sanitizer memcheck on one small kernel test
 #   scripts/gpu_check.sh hlo        does XLA transpose x in front of the custom call?
 #   scripts/gpu_check.sh bench      bf16, M = 16384, BERT-base and BERT-large shapes, TW-2D
 #                                   0-90%, dense jnp.dot side by side, cuda and pallas columns
+#                                   (on an H100/H200 the cuda column is the Hopper wgmma kernel)
+#   scripts/gpu_check.sh bench-sm80 the same, cuda only, with the sm80 kernel forced
+#                                   (JAX_TW_CUDA_KERNEL=sm80): the two kernels side by side
 #   scripts/gpu_check.sh all        every stage in turn (a dry run here; too long for one call)
 #
 # Each stage after `build` needs the installed build: on a fresh machine run `build` in the same
@@ -32,13 +35,13 @@ gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,nohea
 
 # The CUTLASS headers: the installed wheel, or the carried one unpacked into /tmp/cutlass_site.
 cutlass_include() {
-  if ! $PY -c "import cutlass_library" 2>/dev/null; then
+  if ! $PY -c "import cutlass_library" 2>/dev/null && [ ! -d /tmp/cutlass_site/cutlass_library ]; then
     local wheel
     wheel=$(ls .whl/nvidia_cutlass-*.whl 2>/dev/null | head -1)
     [ -n "$wheel" ] || { echo "no .whl/nvidia_cutlass-*.whl: see the header of this script" >&2; return 1; }
     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/cutlass_site "$wheel" >&2 || return 1
-    export PYTHONPATH=/tmp/cutlass_site${PYTHONPATH:+:$PYTHONPATH}
   fi
+  [ -d /tmp/cutlass_site/cutlass_library ] && export PYTHONPATH=/tmp/cutlass_site${PYTHONPATH:+:$PYTHONPATH}
   $PY -c "import importlib.util as u, os; print(os.path.join(list(u.find_spec('cutlass_library').submodule_search_locations)[0], 'source', 'include'))"
 }
 
@@ -63,8 +66,11 @@ stage_build() {
 
 stage_test() {
   installed || return 1
+  # Only what runs a GPU backend (-k matches the module names too): the xla and dense cases and
+  # the host-only checks (the CuTe layout check, the ISA variants) run in CI.
   timeout 540 $PY -P -m pytest -q -x -p no:cacheprovider --durations=5 tests/test_cuda.py \
-      tests/test_pallas.py tests/test_ops.py tests/test_packed_model.py
+      tests/test_pallas.py tests/test_ops.py tests/test_packed_model.py \
+      -k "(cuda or pallas) and not index_assumptions and not narrower_isa"
 }
 
 stage_memcheck() {
@@ -97,12 +103,19 @@ stage_bench() {
   fi
 }
 
+stage_bench-sm80() {
+  installed || return 1
+  [ -n "$gpu" ] || { echo "bench-sm80 needs a GPU: skipped"; return 0; }
+  JAX_TW_CUDA_KERNEL=sm80 timeout 540 $PY -P -m jax_tw.bench --shapes both -m 16384 --dtype bfloat16 \
+    --sparsities 0,0.25,0.5,0.75,0.9 --backend cuda --repeats 7 --json "$OUT/bench_sm80.json"
+}
+
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || { sed -n '2,24p' "$0"; exit 2; }
-[ "${stages[0]}" = all ] && stages=(build test memcheck hlo bench)
+[ ${#stages[@]} -gt 0 ] || { sed -n '2,27p' "$0"; exit 2; }
+[ "${stages[0]}" = all ] && stages=(build test memcheck hlo bench bench-sm80)
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), GPU: ${gpu:-none}, $($PY --version)"
 for stage in "${stages[@]}"; do
-  case $stage in build|test|memcheck|hlo|bench) ;; *) echo "unknown stage $stage"; exit 2 ;; esac
+  case $stage in build|test|memcheck|hlo|bench|bench-sm80) ;; *) echo "unknown stage $stage"; exit 2 ;; esac
   echo; echo "=== $stage ($(date -u +%H:%M:%S))"
   start=$SECONDS
   "stage_$stage" 2>&1 | tee "$OUT/$stage.log"

@@ -72,6 +72,43 @@ def test_kernel_index_assumptions_hold_for_its_cute_layouts(tmp_path):
     assert done.returncode == 0 and "layout ok" in done.stdout, done.stdout + done.stderr
 
 
+def _nvcc_and_cutlass():
+    nvcc, include = shutil.which("nvcc"), _cutlass_include()
+    if not nvcc or not include:
+        pytest.skip("needs nvcc and the CUTLASS headers (nvidia-cutlass)")
+    examples = pathlib.Path(include).parent / "examples" / "common"
+    return nvcc, [f"-I{ROOT / 'cuda'}", f"-I{ROOT / 'cpu'}", f"-I{include}", f"-I{examples}"]
+
+
+def test_hopper_kernel_index_assumptions_hold(tmp_path):
+    """tests/cuda_sm90_check.cu, compiled with nvcc and run on the host: the Hopper kernel's
+    gathered 16-byte copies read x at the kept (or, when corrupt, the zero) K index and the
+    weights at the kept row, each element of a tile once, for depths below, at and above the
+    k-block and M not a multiple of the block; they land once each in the swizzled stages; the
+    wgmma accumulators cover the block once; the shared memory fits an H100/H200."""
+    nvcc, includes = _nvcc_and_cutlass()
+    exe = tmp_path / "sm90_check"
+    subprocess.run([nvcc, "-std=c++17", "-O1", "--expt-relaxed-constexpr", "-diag-suppress=177", *includes,
+                    str(ROOT / "tests" / "cuda_sm90_check.cu"), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=300)
+    done = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "sm90 ok" in done.stdout, done.stdout + done.stderr
+
+
+def test_hopper_kernel_is_built_with_warpgroup_mma(tmp_path):
+    """The sm_90a kernel really holds wgmma (a kernel built for a target without it compiles
+    silently to a stub): its PTX for compute_90a has the m64n128k16 bf16 warpgroup MMA, fed by
+    cp.async copies."""
+    nvcc, includes = _nvcc_and_cutlass()
+    ptx = tmp_path / "sm90.ptx"
+    subprocess.run([nvcc, "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-diag-suppress=177,940,2473",
+                    "-arch=compute_90a", *includes, "-ptx", str(ROOT / "cuda" / "tw_cuda_sm90.cu"),
+                    "-o", str(ptx)], check=True, capture_output=True, timeout=300)
+    text = ptx.read_text()
+    assert text.count("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16") >= 2, "no wgmma"
+    assert "cp.async" in text and "TileGemmSm90Kernel" in text
+
+
 def _elf_sections(data):
     """{name: (offset, size)} of the sections of a 64-bit little-endian ELF image."""
     assert data[:4] == b"\x7fELF" and data[4] == 2, "not a 64-bit ELF image"
@@ -103,21 +140,24 @@ def fatbin_cubins(path):
 
 
 @needs_cuda_module
-def test_module_carries_sm80_and_sm90_tile_kernels():
-    """Machine code for both architectures, and real code: a kernel compiled for an architecture
-    its instructions are not enabled on builds silently to a stub of a few instructions (the
-    plain-sm_90 trap of BUILD-FACTS), so each tile GEMM's code size is checked too."""
-    entries = fatbin_cubins(_ffi._cuda.__file__)
-    elf = {sm: payload for sm, kind, payload in entries if kind == 2}
-    assert {80, 90} <= set(elf), f"machine code for sm_{sorted(elf)}, expected sm_80 and sm_90"
+def test_module_carries_sm80_sm90_and_hopper_tile_kernels():
+    """Machine code for both architectures plus the sm_90a Hopper kernel, and real code: a
+    kernel compiled for an architecture its instructions are not enabled on builds silently to
+    a stub of a few instructions (the plain-sm_90 trap of BUILD-FACTS), so each tile GEMM's code
+    size is checked too."""
+    texts = [(sm, {name: size for name, (_, size) in _elf_sections(payload).items() if name.startswith(".text.")})
+             for sm, kind, payload in fatbin_cubins(_ffi._cuda.__file__) if kind == 2]
     for sm in (80, 90):
-        text = {name: size for name, (_, size) in _elf_sections(elf[sm]).items() if name.startswith(".text.")}
+        [text] = [t for s, t in texts if s == sm and any("TileGemmKernel" in name for name in t)]
         for config in ("Bf16Config", "Tf32Config", "F32Config"):
             sizes = [size for name, size in text.items() if re.search(rf"TileGemmKernelI\w*?{config}", name)]
             assert sizes, (sm, config, sorted(text))
             assert min(sizes) > 16384, f"sm_{sm} {config} tile GEMM is only {min(sizes)} bytes: a stub?"
         # One kernel per layer: no fill, tile-order or column-marking kernels any more.
         assert all("TileGemmKernel" in name for name in text if "jax_tw" in name), (sm, sorted(text))
+    # The Hopper kernel: sm_90a machine code only, for bf16 and f32 outputs.
+    hopper = [(s, size) for s, t in texts for name, size in t.items() if "TileGemmSm90Kernel" in name]
+    assert len(hopper) == 2 and all(s == 90 and size > 16384 for s, size in hopper), hopper
 
 
 class PackedModel(nn.Module):
@@ -237,6 +277,8 @@ def _emulated_kernel(calls):
             def host(x, columns, row_offsets, rows, values, tile_order, pruned, pruned_offsets, bias):
                 vec = 16 // x.dtype.itemsize
                 assert x.shape[0] % vec == 0 and values.shape[1] % vec == 0
+                assert not np.asarray(x[:, -1], np.float32).any()  # the zero feature K
+                x = x[:, :-1]
                 assert values.shape[1] >= tile_size and bias.dtype == np.float32
                 t = len(row_offsets) - 1
                 assert t > 0 and len(pruned) >= 1
@@ -284,7 +326,7 @@ def test_cuda_path_glue_with_an_emulated_kernel(dtype, m, g, pattern, monkeypatc
     np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=tol, atol=tol * np.abs(want).max())
     [c] = calls
     vec = 16 // np.dtype(dtype).itemsize
-    assert c["layouts"][0] == (1, 0) and c["x"] == (max(vec, -(-m // vec) * vec), k)
+    assert c["layouts"][0] == (1, 0) and c["x"] == (max(vec, -(-m // vec) * vec), k + 1)
     assert c["values"][1] == -(-g // vec) * vec
     assert c["out"] == (np.float32 if has_residue else np.dtype(dtype))
     assert c["exact_f32"] == 0  # TF32 for f32 unless HIGHEST is asked for
@@ -329,23 +371,25 @@ def test_cuda_kernel_matches_float64_reference(dtype, m, k, n, g, s):
 
 
 @needs_gpu
-def test_cuda_kernel_is_memory_safe_on_corrupt_tiles():
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])  # bf16: the Hopper kernel on an H100/H200
+def test_cuda_kernel_is_memory_safe_on_corrupt_tiles(dtype):
     """Under jit the tiles cannot be checked on the host: out-of-range indices must be ignored
     by the kernel, not read (the GPU check runs this under compute-sanitizer), and the output is
     the specified clamped result, not whatever memory held."""
     rng = np.random.default_rng(0)
-    w = rng.normal(size=(64, 96)).astype(np.float32)
+    w = rng.normal(size=(64, 96)).astype(dtype)
     [mask] = patterns.TW2D()([rng.random((64, 96)).astype(np.float32)], 0.5, tile_size=32, min_keep=0.0)
     p = packing.pack(w, jax.tree.map(np.asarray, mask), 32)
     bias = rng.normal(size=(96,)).astype(np.float32)
     f = jax.jit(lambda x, p: _ffi.cuda_tw_matmul(x, p, jnp.asarray(bias), jnp.float32, exact_f32=True))
-    x = rng.normal(size=(16, 64)).astype(np.float32)
+    x = rng.normal(size=(16, 64)).astype(dtype)
     rows = p.rows.copy()
     rows[::2] += 10 ** 6  # half the rows out of range
+    tol = 1e-5 if dtype == np.float32 else 1e-2
     for bad in (corrupt(p, rows=p.rows + 10 ** 6), corrupt(p, rows=rows),
                 corrupt(p, columns=p.columns - 10 ** 6), corrupt(p, row_offsets=p.row_offsets * 1000)):
         y = np.asarray(jax.block_until_ready(f(x, bad)), np.float64)
-        np.testing.assert_allclose(y, clamped_reference(x, bad, bias), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(y, clamped_reference(x, bad, bias), rtol=tol, atol=10 * tol)
 
 
 def test_clamped_reference_is_the_plain_product_on_valid_tiles():

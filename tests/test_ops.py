@@ -537,6 +537,38 @@ def test_dense_fallback_counts_the_residue_cost():
         assert p.density() == pytest.approx(0.25, abs=0.01)
         assert p.cost() == pytest.approx(p.density() + (packing.RESIDUE_COST - 1) * len(p.residue_rows) / w.size)
         assert (p.dense is not None) == dense, (residue, p.cost())
+        assert ("cpu" in p.dense_on) == dense and "cuda" in p.dense_on  # the GPU adds a residue in XLA
+
+
+@pytest.mark.parametrize("sparsity,cpu,cuda", [(0.1, True, True), (0.5, False, True), (0.75, False, False)])
+def test_fallback_rule_is_per_platform(sparsity, cpu, cuda, tmp_path):
+    """Each platform's rule decides at pack time; the automatic backend follows it per platform
+    (lowered for both on this machine), the dense kernel is kept only where the host path needs
+    it, and the decision survives save / load, to_arrays / from_arrays and jax.export."""
+    w, mask, p = _layer(64, 96, 16, sparsity)
+    assert p.dense_on == tuple(pl for pl, on in (("cpu", cpu), ("cuda", cuda)) if on)
+    assert (p.dense is not None) == cpu
+    for pl, rule in packing.FALLBACK_RULES.items():
+        assert (pl in p.dense_on) == (p.cost(rule.residue_cost) > rule.dense_above)
+    x = np.random.default_rng(12).normal(size=(8, 64)).astype(np.float32)
+    f = jax.jit(lambda x, p: ops.tw_matmul(x, p))
+    for platform, target, dense in (("cpu", _ffi.CPU_TARGET, cpu), ("cuda", _ffi.CUDA_TARGET, cuda)):
+        built = _ffi.cpu_available() if platform == "cpu" else _ffi.cuda_available()
+        hlo = f.trace(x, p).lower(lowering_platforms=(platform,)).as_text()
+        assert (target in hlo) == (built and not dense), (platform, dense)
+    np.testing.assert_allclose(f(x, p), _reference(x, packing.unpack(p)), rtol=1e-5, atol=1e-5)
+    path = str(tmp_path / "t.safetensors")
+    packing.save(path, {"t": p})
+    for q in (packing.load(path)["t"], packing.from_arrays(packing.to_arrays({"t": p}))["t"]):
+        assert q.dense_on == p.dense_on and (q.dense is None) == (p.dense is None)
+    exported = jax.export.export(f, disabled_checks=ops.export_checks())(x, p)
+    back = jax.export.deserialize(exported.serialize())
+    np.testing.assert_allclose(back.call(x, p), f(x, p), rtol=1e-6)
+    # Without the dense cache the host path runs the tiles; a GPU rebuilds the dense kernel.
+    q = dataclasses.replace(p, dense=None)
+    assert (_ffi.CPU_TARGET in f.trace(x, q).lower(lowering_platforms=("cpu",)).as_text()) == _ffi.cpu_available()
+    with pytest.raises(ValueError, match="dense_on must be None or a tuple"):
+        packing.check_shapes(dataclasses.replace(p, dense_on=("tpu",)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS + [None])

@@ -1,0 +1,27 @@
+// The Hopper (sm_90a) tile GEMM (tw_cuda_sm90.cu), as the handler (tw_cuda.cu) calls it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "tw_cuda_config.h"
+
+namespace jax_tw {
+namespace cuda {
+
+// CTA tile M x N x K: 128 rows of x, a 128-column chunk of a tile, 64 kept K rows per stage.
+using Sm90TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
+struct Sm90Tile {  // what EpilogueStorage needs to know of it
+  using BM = cute::_128;
+  using BN = cute::_128;
+};
+
+// Launches the kernel for bf16 x and values and y in TOut (float or cute::bfloat16_t); x holds
+// k + 1 feature rows, the last zeros. Returns the launch's error.
+template <class TOut>
+cudaError_t LaunchSm90(cudaStream_t stream, Params p);
+
+int Sm90SmemBytes();  // dynamic shared memory of one CTA
+int Sm90Threads();    // threads of one CTA
+
+}  // namespace cuda
+}  // namespace jax_tw

@@ -1,0 +1,77 @@
+// The Hopper kernel's CUTLASS configuration (tw_cuda_sm90.cu): the mainloop collective, the
+// shared memory of a CTA and the K-gather functor. A header of its own so that
+// tests/cuda_sm90_check.cu can check on the host the index assumptions the kernel makes.
+#pragma once
+
+#include <cstdint>
+
+#include "cutlass/cutlass.h"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/pipeline/pipeline.hpp"
+#include "gather_tensor.hpp"  // CUTLASS's examples/common (the nvidia-cutlass wheel)
+#include "tw_cuda_config.h"
+#include "tw_cuda_sm90.h"
+
+namespace jax_tw {
+namespace cuda {
+
+using namespace cute;
+
+// x's kept K index q of a tile: rows[q] where it lies in [0, k), else k (the zero row).
+struct ClampedGather {
+  const int32_t* rows;
+  int32_t k;
+  template <class I>
+  CUTE_HOST_DEVICE constexpr int32_t operator()(I i) const {
+    const int32_t r = rows[i];
+    return r >= 0 && r < k ? r : k;
+  }
+  CUTE_HOST_DEVICE friend void print(ClampedGather const&) { cute::print("ClampedGather"); }
+};
+
+// The mainloop: CUTLASS's builder for a bf16 column-major A (M-major, gathered) and row-major
+// B (N-major), 128 x 128 x 64 CTA tiles, no cluster, as many stages as fit next to nothing
+// else (the epilogue reuses the stages' bytes).
+using Sm90Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::bfloat16_t,
+    cutlass::layout::ColumnMajor, 8, cutlass::bfloat16_t, cutlass::layout::RowMajor, 8, float,
+    Sm90TileShape, Shape<_1, _1, _1>, cutlass::gemm::collective::StageCountAuto,
+    cutlass::gemm::KernelCpAsyncWarpSpecialized>::CollectiveOp;
+
+struct Sm90Smem {
+  union {
+    typename Sm90Mainloop::TensorStorage mainloop;
+    EpilogueStorage<Sm90Tile> epi;
+  } tensors;
+  alignas(16) typename Sm90Mainloop::PipelineStorage pipeline;
+};
+
+// What the mainloop reads for one CTA (tile work.tile, column chunk, M block mb): A, x gathered
+// at the tile's kept K indices, (M, depth) M-major; B, the chunk's weights, (chunk columns,
+// depth) N-major; both cut into the CTA's 128 x 64 blocks along K (k-block index last); and the
+// residue (M, N, K) the collective predicates its copies with (K: zero or negative, the first
+// k-block being the partial one).
+CUTE_HOST_DEVICE auto Sm90Operands(const Params& p, const CtaWork& work, int64_t chunk, int64_t mb) {
+  using T = cutlass::bfloat16_t;
+  constexpr int64_t BM = size<0>(Sm90TileShape{}), BN = size<1>(Sm90TileShape{}), BK = size<2>(Sm90TileShape{});
+  const int64_t depth = work.end - work.begin;
+  const int64_t chunk_cols = Clamp(p.ldv - chunk * BN, 0, BN);
+  typename Sm90Mainloop::StrideA stride_a = make_stride(_1{}, p.m_rows, int64_t(0));
+  typename Sm90Mainloop::StrideB stride_b = make_stride(_1{}, p.ldv, int64_t(0));
+  Tensor mA = example::make_gather_tensor(make_gmem_ptr(static_cast<const T*>(p.xt)),
+                                          make_shape(p.m_rows, depth, int64_t(1)), stride_a,
+                                          ClampedGather{p.rows + work.begin, static_cast<int32_t>(p.k)});
+  Tensor mB = make_tensor(make_gmem_ptr(static_cast<const T*>(p.values) + work.begin * p.ldv + chunk * BN),
+                          make_shape(chunk_cols, depth, int64_t(1)), stride_b);
+  Tensor gA = local_tile(mA, Sm90TileShape{}, make_coord(_, _, _), Step<_1, X, _1>{})(_, _, mb, _, 0);
+  Tensor gB = local_tile(mB, Sm90TileShape{}, make_coord(_, _, _), Step<X, _1, _1>{})(_, _, 0, _, 0);
+  const int64_t k_tiles = (depth + BK - 1) / BK;
+  return make_tuple(gA, gB, make_tuple(p.m_rows - mb * BM, chunk_cols, depth - BK * k_tiles));
+}
+
+constexpr int kSm90LoadThreads = size(typename Sm90Mainloop::GmemTiledCopyA{});
+constexpr int kSm90MmaThreads = size(typename Sm90Mainloop::TiledMma{});
+static_assert(kSm90MmaThreads == 128, "one consumer warpgroup");
+
+}  // namespace cuda
+}  // namespace jax_tw

@@ -1,0 +1,180 @@
+// Host-side checks of the index assumptions the Hopper tile GEMM (cuda/tw_cuda_sm90.cu) makes
+// about its CUTLASS configuration (cuda/tw_cuda_sm90_config.h). Built with nvcc and run on the
+// CPU by tests/test_cuda.py; exit code 0 and "sm90 ok" when every check holds.
+//
+// 1. Shared memory: the CTA's storage fits the opt-in limit of an H100/H200 (232,448 bytes),
+//    and the epilogue's staging lives inside the union with the stages.
+// 2. The K gather (Sm90Operands, shared with the kernel): for tiles of depth 1 to 256 (below,
+//    at and above the 64-row k-block), M not a multiple of 128, every M block, and kept K
+//    indices with corrupt entries, every 16-byte copy the producers issue (under the
+//    collective's own predicates: the partial first k-block, the M and N residues) reads x at
+//    (clamped kept index, m) and the weights at (kept row, n); each (m, q) and (n, q) of the
+//    tile is read exactly once; corrupt indices read row k, the zero feature.
+// 3. Shared-memory destinations: each copy lands on 8 contiguous, 16-byte aligned elements
+//    at the coordinates it was read for, and a stage is written exactly once.
+// 4. Epilogue: the consumer warpgroup's accumulator coordinates cover the 128 x 128 block
+//    exactly once and index inside the staging buffer.
+#include <algorithm>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "tw_cuda_sm90_config.h"
+
+using namespace cute;
+using namespace jax_tw::cuda;
+using T = cutlass::bfloat16_t;
+
+static int failures = 0;
+#define CHECK(cond, ...)                    \
+  do {                                      \
+    if (!(cond)) {                          \
+      if (failures++ < 10) {                \
+        std::printf("FAILED %s: ", #cond);  \
+        std::printf(__VA_ARGS__);           \
+        std::printf("\n");                  \
+      }                                     \
+    }                                       \
+  } while (0)
+
+void CheckGather(std::mt19937& rng) {
+  constexpr int BM = 128, BK = 64;
+  const int m_rows = 200, k = 1000, ldv = 136, g = 136;  // ldv: G padded to whole 16-byte runs
+  T* x = reinterpret_cast<T*>(0x100000);  // fake bases: only addresses are compared
+  T* values = reinterpret_cast<T*>(0x4000000);
+  for (int depth : {1, 63, 64, 65, 130, 256}) {
+    for (bool corrupt : {false, true}) {
+      std::vector<int32_t> all(k);
+      for (int i = 0; i < k; ++i) all[i] = i;
+      std::shuffle(all.begin(), all.end(), rng);
+      std::vector<int32_t> rows(all.begin(), all.begin() + depth);
+      std::sort(rows.begin(), rows.end());
+      if (corrupt) rows[depth / 2] = rows[depth / 2] + 1000000, rows[0] = -5;
+      const int begin = 7;  // the tile's rows start inside the layer's arrays
+      std::vector<int32_t> layer_rows(begin, 0);
+      layer_rows.insert(layer_rows.end(), rows.begin(), rows.end());
+      Params p{};
+      p.k = k; p.n = 500; p.g = g; p.m_rows = m_rows; p.ldv = ldv;
+      p.rows = layer_rows.data(); p.xt = x; p.values = values;
+      for (int chunk = 0; chunk < 2; ++chunk) {
+        CtaWork work{};
+        work.begin = begin; work.end = begin + depth;
+        for (int mb = 0; mb < (m_rows + BM - 1) / BM; ++mb) {
+          auto ops = Sm90Operands(p, work, chunk, mb);
+          Tensor gA_in = get<0>(ops);
+          Tensor gB_in = get<1>(ops);
+          const int residue_m = get<0>(get<2>(ops)), residue_n = get<1>(get<2>(ops));
+          const int residue_k = get<2>(get<2>(ops));
+          const int k_tiles = size<2>(gA_in);
+          CHECK(k_tiles == (depth + BK - 1) / BK && residue_k <= 0 && residue_k > -BK, "depth %d", depth);
+          CHECK(residue_n == std::min(128, std::max(0, ldv - 128 * chunk)), "chunk %d: residue_n %d", chunk, residue_n);
+          // The collective shifts its tensors by the K residue: the first k-block is the partial one.
+          Tensor gA = domain_offset(make_coord(0, residue_k, 0), gA_in);
+          Tensor gB = domain_offset(make_coord(0, residue_k, 0), gB_in);
+          typename Sm90Mainloop::GmemTiledCopyA copy_a;
+          typename Sm90Mainloop::GmemTiledCopyB copy_b;
+          std::vector<int> hit_a(BM * depth, 0), hit_b(128 * depth, 0);
+          Tensor id = make_identity_tensor(Shape<_128, _64>{});
+          for (int t = 0; t < kSm90LoadThreads; ++t) {
+            auto ta = copy_a.get_slice(t);
+            auto tb = copy_b.get_slice(t);
+            Tensor tAgA = ta.partition_S(gA);
+            Tensor tAcA = ta.partition_S(id);
+            Tensor tBgB = tb.partition_S(gB);
+            Tensor tBcB = tb.partition_S(id);
+            for (int kt = 0; kt < k_tiles; ++kt) {
+              for (int i = 0; i < size<1>(tAgA); ++i)
+                for (int j = 0; j < size<2>(tAgA); ++j) {
+                  const int m = get<0>(tAcA(0, i, j)), kk = get<1>(tAcA(0, i, j));
+                  if (!(kt > 0 || kk >= -residue_k) || !(m < residue_m)) continue;  // its predicates
+                  const int q = kt * BK + kk + residue_k;
+                  CHECK(q >= 0 && q < depth, "depth %d: q %d", depth, q);
+                  Tensor v = recast<uint128_t>(tAgA(_, i, j, kt));  // what the 16-byte cp.async reads
+                  const T* at = reinterpret_cast<const T*>(&v(0));
+                  const int32_t r = rows[q], kept = r >= 0 && r < k ? r : k;
+                  const long want = long(kept) * m_rows + mb * BM + m;
+                  CHECK(at - x == want, "depth %d mb %d: A at %ld, expected %ld (q %d)", depth, mb, long(at - x), want, q);
+                  for (int e = 0; e < 8; ++e)
+                    if (mb * BM + m + e < m_rows) ++hit_a[(m + e) * depth + q];
+                }
+              for (int i = 0; i < size<1>(tBgB); ++i)
+                for (int j = 0; j < size<2>(tBgB); ++j) {
+                  const int n = get<0>(tBcB(0, i, j)), kk = get<1>(tBcB(0, i, j));
+                  if (!(kt > 0 || kk >= -residue_k) || !(n < residue_n)) continue;
+                  const int q = kt * BK + kk + residue_k;
+                  const T* at = &tBgB(0, i, j, kt);
+                  CHECK(at - values == long(begin + q) * ldv + 128 * chunk + n, "B at %ld", long(at - values));
+                  for (int e = 0; e < 8; ++e) ++hit_b[(n + e) * depth + q];
+                }
+            }
+          }
+          for (int m = 0; m < std::min(BM, m_rows - mb * BM); ++m)
+            for (int q = 0; q < depth; ++q)
+              CHECK(hit_a[m * depth + q] == 1, "depth %d: A (%d, %d) read %d times", depth, m, q, hit_a[m * depth + q]);
+          for (int n = 0; n < residue_n; ++n)
+            for (int q = 0; q < depth; ++q)
+              CHECK(hit_b[n * depth + q] == 1, "depth %d: B (%d, %d) read %d times", depth, n, q, hit_b[n * depth + q]);
+        }
+      }
+    }
+  }
+}
+
+void CheckSharedMemory() {
+  CHECK(sizeof(Sm90Smem) <= 232448, "%zu shared bytes", sizeof(Sm90Smem));
+  CHECK(sizeof(EpilogueStorage<Sm90Tile>) <= sizeof(typename Sm90Mainloop::TensorStorage),
+        "the epilogue (%zu bytes) does not fit the stages", sizeof(EpilogueStorage<Sm90Tile>));
+  typename Sm90Mainloop::SmemLayoutA layout;
+  std::vector<T> buffer(cosize(layout));
+  T* base = buffer.data();
+  Tensor sA = make_tensor(make_smem_ptr(base), layout);
+  typename Sm90Mainloop::GmemTiledCopyA copy_a;
+  std::vector<int> hits(128 * 64, 0);
+  for (int t = 0; t < kSm90LoadThreads; ++t) {
+    Tensor d = copy_a.get_slice(t).partition_D(sA);
+    Tensor c = copy_a.get_slice(t).partition_S(make_identity_tensor(Shape<_128, _64>{}));
+    for (int i = 0; i < size<1>(d); ++i)
+      for (int j = 0; j < size<2>(d); ++j) {
+        T* first = &d(0, i, j, 0);
+        CHECK((first - base) % 8 == 0, "copy (%d, %d) of thread %d misaligned", i, j, t);
+        for (int v = 0; v < 8; ++v) {
+          const int m = get<0>(c(v, i, j)), kk = get<1>(c(v, i, j));
+          CHECK(&d(v, i, j, 0) == first + v && &sA(m, kk, 0) == first + v, "(%d, %d) stored elsewhere", m, kk);
+          ++hits[m + 128 * kk];
+        }
+      }
+  }
+  for (int h : hits) CHECK(h == 1, "a stage element written %d times", h);
+}
+
+void CheckEpilogue() {
+  typename Sm90Mainloop::TiledMma mma;
+  using Epi = EpilogueStorage<Sm90Tile>;
+  std::vector<int> out(128 * 128, 0);
+  for (int t = 0; t < kSm90MmaThreads; ++t) {
+    Tensor c = mma.get_slice(t).partition_C(make_identity_tensor(Shape<_128, _128>{}));
+    Tensor acc = partition_fragment_C(mma, Shape<_128, _128>{});
+    CHECK(size(acc) == size(c), "accumulators and coordinates differ in size");
+    for (int i = 0; i < size(c); ++i) {
+      const int m = get<0>(c(i)), n = get<1>(c(i));
+      CHECK(m * Epi::kLdc + n < 128 * Epi::kLdc && n < 128, "staged at (%d, %d)", m, n);
+      if (m >= 0 && m < 128 && n >= 0 && n < 128) ++out[m * 128 + n];
+    }
+  }
+  for (int h : out) CHECK(h == 1, "an output element computed %d times", h);
+}
+
+int main() {
+  std::mt19937 rng(0);
+  CheckSharedMemory();
+  CheckGather(rng);
+  CheckEpilogue();
+  std::printf("%d producer + %d consumer threads, %zu shared bytes\n", kSm90LoadThreads,
+              kSm90MmaThreads, sizeof(Sm90Smem));
+  if (failures) {
+    std::printf("%d checks failed\n", failures);
+    return 1;
+  }
+  std::printf("sm90 ok\n");
+  return 0;
+}
