@@ -32,39 +32,40 @@
 namespace jax_tw {
 namespace cuda {
 
-int Sm90SmemBytes() { return static_cast<int>(sizeof(Sm90Smem)); }
-int Sm90Threads() { return kSm90LoadThreads + kSm90MmaThreads; }
-
 namespace {
 
-template <class TOut>
-__global__ void __launch_bounds__(kSm90LoadThreads + kSm90MmaThreads, 1) TileGemmSm90Kernel(Params p) {
+template <int kBN, class TOut>
+__global__ void __launch_bounds__(kSm90LoadThreads<kBN> + kSm90MmaThreads<kBN>, 1)
+    TileGemmSm90Kernel(Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Mainloop = Sm90Mainloop;
+  using Mainloop = Sm90Mainloop<kBN>;
+  using Tile = Sm90TileShape<kBN>;
   using Pipe = typename Mainloop::MainloopPipeline;
+  constexpr int kLoadThreads = kSm90LoadThreads<kBN>, kMmaThreads = kSm90MmaThreads<kBN>;
+  static_assert(kMmaThreads == 128, "one consumer warpgroup");
   extern __shared__ __align__(128) char smem_raw[];
-  Sm90Smem& smem = *reinterpret_cast<Sm90Smem*>(smem_raw);
-  constexpr int BM = size<0>(Sm90TileShape{}), BK = size<2>(Sm90TileShape{});
+  Sm90Smem<kBN>& smem = *reinterpret_cast<Sm90Smem<kBN>*>(smem_raw);
+  constexpr int BM = size<0>(Tile{}), BK = size<2>(Tile{});
 
   const int64_t bid = blockIdx.x;
   const int64_t mb = bid % p.m_blocks, m0 = mb * BM;
-  const CtaWork work = WorkOf(p, bid / p.m_blocks, p.n_chunks, size<1>(Sm90TileShape{}));
+  const CtaWork work = WorkOf(p, bid / p.m_blocks, p.n_chunks, kBN);
   const int64_t chunk = (bid / p.m_blocks) % p.n_chunks;
   const int64_t depth = work.end - work.begin;
   const int k_tiles = static_cast<int>((depth + BK - 1) / BK);
 
-  const bool producer = threadIdx.x < kSm90LoadThreads;
+  const bool producer = threadIdx.x < kLoadThreads;
   typename Pipe::Params pipe_params;
   pipe_params.role = producer ? Pipe::ThreadCategory::Producer : Pipe::ThreadCategory::Consumer;
-  pipe_params.producer_arv_count = kSm90LoadThreads;
-  pipe_params.consumer_arv_count = kSm90MmaThreads;
+  pipe_params.producer_arv_count = kLoadThreads;
+  pipe_params.consumer_arv_count = kMmaThreads;
   Pipe pipeline(smem.pipeline, pipe_params);
   __syncthreads();
 
   Mainloop collective;
   if (producer) {
     if (k_tiles == 0) return;  // a tile with no kept rows: nothing to load
-    auto operands = Sm90Operands(p, work, chunk, mb);
+    auto operands = Sm90Operands<kBN>(p, work, chunk, mb);
     Tensor gA = get<0>(operands);
     Tensor gB = get<1>(operands);
     auto state = cutlass::make_producer_start_state<Pipe>();
@@ -75,9 +76,9 @@ __global__ void __launch_bounds__(kSm90LoadThreads + kSm90MmaThreads, 1) TileGem
     return;
   }
 
-  const int tid = static_cast<int>(threadIdx.x) - kSm90LoadThreads;
+  const int tid = static_cast<int>(threadIdx.x) - kLoadThreads;
   typename Mainloop::TiledMma mma;
-  Tensor acc = partition_fragment_C(mma, take<0, 2>(Sm90TileShape{}));
+  Tensor acc = partition_fragment_C(mma, take<0, 2>(Tile{}));
   if (k_tiles > 0) {
     typename Mainloop::PipelineState state;
     collective.mma(pipeline, state, acc, k_tiles, tid, smem.tensors.mainloop, typename Mainloop::Params{});
@@ -88,26 +89,28 @@ __global__ void __launch_bounds__(kSm90LoadThreads + kSm90MmaThreads, 1) TileGem
   // The consumers are the only threads left; once all of them are past their last MMA the
   // stages' bytes become the epilogue's.
   auto sync = [] {
-    cutlass::arch::NamedBarrier::sync(kSm90MmaThreads,
+    cutlass::arch::NamedBarrier::sync(kMmaThreads,
                                       static_cast<int>(cutlass::arch::ReservedNamedBarriers::FirstUserBarrier));
   };
   sync();
-  using Epi = EpilogueStorage<Sm90Tile>;
+  using Epi = EpilogueStorage<Sm90Tile<kBN>>;
   Epi& epi = smem.tensors.epi;
-  Tensor coord = mma.get_slice(tid).partition_C(make_identity_tensor(take<0, 2>(Sm90TileShape{})));
+  Tensor coord = mma.get_slice(tid).partition_C(make_identity_tensor(take<0, 2>(Tile{})));
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) epi.c[get<0>(coord(i)) * Epi::kLdc + get<1>(coord(i))] = acc(i);
-  StoreSpan<TOut>(p, work, m0, epi, tid, kSm90MmaThreads, sync);
+  StoreSpan<TOut>(p, work, m0, epi, tid, kMmaThreads, sync);
 #endif
 }
 
-// The kernel's dynamic shared-memory limit, raised once per device.
+// A kernel's dynamic shared-memory limit, raised once per device (and kernel: the statics are
+// per instantiation).
+template <int kBN, class TOut>
 cudaError_t AllowSharedMemorySm90(const void* kernel) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> done[kMaxDevices];  // 0: not yet, 1: raised, else the error + 2
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  const int bytes = Sm90SmemBytes();
+  const int bytes = sizeof(Sm90Smem<kBN>);
   if (device < 0 || device >= kMaxDevices)
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   int state = done[device].load(std::memory_order_acquire);
@@ -121,16 +124,23 @@ cudaError_t AllowSharedMemorySm90(const void* kernel) {
 
 }  // namespace
 
-template <class TOut>
-cudaError_t LaunchSm90(cudaStream_t stream, Params p) {
-  p.m_blocks = (p.m_rows + size<0>(Sm90TileShape{}) - 1) / size<0>(Sm90TileShape{});
-  p.n_chunks = (p.g + size<1>(Sm90TileShape{}) - 1) / size<1>(Sm90TileShape{});
+template <int kBN, class TOut>
+cudaError_t LaunchSm90With(cudaStream_t stream, Params p) {
+  p.m_blocks = (p.m_rows + 127) / 128;
+  p.n_chunks = (p.g + kBN - 1) / kBN;
   const int64_t blocks = p.m_blocks * p.n_chunks * p.t;
   if (blocks <= 0 || blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  auto kernel = TileGemmSm90Kernel<TOut>;
-  if (cudaError_t e = AllowSharedMemorySm90(reinterpret_cast<const void*>(kernel)); e != cudaSuccess) return e;
-  kernel<<<static_cast<unsigned>(blocks), Sm90Threads(), Sm90SmemBytes(), stream>>>(p);
+  auto kernel = TileGemmSm90Kernel<kBN, TOut>;
+  if (cudaError_t e = AllowSharedMemorySm90<kBN, TOut>(reinterpret_cast<const void*>(kernel)); e != cudaSuccess)
+    return e;
+  kernel<<<static_cast<unsigned>(blocks), kSm90LoadThreads<kBN> + kSm90MmaThreads<kBN>,
+           sizeof(Sm90Smem<kBN>), stream>>>(p);
   return cudaGetLastError();
+}
+
+template <class TOut>
+cudaError_t LaunchSm90(cudaStream_t stream, Params p) {
+  return Sm90ChunkFor(p.g) == 64 ? LaunchSm90With<64, TOut>(stream, p) : LaunchSm90With<128, TOut>(stream, p);
 }
 
 template cudaError_t LaunchSm90<float>(cudaStream_t, Params);

@@ -8,20 +8,24 @@
 namespace jax_tw {
 namespace cuda {
 
-// CTA tile M x N x K: 128 rows of x, a 128-column chunk of a tile, 64 kept K rows per stage.
-using Sm90TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
+// CTA tile M x N x K: 128 rows of x, a kBN-column chunk of a tile (64 for tiles of G <= 64, else
+// 128), 64 kept K rows per stage.
+template <int kBN>
+using Sm90TileShape = cute::Shape<cute::_128, cute::Int<kBN>, cute::_64>;
+template <int kBN>
 struct Sm90Tile {  // what EpilogueStorage needs to know of it
   using BM = cute::_128;
-  using BN = cute::_128;
+  using BN = cute::Int<kBN>;
 };
+
+// The column chunk the Hopper kernel uses for tiles of tile_size g.
+inline int Sm90ChunkFor(int64_t g) { return g <= 64 ? 64 : 128; }
 
 // Launches the kernel for bf16 x and values and y in TOut (float or cute::bfloat16_t); x holds
 // k + 1 feature rows, the last zeros. Returns the launch's error.
 template <class TOut>
 cudaError_t LaunchSm90(cudaStream_t stream, Params p);
 
-int Sm90SmemBytes();  // dynamic shared memory of one CTA
-int Sm90Threads();    // threads of one CTA
 
 }  // namespace cuda
 }  // namespace jax_tw

@@ -30,48 +30,53 @@ struct ClampedGather {
 };
 
 // The mainloop: CUTLASS's builder for a bf16 column-major A (M-major, gathered) and row-major
-// B (N-major), 128 x 128 x 64 CTA tiles, no cluster, as many stages as fit next to nothing
+// B (N-major), 128 x kBN x 64 CTA tiles, no cluster, as many stages as fit next to nothing
 // else (the epilogue reuses the stages' bytes).
+template <int kBN>
 using Sm90Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::bfloat16_t,
     cutlass::layout::ColumnMajor, 8, cutlass::bfloat16_t, cutlass::layout::RowMajor, 8, float,
-    Sm90TileShape, Shape<_1, _1, _1>, cutlass::gemm::collective::StageCountAuto,
+    Sm90TileShape<kBN>, Shape<_1, _1, _1>, cutlass::gemm::collective::StageCountAuto,
     cutlass::gemm::KernelCpAsyncWarpSpecialized>::CollectiveOp;
 
+template <int kBN>
 struct Sm90Smem {
   union {
-    typename Sm90Mainloop::TensorStorage mainloop;
-    EpilogueStorage<Sm90Tile> epi;
+    typename Sm90Mainloop<kBN>::TensorStorage mainloop;
+    EpilogueStorage<Sm90Tile<kBN>> epi;
   } tensors;
-  alignas(16) typename Sm90Mainloop::PipelineStorage pipeline;
+  alignas(16) typename Sm90Mainloop<kBN>::PipelineStorage pipeline;
 };
+
+template <int kBN>
+constexpr int kSm90LoadThreads = size(typename Sm90Mainloop<kBN>::GmemTiledCopyA{});
+template <int kBN>
+constexpr int kSm90MmaThreads = size(typename Sm90Mainloop<kBN>::TiledMma{});
 
 // What the mainloop reads for one CTA (tile work.tile, column chunk, M block mb): A, x gathered
 // at the tile's kept K indices, (M, depth) M-major; B, the chunk's weights, (chunk columns,
-// depth) N-major; both cut into the CTA's 128 x 64 blocks along K (k-block index last); and the
-// residue (M, N, K) the collective predicates its copies with (K: zero or negative, the first
-// k-block being the partial one).
+// depth) N-major; both cut into the CTA's 128 x 64 and kBN x 64 blocks along K (k-block index
+// last); and the residue (M, N, K) the collective predicates its copies with (K: zero or
+// negative, the first k-block being the partial one).
+template <int kBN>
 CUTE_HOST_DEVICE auto Sm90Operands(const Params& p, const CtaWork& work, int64_t chunk, int64_t mb) {
   using T = cutlass::bfloat16_t;
-  constexpr int64_t BM = size<0>(Sm90TileShape{}), BN = size<1>(Sm90TileShape{}), BK = size<2>(Sm90TileShape{});
+  using Tile = Sm90TileShape<kBN>;
+  constexpr int64_t BM = size<0>(Tile{}), BK = size<2>(Tile{});
   const int64_t depth = work.end - work.begin;
-  const int64_t chunk_cols = Clamp(p.ldv - chunk * BN, 0, BN);
-  typename Sm90Mainloop::StrideA stride_a = make_stride(_1{}, p.m_rows, int64_t(0));
-  typename Sm90Mainloop::StrideB stride_b = make_stride(_1{}, p.ldv, int64_t(0));
+  const int64_t chunk_cols = Clamp(p.ldv - chunk * kBN, 0, kBN);
+  typename Sm90Mainloop<kBN>::StrideA stride_a = make_stride(_1{}, p.m_rows, int64_t(0));
+  typename Sm90Mainloop<kBN>::StrideB stride_b = make_stride(_1{}, p.ldv, int64_t(0));
   Tensor mA = example::make_gather_tensor(make_gmem_ptr(static_cast<const T*>(p.xt)),
                                           make_shape(p.m_rows, depth, int64_t(1)), stride_a,
                                           ClampedGather{p.rows + work.begin, static_cast<int32_t>(p.k)});
-  Tensor mB = make_tensor(make_gmem_ptr(static_cast<const T*>(p.values) + work.begin * p.ldv + chunk * BN),
+  Tensor mB = make_tensor(make_gmem_ptr(static_cast<const T*>(p.values) + work.begin * p.ldv + chunk * kBN),
                           make_shape(chunk_cols, depth, int64_t(1)), stride_b);
-  Tensor gA = local_tile(mA, Sm90TileShape{}, make_coord(_, _, _), Step<_1, X, _1>{})(_, _, mb, _, 0);
-  Tensor gB = local_tile(mB, Sm90TileShape{}, make_coord(_, _, _), Step<X, _1, _1>{})(_, _, 0, _, 0);
+  Tensor gA = local_tile(mA, Tile{}, make_coord(_, _, _), Step<_1, X, _1>{})(_, _, mb, _, 0);
+  Tensor gB = local_tile(mB, Tile{}, make_coord(_, _, _), Step<X, _1, _1>{})(_, _, 0, _, 0);
   const int64_t k_tiles = (depth + BK - 1) / BK;
   return make_tuple(gA, gB, make_tuple(p.m_rows - mb * BM, chunk_cols, depth - BK * k_tiles));
 }
-
-constexpr int kSm90LoadThreads = size(typename Sm90Mainloop::GmemTiledCopyA{});
-constexpr int kSm90MmaThreads = size(typename Sm90Mainloop::TiledMma{});
-static_assert(kSm90MmaThreads == 128, "one consumer warpgroup");
 
 }  // namespace cuda
 }  // namespace jax_tw

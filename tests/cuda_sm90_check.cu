@@ -5,7 +5,8 @@
 // 1. Shared memory: the CTA's storage fits the opt-in limit of an H100/H200 (232,448 bytes),
 //    and the epilogue's staging lives inside the union with the stages.
 // 2. The K gather (Sm90Operands, shared with the kernel): for tiles of depth 1 to 256 (below,
-//    at and above the 64-row k-block), M not a multiple of 128, every M block, and kept K
+//    at and above the 64-row k-block), column chunks of 64 and 128 (G <= 64 and above), M not a
+//    multiple of 128, every M block, and kept K
 //    indices with corrupt entries, every 16-byte copy the producers issue (under the
 //    collective's own predicates: the partial first k-block, the M and N residues) reads x at
 //    (clamped kept index, m) and the weights at (kept row, n); each (m, q) and (n, q) of the
@@ -37,7 +38,9 @@ static int failures = 0;
     }                                       \
   } while (0)
 
+template <int kBN>
 void CheckGather(std::mt19937& rng) {
+  using Mainloop = Sm90Mainloop<kBN>;
   constexpr int BM = 128, BK = 64;
   const int m_rows = 200, k = 1000, ldv = 136, g = 136;  // ldv: G padded to whole 16-byte runs
   T* x = reinterpret_cast<T*>(0x100000);  // fake bases: only addresses are compared
@@ -56,32 +59,33 @@ void CheckGather(std::mt19937& rng) {
       Params p{};
       p.k = k; p.n = 500; p.g = g; p.m_rows = m_rows; p.ldv = ldv;
       p.rows = layer_rows.data(); p.xt = x; p.values = values;
-      for (int chunk = 0; chunk < 2; ++chunk) {
+      for (int chunk = 0; chunk < (ldv + kBN - 1) / kBN; ++chunk) {
         CtaWork work{};
         work.begin = begin; work.end = begin + depth;
         for (int mb = 0; mb < (m_rows + BM - 1) / BM; ++mb) {
-          auto ops = Sm90Operands(p, work, chunk, mb);
+          auto ops = Sm90Operands<kBN>(p, work, chunk, mb);
           Tensor gA_in = get<0>(ops);
           Tensor gB_in = get<1>(ops);
           const int residue_m = get<0>(get<2>(ops)), residue_n = get<1>(get<2>(ops));
           const int residue_k = get<2>(get<2>(ops));
           const int k_tiles = size<2>(gA_in);
           CHECK(k_tiles == (depth + BK - 1) / BK && residue_k <= 0 && residue_k > -BK, "depth %d", depth);
-          CHECK(residue_n == std::min(128, std::max(0, ldv - 128 * chunk)), "chunk %d: residue_n %d", chunk, residue_n);
+          CHECK(residue_n == std::min(kBN, std::max(0, ldv - kBN * chunk)), "chunk %d: residue_n %d", chunk, residue_n);
           // The collective shifts its tensors by the K residue: the first k-block is the partial one.
           Tensor gA = domain_offset(make_coord(0, residue_k, 0), gA_in);
           Tensor gB = domain_offset(make_coord(0, residue_k, 0), gB_in);
-          typename Sm90Mainloop::GmemTiledCopyA copy_a;
-          typename Sm90Mainloop::GmemTiledCopyB copy_b;
-          std::vector<int> hit_a(BM * depth, 0), hit_b(128 * depth, 0);
-          Tensor id = make_identity_tensor(Shape<_128, _64>{});
-          for (int t = 0; t < kSm90LoadThreads; ++t) {
+          typename Mainloop::GmemTiledCopyA copy_a;
+          typename Mainloop::GmemTiledCopyB copy_b;
+          std::vector<int> hit_a(BM * depth, 0), hit_b(kBN * depth, 0);
+          Tensor id_a = make_identity_tensor(Shape<_128, _64>{});
+          Tensor id_b = make_identity_tensor(Shape<Int<kBN>, _64>{});
+          for (int t = 0; t < kSm90LoadThreads<kBN>; ++t) {
             auto ta = copy_a.get_slice(t);
             auto tb = copy_b.get_slice(t);
             Tensor tAgA = ta.partition_S(gA);
-            Tensor tAcA = ta.partition_S(id);
+            Tensor tAcA = ta.partition_S(id_a);
             Tensor tBgB = tb.partition_S(gB);
-            Tensor tBcB = tb.partition_S(id);
+            Tensor tBcB = tb.partition_S(id_b);
             for (int kt = 0; kt < k_tiles; ++kt) {
               for (int i = 0; i < size<1>(tAgA); ++i)
                 for (int j = 0; j < size<2>(tAgA); ++j) {
@@ -103,7 +107,7 @@ void CheckGather(std::mt19937& rng) {
                   if (!(kt > 0 || kk >= -residue_k) || !(n < residue_n)) continue;
                   const int q = kt * BK + kk + residue_k;
                   const T* at = &tBgB(0, i, j, kt);
-                  CHECK(at - values == long(begin + q) * ldv + 128 * chunk + n, "B at %ld", long(at - values));
+                  CHECK(at - values == long(begin + q) * ldv + kBN * chunk + n, "B at %ld", long(at - values));
                   for (int e = 0; e < 8; ++e) ++hit_b[(n + e) * depth + q];
                 }
             }
@@ -120,17 +124,19 @@ void CheckGather(std::mt19937& rng) {
   }
 }
 
+template <int kBN>
 void CheckSharedMemory() {
-  CHECK(sizeof(Sm90Smem) <= 232448, "%zu shared bytes", sizeof(Sm90Smem));
-  CHECK(sizeof(EpilogueStorage<Sm90Tile>) <= sizeof(typename Sm90Mainloop::TensorStorage),
-        "the epilogue (%zu bytes) does not fit the stages", sizeof(EpilogueStorage<Sm90Tile>));
-  typename Sm90Mainloop::SmemLayoutA layout;
+  using Mainloop = Sm90Mainloop<kBN>;
+  CHECK(sizeof(Sm90Smem<kBN>) <= 232448, "%zu shared bytes", sizeof(Sm90Smem<kBN>));
+  CHECK(sizeof(EpilogueStorage<Sm90Tile<kBN>>) <= sizeof(typename Mainloop::TensorStorage),
+        "the epilogue (%zu bytes) does not fit the stages", sizeof(EpilogueStorage<Sm90Tile<kBN>>));
+  typename Mainloop::SmemLayoutA layout;
   std::vector<T> buffer(cosize(layout));
   T* base = buffer.data();
   Tensor sA = make_tensor(make_smem_ptr(base), layout);
-  typename Sm90Mainloop::GmemTiledCopyA copy_a;
+  typename Mainloop::GmemTiledCopyA copy_a;
   std::vector<int> hits(128 * 64, 0);
-  for (int t = 0; t < kSm90LoadThreads; ++t) {
+  for (int t = 0; t < kSm90LoadThreads<kBN>; ++t) {
     Tensor d = copy_a.get_slice(t).partition_D(sA);
     Tensor c = copy_a.get_slice(t).partition_S(make_identity_tensor(Shape<_128, _64>{}));
     for (int i = 0; i < size<1>(d); ++i)
@@ -147,18 +153,20 @@ void CheckSharedMemory() {
   for (int h : hits) CHECK(h == 1, "a stage element written %d times", h);
 }
 
+template <int kBN>
 void CheckEpilogue() {
-  typename Sm90Mainloop::TiledMma mma;
-  using Epi = EpilogueStorage<Sm90Tile>;
-  std::vector<int> out(128 * 128, 0);
-  for (int t = 0; t < kSm90MmaThreads; ++t) {
-    Tensor c = mma.get_slice(t).partition_C(make_identity_tensor(Shape<_128, _128>{}));
-    Tensor acc = partition_fragment_C(mma, Shape<_128, _128>{});
+  typename Sm90Mainloop<kBN>::TiledMma mma;
+  using Epi = EpilogueStorage<Sm90Tile<kBN>>;
+  CHECK(kSm90MmaThreads<kBN> == 128, "%d consumer threads", kSm90MmaThreads<kBN>);
+  std::vector<int> out(128 * kBN, 0);
+  for (int t = 0; t < kSm90MmaThreads<kBN>; ++t) {
+    Tensor c = mma.get_slice(t).partition_C(make_identity_tensor(Shape<_128, Int<kBN>>{}));
+    Tensor acc = partition_fragment_C(mma, Shape<_128, Int<kBN>>{});
     CHECK(size(acc) == size(c), "accumulators and coordinates differ in size");
     for (int i = 0; i < size(c); ++i) {
       const int m = get<0>(c(i)), n = get<1>(c(i));
-      CHECK(m * Epi::kLdc + n < 128 * Epi::kLdc && n < 128, "staged at (%d, %d)", m, n);
-      if (m >= 0 && m < 128 && n >= 0 && n < 128) ++out[m * 128 + n];
+      CHECK(m * Epi::kLdc + n < 128 * Epi::kLdc && n < kBN, "staged at (%d, %d)", m, n);
+      if (m >= 0 && m < 128 && n >= 0 && n < kBN) ++out[m * kBN + n];
     }
   }
   for (int h : out) CHECK(h == 1, "an output element computed %d times", h);
@@ -166,11 +174,17 @@ void CheckEpilogue() {
 
 int main() {
   std::mt19937 rng(0);
-  CheckSharedMemory();
-  CheckGather(rng);
-  CheckEpilogue();
-  std::printf("%d producer + %d consumer threads, %zu shared bytes\n", kSm90LoadThreads,
-              kSm90MmaThreads, sizeof(Sm90Smem));
+  CheckSharedMemory<64>();
+  CheckSharedMemory<128>();
+  CheckGather<64>(rng);
+  CheckGather<128>(rng);
+  CheckEpilogue<64>();
+  CheckEpilogue<128>();
+  CHECK(Sm90ChunkFor(12) == 64 && Sm90ChunkFor(64) == 64 && Sm90ChunkFor(65) == 128 && Sm90ChunkFor(256) == 128,
+        "chunk choice");
+  std::printf("BN 64: %d + %d threads, %zu shared bytes; BN 128: %d + %d threads, %zu shared bytes\n",
+              kSm90LoadThreads<64>, kSm90MmaThreads<64>, sizeof(Sm90Smem<64>), kSm90LoadThreads<128>,
+              kSm90MmaThreads<128>, sizeof(Sm90Smem<128>));
   if (failures) {
     std::printf("%d checks failed\n", failures);
     return 1;

@@ -105,7 +105,8 @@ def test_hopper_kernel_is_built_with_warpgroup_mma(tmp_path):
                     "-arch=compute_90a", *includes, "-ptx", str(ROOT / "cuda" / "tw_cuda_sm90.cu"),
                     "-o", str(ptx)], check=True, capture_output=True, timeout=300)
     text = ptx.read_text()
-    assert text.count("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16") >= 2, "no wgmma"
+    for shape in ("m64n128k16", "m64n64k16"):  # column chunks of 128 and 64
+        assert text.count(f"wgmma.mma_async.sync.aligned.{shape}.f32.bf16.bf16") >= 2, f"no {shape} wgmma"
     assert "cp.async" in text and "TileGemmSm90Kernel" in text
 
 
@@ -155,9 +156,9 @@ def test_module_carries_sm80_sm90_and_hopper_tile_kernels():
             assert min(sizes) > 16384, f"sm_{sm} {config} tile GEMM is only {min(sizes)} bytes: a stub?"
         # One kernel per layer: no fill, tile-order or column-marking kernels any more.
         assert all("TileGemmKernel" in name for name in text if "jax_tw" in name), (sm, sorted(text))
-    # The Hopper kernel: sm_90a machine code only, for bf16 and f32 outputs.
+    # The Hopper kernel: sm_90a machine code only, column chunks of 64 and 128, bf16 and f32 out.
     hopper = [(s, size) for s, t in texts for name, size in t.items() if "TileGemmSm90Kernel" in name]
-    assert len(hopper) == 2 and all(s == 90 and size > 16384 for s, size in hopper), hopper
+    assert len(hopper) == 4 and all(s == 90 and size > 16384 for s, size in hopper), hopper
 
 
 class PackedModel(nn.Module):
@@ -209,6 +210,24 @@ def test_jitted_model_lowers_to_the_cuda_custom_call(dtype, monkeypatch):
         out = "bf16" if dtype else "f32"
         assert re.search(rf"-> tensor<40x\d+x{out}>", call), call
         assert "exact_f32 = 0" in call, call  # f32: TF32 tensor cores, as jnp.dot by default
+
+
+@needs_cuda_module
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_packed_layer_fuses_bias_and_dtype_into_the_cuda_call(dtype, monkeypatch):
+    """TWDense's packed path hands its bias to tw_matmul, and the CUDA kernel adds it and writes
+    the layer's dtype itself: lowered for a GPU, nothing adds or converts after the call."""
+    monkeypatch.setenv("JAX_TW_BACKEND", "cuda")
+    layer = TWDense(40, tile_size=16, dtype=dtype, param_dtype=dtype)
+    x = jax.random.normal(jax.random.key(0), (16, 24), dtype)
+    variables = layer.init(jax.random.key(1), x)
+    variables["params"]["bias"] = jax.random.normal(jax.random.key(2), (40,), dtype)
+    packed = packing.pack_variables(variables)
+    text = jax.jit(layer.apply).trace(packed, x).lower(lowering_platforms=("cuda",)).as_text()
+    calls = text.split(f"custom_call @{_ffi.CUDA_TARGET}")
+    assert len(calls) == 2, text
+    after = calls[1].split("return")[0]  # the rest of the function that makes the call
+    assert "stablehlo.add" not in after and "stablehlo.convert" not in after, after
 
 
 @needs_cuda_module
