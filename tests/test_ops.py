@@ -387,7 +387,8 @@ def test_backend_is_chosen_by_the_lowering_platform():
     """Automatic choice per platform at lowering, not from jax.default_backend(): lowered for
     CUDA the call is the CUDA kernel (or the reference path where it was not built), for CPU
     the host kernel; lowered for both, both are in the module."""
-    _, _, p = _layer(16, 24, 8, 0.5)
+    _, _, p = _layer(16, 24, 8, 0.75)  # sparse enough for the tiles on both (FALLBACK_RULES)
+    assert p.dense_on == ()
     x = np.ones((2, 16), np.float32)
     lower = lambda *platforms: jax.jit(lambda x: ops.tw_matmul(x, p)).trace(x).lower(
         lowering_platforms=platforms).as_text()
@@ -396,9 +397,12 @@ def test_backend_is_chosen_by_the_lowering_platform():
     assert (_ffi.CUDA_TARGET in cuda) == _ffi.cuda_available() and _ffi.CPU_TARGET not in cuda
     assert (_ffi.CPU_TARGET in both) == _ffi.cpu_available()
     assert (_ffi.CUDA_TARGET in both) == _ffi.cuda_available()
-    dense = dataclasses.replace(p, dense=packing.unpack(p))  # the fallback: no custom call at all
-    hlo = jax.jit(lambda x: ops.tw_matmul(x, dense)).trace(x).lower(lowering_platforms=("cpu", "cuda")).as_text()
-    assert _ffi.CPU_TARGET not in hlo and _ffi.CUDA_TARGET not in hlo
+    # The dense fallback on every platform (as tiles packed before the rules were per platform,
+    # dense_on=None, and pack(keep_dense=True) have it): no custom call at all.
+    for dense_on in (None, ("cpu", "cuda")):
+        dense = dataclasses.replace(p, dense=packing.unpack(p), dense_on=dense_on)
+        hlo = jax.jit(lambda x: ops.tw_matmul(x, dense)).trace(x).lower(lowering_platforms=("cpu", "cuda")).as_text()
+        assert _ffi.CPU_TARGET not in hlo and _ffi.CUDA_TARGET not in hlo
 
 
 def test_training_through_the_dense_fallback_is_refused():
