@@ -202,24 +202,6 @@ std::atomic<bool> poison_output{[] {
   return v != nullptr && v[0] == '1';
 }()};
 
-// The dynamic shared memory limit of a kernel, raised once per device (not on every call).
-template <class Cfg, class TOut>
-cudaError_t AllowSharedMemory(const void* kernel, int bytes) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> done[kMaxDevices];  // 0: not yet, 1: raised, else the error + 2
-  int device = 0;
-  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  if (device < 0 || device >= kMaxDevices)
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  int state = done[device].load(std::memory_order_acquire);
-  if (state == 0) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    state = e == cudaSuccess ? 1 : static_cast<int>(e) + 2;
-    done[device].store(state, std::memory_order_release);
-  }
-  return state == 1 ? cudaSuccess : static_cast<cudaError_t>(state - 2);
-}
-
 // Whether bf16 calls run the Hopper kernel: on devices of compute capability 9.0 (read once per
 // device), unless JAX_TW_CUDA_KERNEL=sm80 was set when the module loaded (to compare the two).
 bool UseSm90() {
@@ -244,9 +226,6 @@ bool UseSm90() {
 
 template <class TOut>
 ffi::Error LaunchSm90Kernel(cudaStream_t stream, Params p) {
-  if (poison_output.load(std::memory_order_relaxed) &&
-      cudaMemsetAsync(p.y, 0xff, p.m_rows * p.n * sizeof(TOut), stream) != cudaSuccess)
-    return CudaError("cudaMemsetAsync (poison)");
   if (const cudaError_t e = LaunchSm90<TOut>(stream, p); e != cudaSuccess)
     return ffi::Error::Internal(std::string("tw_matmul (CUDA): sm90 tile GEMM: ") + cudaGetErrorString(e));
   return ffi::Error::Success();
@@ -263,9 +242,6 @@ ffi::Error LaunchBf16(cudaStream_t stream, Params p) {
 
 template <class Cfg, class TOut>
 ffi::Error Launch(cudaStream_t stream, Params p) {
-  if (poison_output.load(std::memory_order_relaxed) &&
-      cudaMemsetAsync(p.y, 0xff, p.m_rows * p.n * sizeof(TOut), stream) != cudaSuccess)
-    return CudaError("cudaMemsetAsync (poison)");
   p.m_blocks = (p.m_rows + Cfg::BM::value - 1) / Cfg::BM::value;
   p.n_chunks = (p.g + Cfg::BN::value - 1) / Cfg::BN::value;
   const int64_t blocks = p.m_blocks * p.n_chunks * p.t;
@@ -336,6 +312,9 @@ ffi::Error TwMatmulCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<f
     p.values = values.untyped_data();
     p.bias = bias.typed_data();
     p.y = y->untyped_data();
+    if (poison_output.load(std::memory_order_relaxed) &&
+        cudaMemsetAsync(p.y, 0xff, y->size_bytes(), stream) != cudaSuccess)
+      return CudaError("cudaMemsetAsync (poison)");
     if (!bf16) return exact_f32 ? Launch<F32Config, float>(stream, p) : Launch<Tf32Config, float>(stream, p);
     if (yt == ffi::DataType::F32) return LaunchBf16<float>(stream, p);
     return LaunchBf16<cute::bfloat16_t>(stream, p);

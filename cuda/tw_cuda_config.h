@@ -3,6 +3,10 @@
 // check on the host the index assumptions the kernel makes about them.
 #pragma once
 
+#include <cuda_runtime.h>
+
+#include <atomic>
+
 #include <cute/tensor.hpp>
 
 #include "packed_tiles.h"
@@ -168,6 +172,25 @@ __device__ __forceinline__ void StoreSpan(const Params& p, const CtaWork& work, 
     const int64_t col = p.pruned[work.pruned_begin + j];
     if (col >= 0 && col < p.n) y[(m0 + i) * p.n + col] = static_cast<TOut>(p.bias[col]);
   });
+}
+
+// A kernel's dynamic shared-memory limit, raised once per device rather than on every call.
+// Key names the kernel (its template arguments): the flags are per instantiation.
+template <class... Key>
+cudaError_t AllowSharedMemory(const void* kernel, int bytes) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> done[kMaxDevices];  // 0: not yet, 1: raised, else the error + 2
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  if (device < 0 || device >= kMaxDevices)
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  int state = done[device].load(std::memory_order_acquire);
+  if (state == 0) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    state = e == cudaSuccess ? 1 : static_cast<int>(e) + 2;
+    done[device].store(state, std::memory_order_release);
+  }
+  return state == 1 ? cudaSuccess : static_cast<cudaError_t>(state - 2);
 }
 
 template <class Cfg>

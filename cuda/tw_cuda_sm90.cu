@@ -23,7 +23,6 @@
 // capability 9.0.
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 
 #include "cutlass/arch/barrier.h"
@@ -102,26 +101,6 @@ __global__ void __launch_bounds__(kSm90LoadThreads<kBN> + kSm90MmaThreads<kBN>, 
 #endif
 }
 
-// A kernel's dynamic shared-memory limit, raised once per device (and kernel: the statics are
-// per instantiation).
-template <int kBN, class TOut>
-cudaError_t AllowSharedMemorySm90(const void* kernel) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> done[kMaxDevices];  // 0: not yet, 1: raised, else the error + 2
-  int device = 0;
-  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  const int bytes = sizeof(Sm90Smem<kBN>);
-  if (device < 0 || device >= kMaxDevices)
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  int state = done[device].load(std::memory_order_acquire);
-  if (state == 0) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    state = e == cudaSuccess ? 1 : static_cast<int>(e) + 2;
-    done[device].store(state, std::memory_order_release);
-  }
-  return state == 1 ? cudaSuccess : static_cast<cudaError_t>(state - 2);
-}
-
 }  // namespace
 
 template <int kBN, class TOut>
@@ -131,8 +110,9 @@ cudaError_t LaunchSm90With(cudaStream_t stream, Params p) {
   const int64_t blocks = p.m_blocks * p.n_chunks * p.t;
   if (blocks <= 0 || blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   auto kernel = TileGemmSm90Kernel<kBN, TOut>;
-  if (cudaError_t e = AllowSharedMemorySm90<kBN, TOut>(reinterpret_cast<const void*>(kernel)); e != cudaSuccess)
-    return e;
+  const cudaError_t e = AllowSharedMemory<Sm90Tile<kBN>, TOut>(reinterpret_cast<const void*>(kernel),
+                                                                 sizeof(Sm90Smem<kBN>));
+  if (e != cudaSuccess) return e;
   kernel<<<static_cast<unsigned>(blocks), kSm90LoadThreads<kBN> + kSm90MmaThreads<kBN>,
            sizeof(Sm90Smem<kBN>), stream>>>(p);
   return cudaGetLastError();

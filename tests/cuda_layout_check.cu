@@ -23,22 +23,11 @@
 #include <random>
 #include <vector>
 
+#include "host_check.h"
 #include "tw_cuda_config.h"
 
 using namespace cute;
 using namespace jax_tw::cuda;
-
-static int failures = 0;
-#define CHECK(cond, ...)                    \
-  do {                                      \
-    if (!(cond)) {                          \
-      if (failures++ < 10) {                \
-        std::printf("FAILED %s: ", #cond);  \
-        std::printf(__VA_ARGS__);           \
-        std::printf("\n");                  \
-      }                                     \
-    }                                       \
-  } while (0)
 
 template <class Cfg>
 void Check(const char* name) {

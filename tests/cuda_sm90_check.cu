@@ -20,23 +20,12 @@
 #include <random>
 #include <vector>
 
+#include "host_check.h"
 #include "tw_cuda_sm90_config.h"
 
 using namespace cute;
 using namespace jax_tw::cuda;
 using T = cutlass::bfloat16_t;
-
-static int failures = 0;
-#define CHECK(cond, ...)                    \
-  do {                                      \
-    if (!(cond)) {                          \
-      if (failures++ < 10) {                \
-        std::printf("FAILED %s: ", #cond);  \
-        std::printf(__VA_ARGS__);           \
-        std::printf("\n");                  \
-      }                                     \
-    }                                       \
-  } while (0)
 
 template <int kBN>
 void CheckGather(std::mt19937& rng) {
