@@ -202,31 +202,19 @@ std::atomic<bool> poison_output{[] {
   return v != nullptr && v[0] == '1';
 }()};
 
-// Whether bf16 calls run the Hopper kernel: on devices of compute capability 9.0 (read once per
-// device), unless JAX_TW_CUDA_KERNEL=sm80 was set when the module loaded (to compare the two).
-bool UseSm90() {
+// Whether bf16 calls run the Hopper kernel: on devices of compute capability 9.0, unless
+// JAX_TW_CUDA_KERNEL=sm80 was set when the module loaded (to compare the two).
+bool UseSm90(const DeviceInfo& device) {
   static const bool allowed = [] {
     const char* v = std::getenv("JAX_TW_CUDA_KERNEL");
     return v == nullptr || std::string(v) != "sm80";
   }();
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> sm90[kMaxDevices];  // 0: not read yet, 1: no, 2: yes
-  int device = 0;
-  if (!allowed || cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return false;
-  int state = sm90[device].load(std::memory_order_acquire);
-  if (state == 0) {
-    int major = 0, minor = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-    state = major == 9 && minor == 0 ? 2 : 1;
-    sm90[device].store(state, std::memory_order_release);
-  }
-  return state == 2;
+  return allowed && device.major == 9 && device.minor == 0;
 }
 
 template <class TOut>
-ffi::Error LaunchSm90Kernel(cudaStream_t stream, Params p) {
-  if (const cudaError_t e = LaunchSm90<TOut>(stream, p); e != cudaSuccess)
+ffi::Error LaunchSm90Kernel(cudaStream_t stream, Params p, int sms) {
+  if (const cudaError_t e = LaunchSm90<TOut>(stream, p, sms); e != cudaSuccess)
     return ffi::Error::Internal(std::string("tw_matmul (CUDA): sm90 tile GEMM: ") + cudaGetErrorString(e));
   return ffi::Error::Success();
 }
@@ -237,7 +225,11 @@ ffi::Error Launch(cudaStream_t stream, Params p);
 // bf16: the Hopper kernel on compute capability 9.0, else the sm80 one.
 template <class TOut>
 ffi::Error LaunchBf16(cudaStream_t stream, Params p) {
-  return UseSm90() ? LaunchSm90Kernel<TOut>(stream, p) : Launch<Bf16Config, TOut>(stream, p);
+  const DeviceInfo device = CurrentDeviceInfo();
+  if (device.error != cudaSuccess)
+    return ffi::Error::Internal(std::string("tw_matmul (CUDA): reading the device's attributes: ") +
+                                cudaGetErrorString(device.error));
+  return UseSm90(device) ? LaunchSm90Kernel<TOut>(stream, p, device.sms) : Launch<Bf16Config, TOut>(stream, p);
 }
 
 template <class Cfg, class TOut>

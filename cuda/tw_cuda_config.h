@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <mutex>
 
 #include <cute/tensor.hpp>
 
@@ -191,6 +192,37 @@ cudaError_t AllowSharedMemory(const void* kernel, int bytes) {
     done[device].store(state, std::memory_order_release);
   }
   return state == 1 ? cudaSuccess : static_cast<cudaError_t>(state - 2);
+}
+
+// What the launchers need to know of the current device, read once per device.
+struct DeviceInfo {
+  int major = 0, minor = 0;  // compute capability
+  int sms = 0;               // multiprocessors
+  cudaError_t error = cudaSuccess;
+};
+
+inline DeviceInfo ReadDeviceInfo(int device) {
+  DeviceInfo d;
+  if ((d.error = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess ||
+      (d.error = cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, device)) != cudaSuccess)
+    return d;
+  d.error = cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
+  return d;
+}
+
+inline DeviceInfo CurrentDeviceInfo() {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  static DeviceInfo info[kMaxDevices];
+  int device = 0;
+  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) {
+    DeviceInfo d;
+    d.error = e;
+    return d;
+  }
+  if (device < 0 || device >= kMaxDevices) return ReadDeviceInfo(device);
+  std::call_once(once[device], [device] { info[device] = ReadDeviceInfo(device); });
+  return info[device];
 }
 
 template <class Cfg>

@@ -30,21 +30,21 @@ struct ClampedGather {
 };
 
 // The mainloop: CUTLASS's builder for a bf16 column-major A (M-major, gathered) and row-major
-// B (N-major), 128 x kBN x 64 CTA tiles, no cluster, as many stages as fit next to nothing
-// else (the epilogue reuses the stages' bytes).
+// B (N-major), 128 x kBN x 64 CTA tiles, no cluster, as many stages as fit beside the
+// epilogue's staging (its own bytes: the producers load the next unit's stages while the
+// consumers store this one's).
 template <int kBN>
 using Sm90Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::bfloat16_t,
     cutlass::layout::ColumnMajor, 8, cutlass::bfloat16_t, cutlass::layout::RowMajor, 8, float,
-    Sm90TileShape<kBN>, Shape<_1, _1, _1>, cutlass::gemm::collective::StageCountAuto,
+    Sm90TileShape<kBN>, Shape<_1, _1, _1>,
+    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(EpilogueStorage<Sm90Staged<kBN>>))>,
     cutlass::gemm::KernelCpAsyncWarpSpecialized>::CollectiveOp;
 
 template <int kBN>
 struct Sm90Smem {
-  union {
-    typename Sm90Mainloop<kBN>::TensorStorage mainloop;
-    EpilogueStorage<Sm90Tile<kBN>> epi;
-  } tensors;
+  typename Sm90Mainloop<kBN>::TensorStorage mainloop;
+  EpilogueStorage<Sm90Staged<kBN>> epi;
   alignas(16) typename Sm90Mainloop<kBN>::PipelineStorage pipeline;
 };
 
@@ -76,6 +76,37 @@ CUTE_HOST_DEVICE auto Sm90Operands(const Params& p, const CtaWork& work, int64_t
   Tensor gB = local_tile(mB, Tile{}, make_coord(_, _, _), Step<X, _1, _1>{})(_, _, 0, _, 0);
   const int64_t k_tiles = (depth + BK - 1) / BK;
   return make_tuple(gA, gB, make_tuple(p.m_rows - mb * BM, chunk_cols, depth - BK * k_tiles));
+}
+
+// One unit of the kernel's work: M block mb of column chunk `chunk` of a tile (unit u is M
+// block u % m_blocks of (tile, chunk) unit u / m_blocks of the schedule: M blocks vary fastest,
+// so the CTAs in flight share a tile's weights), and the 64-row k-blocks its mainloop runs.
+struct Sm90Unit {
+  CtaWork work;
+  int64_t chunk, mb;
+  int k_tiles;
+};
+
+template <int kBN>
+CUTE_HOST_DEVICE Sm90Unit Sm90UnitOf(const Params& p, int64_t unit) {
+  constexpr int64_t BK = size<2>(Sm90TileShape<kBN>{});
+  Sm90Unit u;
+  u.mb = unit % p.m_blocks;
+  const int64_t tile_unit = unit / p.m_blocks;
+  u.work = WorkOf(p, tile_unit, p.n_chunks, kBN);
+  u.chunk = tile_unit % p.n_chunks;
+  u.k_tiles = static_cast<int>((u.work.end - u.work.begin + BK - 1) / BK);
+  return u;
+}
+
+// The persistent grid's walk: CTA `cta` of `ctas` takes units cta, cta + ctas, ... of the
+// m_blocks x n_chunks x t (the schedule's order, deepest tiles first, dealt round-robin).
+// Producers and consumers walk the same units, so they agree on every unit's k-blocks and
+// their pipeline states stay in step across units.
+template <int kBN, class F>
+CUTE_HOST_DEVICE void ForEachSm90Unit(const Params& p, int64_t cta, int64_t ctas, F&& f) {
+  const int64_t units = p.m_blocks * p.n_chunks * p.t;
+  for (int64_t u = cta; u < units; u += ctas) f(Sm90UnitOf<kBN>(p, u));
 }
 
 }  // namespace cuda

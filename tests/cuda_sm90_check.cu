@@ -2,8 +2,9 @@
 // about its CUTLASS configuration (cuda/tw_cuda_sm90_config.h). Built with nvcc and run on the
 // CPU by tests/test_cuda.py; exit code 0 and "sm90 ok" when every check holds.
 //
-// 1. Shared memory: the CTA's storage fits the opt-in limit of an H100/H200 (232,448 bytes),
-//    and the epilogue's staging lives inside the union with the stages.
+// 1. Shared memory: the CTA's storage (the stages, the epilogue's staging beside them, the
+//    pipeline's barriers) fits the opt-in limit of an H100/H200 (232,448 bytes), with at least
+//    4 stages.
 // 2. The K gather (Sm90Operands, shared with the kernel): for tiles of depth 1 to 256 (below,
 //    at and above the 64-row k-block), column chunks of 64 and 128 (G <= 64 and above), M not a
 //    multiple of 128, every M block, and kept K
@@ -13,8 +14,13 @@
 //    tile is read exactly once; corrupt indices read row k, the zero feature.
 // 3. Shared-memory destinations: each copy lands on 8 contiguous, 16-byte aligned elements
 //    at the coordinates it was read for, and a stage is written exactly once.
-// 4. Epilogue: the consumer warpgroup's accumulator coordinates cover the 128 x 128 block
-//    exactly once and index inside the staging buffer.
+// 4. Epilogue: staged 64 rows at a time, the consumer warpgroup's accumulators cover the
+//    128 x BN block exactly once and index inside the staging buffer.
+// 5. The persistent walk (ForEachSm90Unit, Sm90UnitOf, shared with the kernel): on random
+//    layers (BN 64 and 128 against G 12 to 300, empty tiles, M not a multiple of 128) and grids
+//    of 1 CTA to more CTAs than units, each CTA takes its units in the schedule's order, every
+//    unit is taken by exactly one CTA, each unit's k-blocks cover its tile's depth, and every
+//    (row, output column) of y is written exactly once.
 #include <algorithm>
 #include <cstdio>
 #include <random>
@@ -117,8 +123,7 @@ template <int kBN>
 void CheckSharedMemory() {
   using Mainloop = Sm90Mainloop<kBN>;
   CHECK(sizeof(Sm90Smem<kBN>) <= 232448, "%zu shared bytes", sizeof(Sm90Smem<kBN>));
-  CHECK(sizeof(EpilogueStorage<Sm90Tile<kBN>>) <= sizeof(typename Mainloop::TensorStorage),
-        "the epilogue (%zu bytes) does not fit the stages", sizeof(EpilogueStorage<Sm90Tile<kBN>>));
+  CHECK(Mainloop::DispatchPolicy::Stages >= 4, "%d stages", Mainloop::DispatchPolicy::Stages);
   typename Mainloop::SmemLayoutA layout;
   std::vector<T> buffer(cosize(layout));
   T* base = buffer.data();
@@ -145,24 +150,105 @@ void CheckSharedMemory() {
 template <int kBN>
 void CheckEpilogue() {
   typename Sm90Mainloop<kBN>::TiledMma mma;
-  using Epi = EpilogueStorage<Sm90Tile<kBN>>;
+  using Epi = EpilogueStorage<Sm90Staged<kBN>>;
   CHECK(kSm90MmaThreads<kBN> == 128, "%d consumer threads", kSm90MmaThreads<kBN>);
   std::vector<int> out(128 * kBN, 0);
   for (int t = 0; t < kSm90MmaThreads<kBN>; ++t) {
     Tensor c = mma.get_slice(t).partition_C(make_identity_tensor(Shape<_128, Int<kBN>>{}));
     Tensor acc = partition_fragment_C(mma, Shape<_128, Int<kBN>>{});
     CHECK(size(acc) == size(c), "accumulators and coordinates differ in size");
-    for (int i = 0; i < size(c); ++i) {
-      const int m = get<0>(c(i)), n = get<1>(c(i));
-      CHECK(m * Epi::kLdc + n < 128 * Epi::kLdc && n < kBN, "staged at (%d, %d)", m, n);
-      if (m >= 0 && m < 128 && n >= 0 && n < kBN) ++out[m * kBN + n];
+    CHECK(size<1>(acc) * Epi::kRows == 128, "%d m64 atoms", int(size<1>(acc)));
+    for (int half = 0; half < size<1>(acc); ++half) {  // as the kernel stages them
+      Tensor c_h = c(_, half, _);
+      for (int i = 0; i < size(c_h); ++i) {
+        const int m = get<0>(c_h(i)), n = get<1>(c_h(i)), row = m - half * Epi::kRows;
+        CHECK(row >= 0 && row < Epi::kRows && n >= 0 && n < kBN, "half %d: staged at (%d, %d)", half, row, n);
+        if (m >= 0 && m < 128 && n >= 0 && n < kBN) ++out[m * kBN + n];
+      }
     }
   }
-  for (int h : out) CHECK(h == 1, "an output element computed %d times", h);
+  for (int h : out) CHECK(h == 1, "an output element staged %d times", h);
+}
+
+// 5. One random layer of n columns, c kept, tile size g, M = m_rows.
+template <int kBN>
+void CheckPersistentWalk(std::mt19937& rng, int n, int c, int g, int m_rows) {
+  std::vector<int32_t> all(n);
+  for (int j = 0; j < n; ++j) all[j] = j;
+  std::shuffle(all.begin(), all.end(), rng);
+  std::vector<int32_t> columns(all.begin(), all.begin() + c);
+  std::sort(columns.begin(), columns.end());
+  const int t = (c + g - 1) / g;
+  std::vector<int32_t> offsets(t + 1, 0), order(t);
+  for (int i = 0; i < t; ++i) offsets[i + 1] = offsets[i] + (i % 4 == 2 ? 0 : int(rng() % 200));
+  for (int i = 0; i < t; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+    return offsets[a + 1] - offsets[a] > offsets[b + 1] - offsets[b];
+  });
+  // Pruned columns: each in the span of the first tile whose last kept column lies after it.
+  std::vector<char> kept(n, 0);
+  for (int32_t col : columns) kept[col] = 1;
+  std::vector<std::vector<int32_t>> spans(t);
+  for (int j = 0; j < n; ++j)
+    if (!kept[j]) {
+      int owner = t - 1;
+      for (int i = 0; i < t; ++i)
+        if (columns[std::min((i + 1) * g, c) - 1] > j) { owner = i; break; }
+      spans[owner].push_back(j);
+    }
+  std::vector<int32_t> pruned, pruned_offsets(1, 0);
+  for (auto& span : spans) {
+    pruned.insert(pruned.end(), span.begin(), span.end());
+    pruned_offsets.push_back(static_cast<int32_t>(pruned.size()));
+  }
+  Params p{};
+  p.k = 1 << 20; p.n = n; p.g = g; p.c = c; p.t = t; p.r = offsets[t]; p.np = pruned.size();
+  p.columns = columns.data(); p.row_offsets = offsets.data(); p.tile_order = order.data();
+  p.pruned = pruned.data(); p.pruned_offsets = pruned_offsets.data();
+  p.m_rows = m_rows;
+  p.m_blocks = (m_rows + 127) / 128;  // as LaunchSm90With sets them
+  p.n_chunks = (g + kBN - 1) / kBN;
+  const int64_t units = p.m_blocks * p.n_chunks * t;
+  for (int64_t ctas : {int64_t(1), int64_t(7), int64_t(132), units, units + 5}) {
+    std::vector<int> taken(units, 0);
+    std::vector<int> written(int64_t(m_rows) * n, 0);
+    for (int64_t cta = 0; cta < std::min(ctas, units); ++cta) {
+      int64_t last = -1;
+      ForEachSm90Unit<kBN>(p, cta, ctas, [&](const Sm90Unit& u) {
+        // Recover the unit's index from what the kernel sees, independently of Sm90UnitOf.
+        const int64_t pos = std::find(order.begin(), order.end(), int32_t(u.work.tile)) - order.begin();
+        const int64_t unit = (pos * p.n_chunks + u.chunk) * p.m_blocks + u.mb;
+        CHECK(unit > last && unit % ctas == cta, "ctas %lld: CTA %lld took unit %lld after %lld", (long long)ctas,
+              (long long)cta, (long long)unit, (long long)last);
+        last = unit;
+        if (unit < 0 || unit >= units) return;
+        ++taken[unit];
+        const int depth = offsets[u.work.tile + 1] - offsets[u.work.tile];
+        CHECK(u.k_tiles * 64 >= depth && u.k_tiles * 64 < depth + 64, "depth %d in %d k-blocks", depth, u.k_tiles);
+        const int64_t rows = std::min<int64_t>(128, m_rows - u.mb * 128);
+        for (int64_t i = 0; i < rows; ++i) {
+          for (int64_t j = 0; j < u.work.width; ++j) ++written[(u.mb * 128 + i) * n + columns[u.work.col0 + j]];
+          for (int64_t q = u.work.pruned_begin; q < u.work.pruned_end; ++q) ++written[(u.mb * 128 + i) * n + pruned[q]];
+        }
+      });
+    }
+    for (int64_t u = 0; u < units; ++u) CHECK(taken[u] == 1, "ctas %lld: unit %lld taken %d times", (long long)ctas, (long long)u, taken[u]);
+    for (size_t e = 0; e < written.size(); ++e)
+      CHECK(written[e] == 1, "n %d c %d g %d M %d bn %d ctas %lld: y entry (%zu, %zu) written %d times", n, c, g, m_rows,
+            kBN, (long long)ctas, e / n, e % n, written[e]);
+  }
 }
 
 int main() {
   std::mt19937 rng(0);
+  for (int g : {12, 64, 100, 128, 200, 256, 300})
+    for (int trial = 0; trial < 6; ++trial) {
+      const int n = 1 + int(rng() % 600);
+      const int c = trial == 0 ? n : trial == 1 ? 1 : 1 + int(rng() % n);  // none / all but one pruned
+      const int m_rows = trial % 2 ? 8 : 8 * (1 + int(rng() % 50));
+      CheckPersistentWalk<64>(rng, n, c, g, m_rows);
+      CheckPersistentWalk<128>(rng, n, c, g, m_rows);
+    }
   CheckSharedMemory<64>();
   CheckSharedMemory<128>();
   CheckGather<64>(rng);
@@ -171,9 +257,10 @@ int main() {
   CheckEpilogue<128>();
   CHECK(Sm90ChunkFor(12) == 64 && Sm90ChunkFor(64) == 64 && Sm90ChunkFor(65) == 128 && Sm90ChunkFor(256) == 128,
         "chunk choice");
-  std::printf("BN 64: %d + %d threads, %zu shared bytes; BN 128: %d + %d threads, %zu shared bytes\n",
-              kSm90LoadThreads<64>, kSm90MmaThreads<64>, sizeof(Sm90Smem<64>), kSm90LoadThreads<128>,
-              kSm90MmaThreads<128>, sizeof(Sm90Smem<128>));
+  std::printf("BN 64: %d + %d threads, %d stages, %zu shared bytes; BN 128: %d + %d threads, %d stages, %zu shared bytes\n",
+              kSm90LoadThreads<64>, kSm90MmaThreads<64>, Sm90Mainloop<64>::DispatchPolicy::Stages, sizeof(Sm90Smem<64>),
+              kSm90LoadThreads<128>, kSm90MmaThreads<128>, Sm90Mainloop<128>::DispatchPolicy::Stages,
+              sizeof(Sm90Smem<128>));
   if (failures) {
     std::printf("%d checks failed\n", failures);
     return 1;

@@ -85,7 +85,9 @@ def test_hopper_kernel_index_assumptions_hold(tmp_path):
     gathered 16-byte copies read x at the kept (or, when corrupt, the zero) K index and the
     weights at the kept row, each element of a tile once, for depths below, at and above the
     k-block and M not a multiple of the block; they land once each in the swizzled stages; the
-    wgmma accumulators cover the block once; the shared memory fits an H100/H200."""
+    wgmma accumulators, staged 64 rows at a time, cover the block once; the shared memory fits
+    an H100/H200 with at least 4 stages; the persistent grid's walk gives every unit to one CTA,
+    in the schedule's order, and writes every entry of y once."""
     nvcc, includes = _nvcc_and_cutlass()
     exe = tmp_path / "sm90_check"
     subprocess.run([nvcc, "-std=c++17", "-O1", "--expt-relaxed-constexpr", "-diag-suppress=177", *includes,
