@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kSm90LoadThreads<kBN> + kSm90MmaThreads<kBN>, 
   using Pipe = typename Mainloop::MainloopPipeline;
   constexpr int kLoadThreads = kSm90LoadThreads<kBN>, kMmaThreads = kSm90MmaThreads<kBN>;
   static_assert(kMmaThreads == 128, "one consumer warpgroup");
-  extern __shared__ __align__(128) char smem_raw[];
+  extern __shared__ __align__(1024) char smem_raw[];  // the 128-byte swizzle's atom
   Sm90Smem<kBN>& smem = *reinterpret_cast<Sm90Smem<kBN>*>(smem_raw);
   constexpr int BM = size<0>(Tile{});
 
@@ -79,10 +79,9 @@ __global__ void __launch_bounds__(kSm90LoadThreads<kBN> + kSm90MmaThreads<kBN>, 
   typename Mainloop::TiledMma mma;
   using Epi = EpilogueStorage<Sm90Staged<kBN>>;
   Epi& epi = smem.epi;
-  auto sync = [] {  // the consumers' barrier (the producers never wait on it)
-    cutlass::arch::NamedBarrier::sync(kMmaThreads,
-                                      static_cast<int>(cutlass::arch::ReservedNamedBarriers::FirstUserBarrier));
-  };
+  // The consumers' barrier (the producers never wait on it): user barrier 0, which CUTLASS
+  // places after its reserved ones (hardware barrier 8 of 16; the ID passed is user-relative).
+  auto sync = [] { cutlass::arch::NamedBarrier::sync(kMmaThreads, kSm90EpilogueBarrier); };
   typename Mainloop::PipelineState state;
   ForEachSm90Unit<kBN>(p, blockIdx.x, gridDim.x, [&](const Sm90Unit& u) {
     Tensor acc = partition_fragment_C(mma, take<0, 2>(Tile{}));

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "cutlass/arch/barrier.h"
 #include "cutlass/cutlass.h"
 #include "cutlass/gemm/collective/collective_builder.hpp"
 #include "cutlass/pipeline/pipeline.hpp"
@@ -47,6 +48,13 @@ struct Sm90Smem {
   EpilogueStorage<Sm90Staged<kBN>> epi;
   alignas(16) typename Sm90Mainloop<kBN>::PipelineStorage pipeline;
 };
+
+// The epilogue's named barrier among the consumers, as a CUTLASS user barrier ID: NamedBarrier
+// adds its reserved count (8), and the hardware has 16.
+constexpr uint32_t kSm90EpilogueBarrier = 0;
+static_assert(kSm90EpilogueBarrier + cutlass::arch::NamedBarrier::ReservedNamedBarrierCount <
+                  cutlass::arch::NamedBarrier::HardwareMaxNumNamedBarriers,
+              "no such hardware barrier");
 
 template <int kBN>
 constexpr int kSm90LoadThreads = size(typename Sm90Mainloop<kBN>::GmemTiledCopyA{});

@@ -100,7 +100,9 @@ def test_hopper_kernel_index_assumptions_hold(tmp_path):
 def test_hopper_kernel_is_built_with_warpgroup_mma(tmp_path):
     """The sm_90a kernel really holds wgmma (a kernel built for a target without it compiles
     silently to a stub): its PTX for compute_90a has the m64n128k16 bf16 warpgroup MMA, fed by
-    cp.async copies."""
+    cp.async copies. Every named barrier it waits on exists: the hardware has 16, and
+    CUTLASS's NamedBarrier adds 8 to a user ID (a reserved ID cast to int was once passed
+    as a user ID, giving barrier 16)."""
     nvcc, includes = _nvcc_and_cutlass()
     ptx = tmp_path / "sm90.ptx"
     subprocess.run([nvcc, "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-diag-suppress=177,940,2473",
@@ -110,6 +112,23 @@ def test_hopper_kernel_is_built_with_warpgroup_mma(tmp_path):
     for shape in ("m64n128k16", "m64n64k16"):  # column chunks of 128 and 64
         assert text.count(f"wgmma.mma_async.sync.aligned.{shape}.f32.bf16.bf16") >= 2, f"no {shape} wgmma"
     assert "cp.async" in text and "TileGemmSm90Kernel" in text
+    lines = text.splitlines()
+    ids = []
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*bar(?:rier)?\.sync(?:\.aligned)?\s+(%r\d+|\d+)", line)
+        if not m:
+            continue
+        operand = m.group(1)
+        if operand.startswith("%"):  # the ID is a register: the constant moved into it last
+            movs = [re.match(rf"\s*mov\.[ub]32\s+{re.escape(operand)},\s*(\d+);", lines[j])
+                    for j in range(i - 1, -1, -1)]
+            value = next((int(mv.group(1)) for mv in movs if mv), None)
+            assert value is not None, f"barrier ID {operand} at PTX line {i + 1} is not a constant"
+            ids.append(value)
+        else:
+            ids.append(int(operand))
+    assert ids and all(0 <= b < 16 for b in ids), f"named barrier IDs {sorted(set(ids))}"
+    assert 8 in ids, "the epilogue's barrier (user barrier 0, hardware 8) is missing"
 
 
 def _elf_sections(data):
