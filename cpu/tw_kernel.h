@@ -19,8 +19,9 @@
 //     q are contiguous whatever q is, so the K gather of every tile costs one index load per q,
 //     fused into the micro-kernel's loads), then per tile runs a register-blocked GEMM of the
 //     panels against the tile's weights and the span's epilogue. The residue is vectorised over
-//     the rows of the same panels: per residue column, MR rows of x at each kept K index are one
-//     vector load.
+//     rows: when the layer has one, the item's panels are also copied feature-major
+//     (xt[q][i], a whole number of vectors per q), and per residue column a block of 8 vectors
+//     of rows at each kept K index is 8 aligned loads and FMAs into 8 accumulators.
 #pragma once
 
 #include <cstdint>

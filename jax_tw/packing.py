@@ -126,16 +126,17 @@ DENSE_ABOVE = 0.75
 
 # What one residue weight costs, in kept tile weights (the unit of DENSE_ABOVE), in the fallback
 # rule: packing keeps the dense kernel when ``tile density + RESIDUE_COST * residue density >
-# DENSE_ABOVE``. The host kernel runs the residue per output column, vectorised over the rows of
-# its x panels, but each weight is still a gathered load and one multiply-add of MR rows, against
-# a GEMM's register-blocked ones. Measured (`python -m jax_tw.bench --pattern ew --sparsities
-# 0.8,0.85,0.9 --backend cpu --dtype float32 --repeats 5` and `--pattern tew --residue 0.125
-# --sparsities 0.75 --backend cpu --dtype float32 --repeats 7`, M = 2048, BERT-base shapes, 2-core AVX2 machine;
-# BUILD_NOTES.md has the tables): a layer's time over the dense dot's is about tile density /
-# 0.85 + 5.5 * residue density, so one residue weight costs 5.5 * 0.85 = 4.7 tile weights. TEW
-# layers with the paper's 1-12.5% residue then run the tiles (12.5%: 1.13-1.25x), EW layers from
-# about 84% sparsity (85%: 1.12-1.23x; 80%: 0.89-0.96x, dense).
-RESIDUE_COST = 4.7
+# DENSE_ABOVE``. The host kernel runs the residue per output column, vectorised over 8 vectors of
+# rows of x copied feature-major, but each weight is still a gathered row and one multiply-add per
+# row, against a GEMM's register-blocked ones. Measured on 2026-12-03 (`python -m jax_tw.bench
+# --pattern ew --sparsities 0.8,0.85,0.9 --backend cpu --dtype float32 --repeats 5` and
+# `--pattern tew --residue 0.05|0.125 --sparsities 0.75 --backend cpu --dtype both --repeats 7`,
+# M = 2048, BERT-base shapes, 2-core AVX2 machine; BUILD_NOTES.md has the tables): a layer's time
+# over the dense dot's is about tile density / 0.85 + 3.9 * residue density (per residue weight
+# 2.9-5.1, most rows 3-4), so one residue weight costs 3.9 * 0.85 = 3.3 tile weights. TEW layers
+# at 75% with up to about 21% residue then run the tiles (12.5%: 1.68-1.97x), EW layers from
+# about 78% sparsity (80%: 1.18-1.65x).
+RESIDUE_COST = 3.3
 
 
 @dataclasses.dataclass(frozen=True)

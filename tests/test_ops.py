@@ -250,6 +250,24 @@ def test_forward_with_residue(backend, pattern):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
+@pytest.mark.parametrize("m", [70, 1100, 2100])  # work items of 24, 72 and 132 rows
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_host_residue_covers_every_row_block(m, dtype):
+    """The host kernel's residue runs over blocks of 8 vectors of a work item's rows (64 on
+    AVX2, 128 on AVX-512), the last one partial: items of 24, 72 and 132 rows (one block, a
+    full and a partial one, two full and a partial one) against a float64 reference."""
+    rng = np.random.default_rng(13)
+    _, _, p = _layer(40, 56, 8, 0.7, dtype, pattern=patterns.TEW(residue=0.08))
+    assert np.shape(p.residue_rows)[0] > 0
+    x = rng.normal(size=(m, 40)).astype(dtype)
+    bias = rng.normal(size=56).astype(np.float32)
+    y = np.asarray(jax.jit(lambda x, p, b: ops.tw_matmul(x, p, b, backend="cpu"))(x, p, bias), np.float64)
+    want = _reference(np.asarray(x, np.float32), np.asarray(packing.unpack(p), np.float32), bias)
+    tol = 1e-5 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(y, want, rtol=tol, atol=tol)
+
+
 @pytest.fixture
 def poisoned(monkeypatch):
     """The kernels' test hook on: they fill their output with NaN before they run. The host
@@ -534,8 +552,8 @@ def test_dense_fallback_counts_the_residue_cost():
     assert p.density() == pytest.approx(0.25, abs=0.01) and p.dense is not None
     # 0.25 + (RESIDUE_COST - 1) * residue crosses DENSE_ABOVE between these two residues.
     assert 0.25 + (packing.RESIDUE_COST - 1) * 0.002 < packing.DENSE_ABOVE
-    assert 0.25 + (packing.RESIDUE_COST - 1) * 0.15 > packing.DENSE_ABOVE
-    for residue, dense in ((0.15, True), (0.002, False)):
+    assert 0.25 + (packing.RESIDUE_COST - 1) * 0.24 > packing.DENSE_ABOVE
+    for residue, dense in ((0.24, True), (0.002, False)):
         [tew] = patterns.TEW(residue=residue)([np.abs(w)], 0.75, tile_size=16, min_keep=0.0)
         p = packing.pack(w, jax.tree.map(np.asarray, tew), 16)
         assert p.density() == pytest.approx(0.25, abs=0.01)
