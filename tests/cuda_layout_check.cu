@@ -127,40 +127,14 @@ void Check(const char* name) {
 
 // 6. One random layer: n columns, c kept, tile size g; every output column written once.
 void CheckSchedule(std::mt19937& rng, int n, int c, int g, int bn) {
-  std::vector<int32_t> all(n);
-  for (int j = 0; j < n; ++j) all[j] = j;
-  std::shuffle(all.begin(), all.end(), rng);
-  std::vector<int32_t> columns(all.begin(), all.begin() + c);
-  std::sort(columns.begin(), columns.end());
-  const int t = (c + g - 1) / g;
-  std::vector<int32_t> offsets(t + 1, 0);
-  for (int i = 0; i < t; ++i) offsets[i + 1] = offsets[i] + (i % 3 == 1 ? 0 : int(rng() % 40));  // empty tiles
-  // The schedule, independently: order by depth (deepest first, ties by index); each pruned
-  // column belongs to the first tile whose last kept column lies after it, else to the last.
-  std::vector<int32_t> order(t);
-  for (int i = 0; i < t; ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-    return offsets[a + 1] - offsets[a] > offsets[b + 1] - offsets[b];
-  });
-  std::vector<char> kept(n, 0);
-  for (int32_t col : columns) kept[col] = 1;
-  std::vector<std::vector<int32_t>> spans(t);
-  for (int j = 0; j < n; ++j) {
-    if (kept[j]) continue;
-    int owner = t - 1;
-    for (int i = 0; i < t; ++i)
-      if (columns[std::min((i + 1) * g, c) - 1] > j) { owner = i; break; }
-    spans[owner].push_back(j);
-  }
-  std::vector<int32_t> pruned, pruned_offsets(1, 0);
-  for (auto& span : spans) {
-    pruned.insert(pruned.end(), span.begin(), span.end());
-    pruned_offsets.push_back(static_cast<int32_t>(pruned.size()));
-  }
+  const RandomLayer layer(rng, n, c, g, 40, 3);
+  const int t = layer.t;
+  const auto& columns = layer.columns;
+  const auto& offsets = layer.offsets;
+  const auto& order = layer.order;
+  const auto& pruned = layer.pruned;
   jax_tw::PackedTilesView p;
-  p.k = 1 << 20; p.n = n; p.g = g; p.c = c; p.t = t; p.r = offsets[t]; p.np = pruned.size();
-  p.columns = columns.data(); p.row_offsets = offsets.data(); p.tile_order = order.data();
-  p.pruned = pruned.data(); p.pruned_offsets = pruned_offsets.data();
+  layer.Fill(p);
   const int64_t n_chunks = (g + bn - 1) / bn;
   std::vector<int> written(n, 0), units_of_tile(t, 0);
   for (int64_t unit = 0; unit < t * n_chunks; ++unit) {

@@ -173,38 +173,14 @@ void CheckEpilogue() {
 // 5. One random layer of n columns, c kept, tile size g, M = m_rows.
 template <int kBN>
 void CheckPersistentWalk(std::mt19937& rng, int n, int c, int g, int m_rows) {
-  std::vector<int32_t> all(n);
-  for (int j = 0; j < n; ++j) all[j] = j;
-  std::shuffle(all.begin(), all.end(), rng);
-  std::vector<int32_t> columns(all.begin(), all.begin() + c);
-  std::sort(columns.begin(), columns.end());
-  const int t = (c + g - 1) / g;
-  std::vector<int32_t> offsets(t + 1, 0), order(t);
-  for (int i = 0; i < t; ++i) offsets[i + 1] = offsets[i] + (i % 4 == 2 ? 0 : int(rng() % 200));
-  for (int i = 0; i < t; ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-    return offsets[a + 1] - offsets[a] > offsets[b + 1] - offsets[b];
-  });
-  // Pruned columns: each in the span of the first tile whose last kept column lies after it.
-  std::vector<char> kept(n, 0);
-  for (int32_t col : columns) kept[col] = 1;
-  std::vector<std::vector<int32_t>> spans(t);
-  for (int j = 0; j < n; ++j)
-    if (!kept[j]) {
-      int owner = t - 1;
-      for (int i = 0; i < t; ++i)
-        if (columns[std::min((i + 1) * g, c) - 1] > j) { owner = i; break; }
-      spans[owner].push_back(j);
-    }
-  std::vector<int32_t> pruned, pruned_offsets(1, 0);
-  for (auto& span : spans) {
-    pruned.insert(pruned.end(), span.begin(), span.end());
-    pruned_offsets.push_back(static_cast<int32_t>(pruned.size()));
-  }
+  const RandomLayer layer(rng, n, c, g, 200, 4);
+  const int t = layer.t;
+  const auto& columns = layer.columns;
+  const auto& offsets = layer.offsets;
+  const auto& order = layer.order;
+  const auto& pruned = layer.pruned;
   Params p{};
-  p.k = 1 << 20; p.n = n; p.g = g; p.c = c; p.t = t; p.r = offsets[t]; p.np = pruned.size();
-  p.columns = columns.data(); p.row_offsets = offsets.data(); p.tile_order = order.data();
-  p.pruned = pruned.data(); p.pruned_offsets = pruned_offsets.data();
+  layer.Fill(p);
   p.m_rows = m_rows;
   p.m_blocks = (m_rows + 127) / 128;  // as LaunchSm90With sets them
   p.n_chunks = (g + kBN - 1) / kBN;
