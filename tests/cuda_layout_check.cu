@@ -128,26 +128,21 @@ void Check(const char* name) {
 // 6. One random layer: n columns, c kept, tile size g; every output column written once.
 void CheckSchedule(std::mt19937& rng, int n, int c, int g, int bn) {
   const RandomLayer layer(rng, n, c, g, 40, 3);
-  const int t = layer.t;
-  const auto& columns = layer.columns;
-  const auto& offsets = layer.offsets;
-  const auto& order = layer.order;
-  const auto& pruned = layer.pruned;
   jax_tw::PackedTilesView p;
   layer.Fill(p);
   const int64_t n_chunks = (g + bn - 1) / bn;
-  std::vector<int> written(n, 0), units_of_tile(t, 0);
-  for (int64_t unit = 0; unit < t * n_chunks; ++unit) {
+  std::vector<int> written(n, 0), units_of_tile(layer.t, 0);
+  for (int64_t unit = 0; unit < layer.t * n_chunks; ++unit) {
     const CtaWork w = WorkOf(p, unit, n_chunks, bn);
     ++units_of_tile[w.tile];
-    CHECK(w.tile == order[unit / n_chunks] && w.begin == offsets[w.tile] && w.end == offsets[w.tile + 1],
+    CHECK(w.tile == layer.order[unit / n_chunks] && w.begin == layer.offsets[w.tile] && w.end == layer.offsets[w.tile + 1],
           "n %d c %d g %d: unit %lld tile %lld rows [%lld, %lld)", n, c, g, (long long)unit,
           (long long)w.tile, (long long)w.begin, (long long)w.end);
     CHECK(w.width >= 0 && w.width <= bn, "width %lld", (long long)w.width);
-    for (int64_t j = 0; j < w.width; ++j) ++written[columns[w.col0 + j]];
-    for (int64_t q = w.pruned_begin; q < w.pruned_end; ++q) ++written[pruned[q]];
+    for (int64_t j = 0; j < w.width; ++j) ++written[layer.columns[w.col0 + j]];
+    for (int64_t q = w.pruned_begin; q < w.pruned_end; ++q) ++written[layer.pruned[q]];
   }
-  for (int i = 0; i < t; ++i) CHECK(units_of_tile[i] == n_chunks, "tile %d in %d units", i, units_of_tile[i]);
+  for (int i = 0; i < layer.t; ++i) CHECK(units_of_tile[i] == n_chunks, "tile %d in %d units", i, units_of_tile[i]);
   for (int j = 0; j < n; ++j)
     CHECK(written[j] == 1, "n %d c %d g %d bn %d: column %d written %d times", n, c, g, bn, j, written[j]);
 }

@@ -174,17 +174,12 @@ void CheckEpilogue() {
 template <int kBN>
 void CheckPersistentWalk(std::mt19937& rng, int n, int c, int g, int m_rows) {
   const RandomLayer layer(rng, n, c, g, 200, 4);
-  const int t = layer.t;
-  const auto& columns = layer.columns;
-  const auto& offsets = layer.offsets;
-  const auto& order = layer.order;
-  const auto& pruned = layer.pruned;
   Params p{};
   layer.Fill(p);
   p.m_rows = m_rows;
   p.m_blocks = (m_rows + 127) / 128;  // as LaunchSm90With sets them
   p.n_chunks = (g + kBN - 1) / kBN;
-  const int64_t units = p.m_blocks * p.n_chunks * t;
+  const int64_t units = p.m_blocks * p.n_chunks * layer.t;
   for (int64_t ctas : {int64_t(1), int64_t(7), int64_t(132), units, units + 5}) {
     std::vector<int> taken(units, 0);
     std::vector<int> written(int64_t(m_rows) * n, 0);
@@ -192,19 +187,19 @@ void CheckPersistentWalk(std::mt19937& rng, int n, int c, int g, int m_rows) {
       int64_t last = -1;
       ForEachSm90Unit<kBN>(p, cta, ctas, [&](const Sm90Unit& u) {
         // Recover the unit's index from what the kernel sees, independently of Sm90UnitOf.
-        const int64_t pos = std::find(order.begin(), order.end(), int32_t(u.work.tile)) - order.begin();
+        const int64_t pos = std::find(layer.order.begin(), layer.order.end(), int32_t(u.work.tile)) - layer.order.begin();
         const int64_t unit = (pos * p.n_chunks + u.chunk) * p.m_blocks + u.mb;
         CHECK(unit > last && unit % ctas == cta, "ctas %lld: CTA %lld took unit %lld after %lld", (long long)ctas,
               (long long)cta, (long long)unit, (long long)last);
         last = unit;
         if (unit < 0 || unit >= units) return;
         ++taken[unit];
-        const int depth = offsets[u.work.tile + 1] - offsets[u.work.tile];
+        const int depth = layer.offsets[u.work.tile + 1] - layer.offsets[u.work.tile];
         CHECK(u.k_tiles * 64 >= depth && u.k_tiles * 64 < depth + 64, "depth %d in %d k-blocks", depth, u.k_tiles);
         const int64_t rows = std::min<int64_t>(128, m_rows - u.mb * 128);
         for (int64_t i = 0; i < rows; ++i) {
-          for (int64_t j = 0; j < u.work.width; ++j) ++written[(u.mb * 128 + i) * n + columns[u.work.col0 + j]];
-          for (int64_t q = u.work.pruned_begin; q < u.work.pruned_end; ++q) ++written[(u.mb * 128 + i) * n + pruned[q]];
+          for (int64_t j = 0; j < u.work.width; ++j) ++written[(u.mb * 128 + i) * n + layer.columns[u.work.col0 + j]];
+          for (int64_t q = u.work.pruned_begin; q < u.work.pruned_end; ++q) ++written[(u.mb * 128 + i) * n + layer.pruned[q]];
         }
       });
     }
