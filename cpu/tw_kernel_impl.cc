@@ -207,12 +207,10 @@ int64_t WeightSize(const PackedTilesView& p, int64_t tile) {
   return (p.width(tile) + NR - 1) / NR * NR * p.depth(tile);
 }
 
-// x[i][q] for the rows of a work item: from its panels, or straight from x (few rows).
+// x[i][q] for the rows of a work item, as the residue reads them: feature-major copies of its
+// panels (row i at xt[q * ldxt + i], ldxt a multiple of VL, 64-byte aligned, zero past the
+// item's rows), or straight from x (few rows).
 struct PanelRows {
-  const float* panels;  // panel i / MR holds row i at [q * MR + i % MR]
-  int64_t k;
-  // The same rows feature-major, for the residue (when the layer has one): row i at
-  // xt[q * ldxt + i], ldxt a multiple of VL, 64-byte aligned, zero past the item's rows.
   const float* xt;
   int64_t ldxt;
 };
@@ -291,7 +289,8 @@ void AddColumns(const float (*sums)[kResidueBlock], const int32_t* cols, int n, 
 // prefetching the row 8 weights ahead, measured no faster.)
 inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, int64_t e0,
                     int64_t e1, int64_t lo, float* s, int64_t lds) {
-  constexpr int64_t kBlock = kResidueBlock;
+  constexpr int64_t kBlock = kResidueBlock;  // rows
+  constexpr int kGroup = 8;                   // columns added to s together (AddColumns)
   const int32_t* cols = args.p->residue_cols;
   const int32_t* kr = args.p->residue_rows;
   const float* v = static_cast<const float*>(args.residue_values);
@@ -301,8 +300,8 @@ inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, 
     for (int64_t e = e0; e < e1; ++e) vbuf[e - e0] = LoadF32(args.residue_values, e, true);
     v = vbuf.data() - e0;
   }
-  alignas(64) float sums[8][kBlock];
-  int32_t group[8];
+  alignas(64) float sums[kGroup][kBlock];
+  int32_t group[kGroup];
   for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
     const int64_t nr = std::min(kBlock, rows - r0);
     const float* xt = x.xt + r0;
@@ -321,7 +320,7 @@ inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, 
         default: ResidueColumn<1>(xt, x.ldxt, kr, v, begin, end, sum); break;
       }
       group[n++] = cols[begin];
-      if (n == 8 || end == e1) {
+      if (n == kGroup || end == e1) {
         AddColumns(sums, group, n, nr, lo, s + r0 * lds, lds);
         n = 0;
       }
@@ -391,7 +390,7 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
   const int64_t npanels = (rows + MR - 1) / MR;
   float* panels = panel_scratch.Get(npanels * p.k * MR);
   Pack(args, panels, m_begin, npanels);
-  PanelRows xs{panels, p.k, nullptr, 0};
+  PanelRows xs{nullptr, 0};
   if (p.e > 0) {  // the residue reads the rows feature-major
     thread_local AlignedBuffer xt_scratch;
     xs.ldxt = (npanels * MR + VL - 1) / VL * VL;

@@ -5,8 +5,8 @@
 
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <mutex>
+#include <tuple>
 
 #include <cute/tensor.hpp>
 
@@ -175,23 +175,26 @@ __device__ __forceinline__ void StoreSpan(const Params& p, const CtaWork& work, 
   });
 }
 
+// read(device), called once per device and Key and kept (devices past the table: every time).
+template <class Key, class T, class F>
+T OncePerDevice(int device, F&& read) {
+  constexpr int kMaxDevices = 64;
+  if (device < 0 || device >= kMaxDevices) return read(device);
+  static std::once_flag once[kMaxDevices];
+  static T value[kMaxDevices];
+  std::call_once(once[device], [&] { value[device] = read(device); });
+  return value[device];
+}
+
 // A kernel's dynamic shared-memory limit, raised once per device rather than on every call.
 // Key names the kernel (its template arguments): the flags are per instantiation.
 template <class... Key>
 cudaError_t AllowSharedMemory(const void* kernel, int bytes) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> done[kMaxDevices];  // 0: not yet, 1: raised, else the error + 2
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  if (device < 0 || device >= kMaxDevices)
+  return OncePerDevice<std::tuple<Key...>, cudaError_t>(device, [&](int) {
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  int state = done[device].load(std::memory_order_acquire);
-  if (state == 0) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    state = e == cudaSuccess ? 1 : static_cast<int>(e) + 2;
-    done[device].store(state, std::memory_order_release);
-  }
-  return state == 1 ? cudaSuccess : static_cast<cudaError_t>(state - 2);
+  });
 }
 
 // What the launchers need to know of the current device, read once per device.
@@ -211,18 +214,13 @@ inline DeviceInfo ReadDeviceInfo(int device) {
 }
 
 inline DeviceInfo CurrentDeviceInfo() {
-  constexpr int kMaxDevices = 64;
-  static std::once_flag once[kMaxDevices];
-  static DeviceInfo info[kMaxDevices];
   int device = 0;
   if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) {
     DeviceInfo d;
     d.error = e;
     return d;
   }
-  if (device < 0 || device >= kMaxDevices) return ReadDeviceInfo(device);
-  std::call_once(once[device], [device] { info[device] = ReadDeviceInfo(device); });
-  return info[device];
+  return OncePerDevice<DeviceInfo, DeviceInfo>(device, ReadDeviceInfo);
 }
 
 template <class Cfg>

@@ -114,7 +114,8 @@ __global__ void __launch_bounds__(kSm90LoadThreads<kBN> + kSm90MmaThreads<kBN>, 
 
 template <int kBN, class TOut>
 cudaError_t LaunchSm90With(cudaStream_t stream, Params p, int sms) {
-  p.m_blocks = (p.m_rows + 127) / 128;
+  constexpr int64_t BM = size<0>(Sm90TileShape<kBN>{});
+  p.m_blocks = (p.m_rows + BM - 1) / BM;
   p.n_chunks = (p.g + kBN - 1) / kBN;
   const int64_t units = p.m_blocks * p.n_chunks * p.t;
   if (units <= 0 || sms <= 0) return cudaErrorInvalidConfiguration;
