@@ -5,6 +5,8 @@
 // Blocking follows BLIS: a B micro-panel (KC x NR, contiguous, 64-byte aligned) stays in L1
 // while the A values, read straight from x's panels at the tile's kept K indices, stream from L2.
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <cstring>
 #include <vector>
 
@@ -244,7 +246,16 @@ inline void ResidueColumn(const float* __restrict xt, int64_t ldxt, const int32_
   for (int j = 0; j < NV; ++j) Store(out + j * VL, a[j]);
 }
 
-constexpr int64_t kResidueBlock = 8 * VL;  // rows of x per residue pass
+constexpr int kMaxVectors = 12;                      // vectors of rows per residue pass, at most
+constexpr int64_t kResidueBlock = kMaxVectors * VL;  // rows
+
+using ColumnFn = void (*)(const float*, int64_t, const int32_t*, const float*, int64_t, int64_t, float*);
+template <int... N>
+constexpr std::array<ColumnFn, sizeof...(N)> ColumnTable(std::integer_sequence<int, N...>) {
+  return {&ResidueColumn<N + 1>...};
+}
+// kResidueColumn[n - 1]: ResidueColumn<n>.
+constexpr auto kResidueColumn = ColumnTable(std::make_integer_sequence<int, kMaxVectors>{});
 
 // s[i][cols[c] - lo] += sums[c][i] for c < n columns and i < rows (s: lds floats per row).
 void AddColumns(const float (*sums)[kResidueBlock], const int32_t* cols, int n, int64_t rows, int64_t lo,
@@ -282,15 +293,16 @@ void AddColumns(const float (*sums)[kResidueBlock], const int32_t* cols, int n, 
 }
 
 // Adds residue weights [e0, e1) (sorted by column, then row) times rows of x to their columns
-// of the span buffer s (rows x lds, column lo first). Blocks of 8 * VL rows of the feature-major
-// rows (xt): per block, one pass over the span's weights, each weight one aligned vector load
-// and FMA per VL rows (8 independent accumulators), each column's sums then added to its column
-// of s, eight columns at a time. (Cutting K into ranges whose rows of a block fit L2, and
+// of the span buffer s (rows x lds, column lo first). The feature-major rows (xt) go in as few
+// passes of at most kMaxVectors vectors as there can be, of equal size (a pass costs about the
+// same per weight whatever its width: the first load of a row of xt at a random K index
+// dominates): per pass, one walk over the span's weights, each weight one aligned vector load
+// and FMA per VL rows into independent accumulators, each column's sums then added to its column
+// of s, eight columns at a time. (Cutting K into ranges whose rows of a pass fit L2, and
 // prefetching the row 8 weights ahead, measured no faster.)
 inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, int64_t e0,
                     int64_t e1, int64_t lo, float* s, int64_t lds) {
-  constexpr int64_t kBlock = kResidueBlock;  // rows
-  constexpr int kGroup = 8;                   // columns added to s together (AddColumns)
+  constexpr int kGroup = 8;  // columns added to s together (AddColumns)
   const int32_t* cols = args.p->residue_cols;
   const int32_t* kr = args.p->residue_rows;
   const float* v = static_cast<const float*>(args.residue_values);
@@ -300,27 +312,24 @@ inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, 
     for (int64_t e = e0; e < e1; ++e) vbuf[e - e0] = LoadF32(args.residue_values, e, true);
     v = vbuf.data() - e0;
   }
-  alignas(64) float sums[kGroup][kBlock];
+  thread_local std::vector<int64_t> starts;  // the columns' first weights, then e1
+  starts.clear();
+  for (int64_t e = e0; e < e1; ++e)
+    if (e == e0 || cols[e] != cols[e - 1]) starts.push_back(e);
+  starts.push_back(e1);
+  const int64_t ncols = static_cast<int64_t>(starts.size()) - 1;
+  const int64_t vectors = (rows + VL - 1) / VL, passes = (vectors + kMaxVectors - 1) / kMaxVectors;
+  const int64_t block = (vectors + passes - 1) / passes * VL;  // rows per pass
+  alignas(64) float sums[kGroup][kResidueBlock];
   int32_t group[kGroup];
-  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
-    const int64_t nr = std::min(kBlock, rows - r0);
-    const float* xt = x.xt + r0;
+  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+    const int64_t nr = std::min(block, rows - r0);
+    const ColumnFn column = kResidueColumn[(nr + VL - 1) / VL - 1];
     int n = 0;
-    for (int64_t begin = e0, end; begin < e1; begin = end) {
-      for (end = begin + 1; end < e1 && cols[end] == cols[begin];) ++end;
-      float* sum = sums[n];
-      switch ((nr + VL - 1) / VL) {
-        case 8: ResidueColumn<8>(xt, x.ldxt, kr, v, begin, end, sum); break;
-        case 7: ResidueColumn<7>(xt, x.ldxt, kr, v, begin, end, sum); break;
-        case 6: ResidueColumn<6>(xt, x.ldxt, kr, v, begin, end, sum); break;
-        case 5: ResidueColumn<5>(xt, x.ldxt, kr, v, begin, end, sum); break;
-        case 4: ResidueColumn<4>(xt, x.ldxt, kr, v, begin, end, sum); break;
-        case 3: ResidueColumn<3>(xt, x.ldxt, kr, v, begin, end, sum); break;
-        case 2: ResidueColumn<2>(xt, x.ldxt, kr, v, begin, end, sum); break;
-        default: ResidueColumn<1>(xt, x.ldxt, kr, v, begin, end, sum); break;
-      }
-      group[n++] = cols[begin];
-      if (n == kGroup || end == e1) {
+    for (int64_t c = 0; c < ncols; ++c) {
+      column(x.xt + r0, x.ldxt, kr, v, starts[c], starts[c + 1], sums[n]);
+      group[n++] = cols[starts[c]];
+      if (n == kGroup || c + 1 == ncols) {
         AddColumns(sums, group, n, nr, lo, s + r0 * lds, lds);
         n = 0;
       }
