@@ -20,8 +20,8 @@
 //     fused into the micro-kernel's loads), then per tile runs a register-blocked GEMM of the
 //     panels against the tile's weights and the span's epilogue. The residue is vectorised over
 //     rows: when the layer has one, the item's panels are also copied feature-major
-//     (xt[q][i], a whole number of vectors per q), and per residue column a block of 8 vectors
-//     of rows at each kept K index is 8 aligned loads and FMAs into 8 accumulators.
+//     (xt[q][i], a whole number of vectors per q), and each residue weight is one aligned load
+//     and FMA per vector of the item's rows (at most 15 vectors: such layers get shorter items).
 #pragma once
 
 #include <cstdint>
@@ -78,7 +78,8 @@ constexpr int64_t kSmallRows = 32;
 
 struct TileKernel {
   const char* isa;
-  int64_t mr;  // panel height
+  int64_t mr;            // panel height
+  int64_t residue_rows;  // most rows of x a work item of a layer with a residue may have
   // Floats of the micro-panel copy of a tile's weights, and the copy itself (64-byte aligned b).
   int64_t (*weight_size)(const PackedTilesView&, int64_t tile);
   void (*pack_weights)(const TileGemmArgs&, int64_t tile, float* b);

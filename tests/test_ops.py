@@ -251,12 +251,13 @@ def test_forward_with_residue(backend, pattern):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
-@pytest.mark.parametrize("m", [70, 1100, 2100, 3000])  # work items of 24, 72, 132 and 192 rows
+@pytest.mark.parametrize("m", [70, 1100, 2100, 3000])
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_host_residue_covers_every_row_block(m, dtype):
-    """The host kernel's residue runs over a work item's rows in passes of at most 12 vectors
-    (96 rows on AVX2), of equal size: items of 24, 72, 132 and 192 rows are one pass, one
-    pass, two passes of 72 and 60 rows (the last vector partial) and two of 96, against a
+    """The host kernel's residue covers a work item's rows in one walk of up to 15 vectors, and
+    layers with a residue get items of at most that many rows (120 on AVX2; without a residue,
+    up to 192). M = 70, 1100, 2100 and 3000 give items of 24, 72, 120 and 120 rows on AVX2, the
+    last item of each shorter, with a partial last vector (22, 20, 60 and 0 rows), against a
     float64 reference."""
     rng = np.random.default_rng(13)
     _, _, p = _layer(40, 56, 8, 0.7, dtype, pattern=patterns.TEW(residue=0.08))
