@@ -21,7 +21,7 @@
 //     panels against the tile's weights and the span's epilogue. The residue is vectorised over
 //     rows: when the layer has one, the item's panels are also copied feature-major
 //     (xt[q][i], a whole number of vectors per q), and each residue weight is one aligned load
-//     and FMA per vector of the item's rows (at most 15 vectors: such layers get shorter items).
+//     and FMA per vector of rows, in walks of up to 15 vectors of rows.
 #pragma once
 
 #include <cstdint>
@@ -73,13 +73,15 @@ inline void Span(const PackedTilesView& p, int64_t t, int64_t* lo, int64_t* hi) 
 
 // Most rows of x one work item covers: its panels should stay in L2.
 constexpr int64_t kRowsPerItem = 192;
+// The L2 cache per core the blocking assumes (this project's machines: 512 KB to 1 MB).
+constexpr int64_t kL2Bytes = 512 * 1024;
 // Up to this many rows of x, packing x and copying the weights cost more than they save.
 constexpr int64_t kSmallRows = 32;
 
 struct TileKernel {
   const char* isa;
   int64_t mr;            // panel height
-  int64_t residue_rows;  // most rows of x a work item of a layer with a residue may have
+  int64_t residue_rows;  // most rows of x one walk of the residue covers
   // Floats of the micro-panel copy of a tile's weights, and the copy itself (64-byte aligned b).
   int64_t (*weight_size)(const PackedTilesView&, int64_t tile);
   void (*pack_weights)(const TileGemmArgs&, int64_t tile, float* b);

@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
-#include <stdexcept>
 #include <utility>
 #include <vector>
 
@@ -295,17 +294,16 @@ void AddColumns(const float (*sums)[kResidueBlock], const int32_t* cols, int n, 
 }
 
 // Adds residue weights [e0, e1) (sorted by column, then row) times rows of x to their columns
-// of the span buffer s (rows x lds, column lo first), rows <= kResidueBlock (the work items are
-// cut to fit: RowsPerItem). One walk over the span's weights: per weight, one aligned vector load
-// of its row of xt and one FMA per VL rows, into independent accumulators; each column's sums
-// are then added to its column of s, eight columns at a time. A walk costs about the same per
-// weight whatever its width (the first load of a row of xt at a random K index dominates), so
-// items take one walk, not several: 120-row items measured 1-8% faster than 132-row ones in
-// two walks, and those 1-12% faster than in three of 64, 64 and 4 rows. (Cutting K into ranges
-// whose rows fit L2, and prefetching the row 8 weights ahead, measured no faster.)
+// of the span buffer s (rows x lds, column lo first). The rows go in as few walks over the
+// span's weights as there can be, of equal width, each at most kResidueBlock rows: per weight,
+// one aligned vector load of its row of xt and one FMA per VL rows, into independent
+// accumulators; each column's sums are then added to its column of s, eight columns at a time.
+// A walk costs about the same per weight whatever its width while the rows of xt come from
+// beyond L2 (the first load of a row at a random K index dominates), so items of such layers
+// are cut to one walk (RowsPerItem). (Cutting K into ranges whose rows fit L2, and prefetching
+// the row 8 weights ahead, measured no faster.)
 inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, int64_t e0,
                     int64_t e1, int64_t lo, float* s, int64_t lds) {
-  if (rows > kResidueBlock) throw std::logic_error("residue: a work item has more rows than one walk covers");
   constexpr int kGroup = 8;  // columns added to s together (AddColumns)
   const int32_t* cols = args.p->residue_cols;
   const int32_t* kr = args.p->residue_rows;
@@ -316,17 +314,22 @@ inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, 
     for (int64_t e = e0; e < e1; ++e) vbuf[e - e0] = LoadF32(args.residue_values, e, true);
     v = vbuf.data() - e0;
   }
-  const ColumnFn column = kResidueColumn[(rows + VL - 1) / VL - 1];
+  const int64_t vectors = (rows + VL - 1) / VL, walks = (vectors + kMaxVectors - 1) / kMaxVectors;
+  const int64_t width = (vectors + walks - 1) / walks * VL;  // rows per walk
   alignas(64) float sums[kGroup][kResidueBlock];
   int32_t group[kGroup];
-  int n = 0;
-  for (int64_t begin = e0, end; begin < e1; begin = end) {
-    for (end = begin + 1; end < e1 && cols[end] == cols[begin];) ++end;
-    column(x.xt, x.ldxt, kr, v, begin, end, sums[n]);
-    group[n++] = cols[begin];
-    if (n == kGroup || end == e1) {
-      AddColumns(sums, group, n, rows, lo, s, lds);
-      n = 0;
+  for (int64_t r0 = 0; r0 < rows; r0 += width) {
+    const int64_t nr = std::min(width, rows - r0);
+    const ColumnFn column = kResidueColumn[(nr + VL - 1) / VL - 1];
+    int n = 0;
+    for (int64_t begin = e0, end; begin < e1; begin = end) {
+      for (end = begin + 1; end < e1 && cols[end] == cols[begin];) ++end;
+      column(x.xt + r0, x.ldxt, kr, v, begin, end, sums[n]);
+      group[n++] = cols[begin];
+      if (n == kGroup || end == e1) {
+        AddColumns(sums, group, n, nr, lo, s + r0 * lds, lds);
+        n = 0;
+      }
     }
   }
 }
