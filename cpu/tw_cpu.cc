@@ -81,16 +81,17 @@ std::string ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
 
 // Rows of x per work item: enough items for every thread to take several (the last ones to
 // finish are then short), each a whole number of panels and at most kRowsPerItem rows. When the
-// layer has a residue and the item's rows of x would not fit L2 (K x rows x 4 bytes), at most the
-// rows one walk of the residue covers: at M = 2048 and K = 768 or 3072, 120-row items in one walk
-// measured 1-8% faster than 132-row ones in two walks, but at K = 384 and M = 4096 120-row items
-// measured 7% slower than 192-row ones, whose rows of x fit L2.
-int64_t RowsPerItem(int64_t m, int64_t k, int64_t threads, bool residue) {
+// layer has a residue and one walk of it (TileKernel::residue_rows) covers all but at most an
+// eighth of those rows, the item is cut to one walk: at M = 2048, 120-row items in one walk
+// measured 1-8% faster than 132-row ones in two, but at M = 4096 120-row items measured 0-7%
+// slower than 192-row ones in two walks (shorter items cost more than a walk saves).
+int64_t RowsPerItem(int64_t m, int64_t threads, bool residue) {
   const int64_t mr = kKernel.mr, items = 8 * std::max<int64_t>(threads, 1);
-  const int64_t rows = ((m + items - 1) / items + mr - 1) / mr * mr;
-  const bool one_walk = residue && k * rows * int64_t{sizeof(float)} > kL2Bytes;
-  const int64_t most = one_walk ? std::min(kRowsPerItem, kKernel.residue_rows) : kRowsPerItem;
-  return std::min(std::max(rows, 4 * mr), most / mr * mr);
+  int64_t rows = ((m + items - 1) / items + mr - 1) / mr * mr;
+  rows = std::min(std::max(rows, 4 * mr), kRowsPerItem / mr * mr);
+  const int64_t walk = kKernel.residue_rows / mr * mr;
+  if (residue && rows > walk && 8 * (rows - walk) <= rows) rows = walk;
+  return rows;
 }
 
 // A call with more than kSmallRows rows (see tw_kernel.h).
@@ -119,7 +120,7 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   // hundred) the spans are split into ranges too: each range's item packs its rows of x again,
   // cheap next to an idle thread (M = 64 at 768 x 3072: 2.21 -> 1.83 ms, BUILD_NOTES.md).
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t rows = RowsPerItem(args.m, p.k, threads, p.e > 0), blocks = (args.m + rows - 1) / rows;
+  const int64_t rows = RowsPerItem(args.m, threads, p.e > 0), blocks = (args.m + rows - 1) / rows;
   const int64_t spans = Spans(p);
   int64_t groups = 1;
   while (groups < spans && (blocks * groups < 2 * threads || blocks * groups % threads != 0))

@@ -73,8 +73,6 @@ inline void Span(const PackedTilesView& p, int64_t t, int64_t* lo, int64_t* hi) 
 
 // Most rows of x one work item covers: its panels should stay in L2.
 constexpr int64_t kRowsPerItem = 192;
-// The L2 cache per core the blocking assumes (this project's machines: 512 KB to 1 MB).
-constexpr int64_t kL2Bytes = 512 * 1024;
 // Up to this many rows of x, packing x and copying the weights cost more than they save.
 constexpr int64_t kSmallRows = 32;
 

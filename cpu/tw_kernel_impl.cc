@@ -298,9 +298,8 @@ void AddColumns(const float (*sums)[kResidueBlock], const int32_t* cols, int n, 
 // span's weights as there can be, of equal width, each at most kResidueBlock rows: per weight,
 // one aligned vector load of its row of xt and one FMA per VL rows, into independent
 // accumulators; each column's sums are then added to its column of s, eight columns at a time.
-// A walk costs about the same per weight whatever its width while the rows of xt come from
-// beyond L2 (the first load of a row at a random K index dominates), so items of such layers
-// are cut to one walk (RowsPerItem). (Cutting K into ranges whose rows fit L2, and prefetching
+// A walk costs about the same per weight whatever its width (the first load of a row of xt at
+// a random K index dominates), so items slightly longer than a walk are cut to one (RowsPerItem). (Cutting K into ranges whose rows fit L2, and prefetching
 // the row 8 weights ahead, measured no faster.)
 inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, int64_t e0,
                     int64_t e1, int64_t lo, float* s, int64_t lds) {
