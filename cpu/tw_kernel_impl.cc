@@ -250,14 +250,6 @@ inline void ResidueColumn(const float* __restrict xt, int64_t ldxt, const int32_
 constexpr int kMaxVectors = 15;
 constexpr int64_t kResidueBlock = kMaxVectors * VL;
 
-using ColumnFn = void (*)(const float*, int64_t, const int32_t*, const float*, int64_t, int64_t, float*);
-template <int... N>
-constexpr std::array<ColumnFn, sizeof...(N)> ColumnTable(std::integer_sequence<int, N...>) {
-  return {&ResidueColumn<N + 1>...};
-}
-// kResidueColumn[n - 1]: ResidueColumn<n>.
-constexpr auto kResidueColumn = ColumnTable(std::make_integer_sequence<int, kMaxVectors>{});
-
 // s[i][cols[c] - lo] += sums[c][i] for c < n columns and i < rows (s: lds floats per row).
 void AddColumns(const float (*sums)[kResidueBlock], const int32_t* cols, int n, int64_t rows, int64_t lo,
                 float* s, int64_t lds) {
@@ -293,19 +285,46 @@ void AddColumns(const float (*sums)[kResidueBlock], const int32_t* cols, int n, 
   }
 }
 
+constexpr int kGroup = 8;  // residue columns added to the span buffer together (AddColumns)
+
+// One walk over residue weights [e0, e1) (sorted by column, then row) for NV vectors of rows of
+// xt: each column's sums (ResidueColumn) added to its column of s, kGroup columns at a time.
+template <int NV>
+void Walk(const float* xt, int64_t ldxt, const int32_t* cols, const int32_t* kr, const float* v,
+          int64_t e0, int64_t e1, int64_t rows, int64_t lo, float* s, int64_t lds) {
+  alignas(64) float sums[kGroup][kResidueBlock];
+  int32_t group[kGroup];
+  int n = 0;
+  for (int64_t begin = e0, end; begin < e1; begin = end) {
+    for (end = begin + 1; end < e1 && cols[end] == cols[begin];) ++end;
+    ResidueColumn<NV>(xt, ldxt, kr, v, begin, end, sums[n]);
+    group[n++] = cols[begin];
+    if (n == kGroup || end == e1) {
+      AddColumns(sums, group, n, rows, lo, s, lds);
+      n = 0;
+    }
+  }
+}
+
+using WalkFn = decltype(&Walk<1>);
+template <int... N>
+constexpr std::array<WalkFn, sizeof...(N)> WalkTable(std::integer_sequence<int, N...>) {
+  return {&Walk<N + 1>...};
+}
+// kWalk[nv - 1]: Walk<nv>.
+constexpr auto kWalk = WalkTable(std::make_integer_sequence<int, kMaxVectors>{});
+
 // Adds residue weights [e0, e1) (sorted by column, then row) times rows of x to their columns
 // of the span buffer s (rows x lds, column lo first). The rows go in as few walks over the
 // span's weights as there can be, of equal width, each at most kResidueBlock rows: per weight,
 // one aligned vector load of its row of xt and one FMA per VL rows, into independent
 // accumulators; each column's sums are then added to its column of s, eight columns at a time.
 // A walk costs about the same per weight whatever its width (the first load of a row of xt at
-// a random K index dominates), so items slightly longer than a walk are cut to one (RowsPerItem). (Cutting K into ranges whose rows fit L2, and prefetching
-// the row 8 weights ahead, measured no faster.)
+// a random K index dominates), so items slightly longer than a walk are cut to one
+// (RowsPerItem). (Cutting K into ranges whose rows fit L2, and prefetching the row 8 weights
+// ahead, measured no faster.)
 inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, int64_t e0,
                     int64_t e1, int64_t lo, float* s, int64_t lds) {
-  constexpr int kGroup = 8;  // columns added to s together (AddColumns)
-  const int32_t* cols = args.p->residue_cols;
-  const int32_t* kr = args.p->residue_rows;
   const float* v = static_cast<const float*>(args.residue_values);
   thread_local std::vector<float> vbuf;
   if (args.bf16) {
@@ -315,21 +334,10 @@ inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, 
   }
   const int64_t vectors = (rows + VL - 1) / VL, walks = (vectors + kMaxVectors - 1) / kMaxVectors;
   const int64_t width = (vectors + walks - 1) / walks * VL;  // rows per walk
-  alignas(64) float sums[kGroup][kResidueBlock];
-  int32_t group[kGroup];
   for (int64_t r0 = 0; r0 < rows; r0 += width) {
     const int64_t nr = std::min(width, rows - r0);
-    const ColumnFn column = kResidueColumn[(nr + VL - 1) / VL - 1];
-    int n = 0;
-    for (int64_t begin = e0, end; begin < e1; begin = end) {
-      for (end = begin + 1; end < e1 && cols[end] == cols[begin];) ++end;
-      column(x.xt + r0, x.ldxt, kr, v, begin, end, sums[n]);
-      group[n++] = cols[begin];
-      if (n == kGroup || end == e1) {
-        AddColumns(sums, group, n, nr, lo, s + r0 * lds, lds);
-        n = 0;
-      }
-    }
+    kWalk[(nr + VL - 1) / VL - 1](x.xt + r0, x.ldxt, args.p->residue_cols, args.p->residue_rows, v,
+                                  e0, e1, nr, lo, s + r0 * lds, lds);
   }
 }
 
