@@ -332,6 +332,7 @@ inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, 
     for (int64_t e = e0; e < e1; ++e) vbuf[e - e0] = LoadF32(args.residue_values, e, true);
     v = vbuf.data() - e0;
   }
+  if (rows <= 0) return;
   const int64_t vectors = (rows + VL - 1) / VL, walks = (vectors + kMaxVectors - 1) / kMaxVectors;
   const int64_t width = (vectors + walks - 1) / walks * VL;  // rows per walk
   for (int64_t r0 = 0; r0 < rows; r0 += width) {
