@@ -325,6 +325,7 @@ constexpr auto kWalk = WalkTable(std::make_integer_sequence<int, kMaxVectors>{})
 // ahead, measured no faster.)
 inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, int64_t e0,
                     int64_t e1, int64_t lo, float* s, int64_t lds) {
+  if (rows <= 0) return;
   const float* v = static_cast<const float*>(args.residue_values);
   thread_local std::vector<float> vbuf;
   if (args.bf16) {
@@ -332,7 +333,6 @@ inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, 
     for (int64_t e = e0; e < e1; ++e) vbuf[e - e0] = LoadF32(args.residue_values, e, true);
     v = vbuf.data() - e0;
   }
-  if (rows <= 0) return;
   const int64_t vectors = (rows + VL - 1) / VL, walks = (vectors + kMaxVectors - 1) / kMaxVectors;
   const int64_t width = (vectors + walks - 1) / walks * VL;  // rows per walk
   for (int64_t r0 = 0; r0 < rows; r0 += width) {

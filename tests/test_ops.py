@@ -251,25 +251,23 @@ def test_forward_with_residue(backend, pattern):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
-@pytest.mark.parametrize("m,k", [(70, 40), (1100, 40), (2100, 40), (3000, 40)])
+@pytest.mark.parametrize("m", [70, 1100, 2100, 3000])
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
-def test_host_residue_covers_every_row_block(m, k, dtype):
+def test_host_residue_covers_every_row_block(m, dtype):
     """The host kernel's residue covers a work item's rows in walks of up to 15 vectors, of
     equal width, and cuts items of a layer with a residue that are slightly longer than one walk
     to one walk (120 rows on AVX2). On AVX2 these give items of 24, 72, 120 and 192 rows (one
     walk, one, one of 15 vectors, two of 12); each M's last item is shorter, its last vector
     partial. Against a float64 reference."""
     rng = np.random.default_rng(13)
-    _, _, p = _layer(k, 56, 8, 0.7, dtype, pattern=patterns.TEW(residue=0.08))
+    _, _, p = _layer(40, 56, 8, 0.7, dtype, pattern=patterns.TEW(residue=0.08))
     assert np.shape(p.residue_rows)[0] > 0
-    x = rng.normal(size=(m, k)).astype(dtype)
+    x = rng.normal(size=(m, 40)).astype(dtype)
     bias = rng.normal(size=56).astype(np.float32)
     y = np.asarray(jax.jit(lambda x, p, b: ops.tw_matmul(x, p, b, backend="cpu"))(x, p, bias), np.float64)
     want = _reference(np.asarray(x, np.float32), np.asarray(packing.unpack(p), np.float32), bias)
-    if dtype == np.float32:  # f32 sums of K products: errors scale with the largest output
-        np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-6 * np.abs(want).max())
-    else:
-        np.testing.assert_allclose(y, want, rtol=2e-2, atol=2e-2)
+    tol = 1e-5 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(y, want, rtol=tol, atol=tol)
 
 
 @pytest.fixture
