@@ -29,6 +29,7 @@
 #pragma once
 
 #include <cstdint>
+#include <climits>
 #include <string>
 
 namespace jax_tw {
@@ -83,8 +84,41 @@ struct PackedTilesView {
   }
 
   // Every check, the indices included (host memory only): empty if the view is consistent.
+  // The checks run once per call, so they are first made in branch-free passes that the
+  // compiler vectorises (IndicesHold); only corrupt tiles take the slower passes that say what
+  // is wrong (at M = 1 those took as long as the product: 44% of the kernel's time with a
+  // 700k-weight residue).
   std::string Validate() const {
     if (std::string bad = ValidateSizes(); !bad.empty()) return bad;
+    if (IndicesHold()) return "";
+    return FirstBadIndex();
+  }
+
+  bool IndicesHold() const {
+    // v in [0, bound) in 32-bit compares (SSE2 has no 64-bit ones); a bound past the int32
+    // range is clamped to it, which would refuse only the index 2^31 - 1.
+    const auto below = [](int32_t v, int64_t bound) {
+      return (v >= 0) & (v < static_cast<int32_t>(bound < INT32_MAX ? bound : INT32_MAX));
+    };
+    int ok = 1;
+    for (int64_t i = 0; i < c; ++i) ok &= below(columns[i], n);
+    for (int64_t i = 1; i < c; ++i) ok &= columns[i] > columns[i - 1];
+    if (row_offsets[0] != 0 || row_offsets[t] != r) return false;
+    for (int64_t i = 0; i < t; ++i) ok &= row_offsets[i + 1] >= row_offsets[i];
+    if (!ok) return false;
+    for (int64_t q = 0; q < r; ++q) ok &= below(rows[q], k);
+    for (int64_t i = 0; i < t; ++i)
+      for (int64_t q = row_offsets[i] + 1; q < row_offsets[i + 1]; ++q) ok &= rows[q] > rows[q - 1];
+    if (e > 0) ok &= below(residue_rows[0], k) & below(residue_cols[0], n);
+    for (int64_t i = 1; i < e; ++i)  // one pass: the residue is the largest index array
+      ok &= below(residue_rows[i], k) & below(residue_cols[i], n) &
+            ((residue_cols[i] > residue_cols[i - 1]) |
+             ((residue_cols[i] == residue_cols[i - 1]) & (residue_rows[i] > residue_rows[i - 1])));
+    return ok;
+  }
+
+  // What IndicesHold found wrong: the first bad index, in words.
+  std::string FirstBadIndex() const {
     for (int64_t i = 0; i < c; ++i) {
       if (columns[i] < 0 || columns[i] >= n) return "column index out of [0, n)";
       if (i && columns[i] <= columns[i - 1]) return "columns are not strictly increasing";
@@ -105,7 +139,7 @@ struct PackedTilesView {
                 (residue_cols[i] == residue_cols[i - 1] && residue_rows[i] <= residue_rows[i - 1])))
         return "residue is not sorted by (column, row) without repeats";
     }
-    return "";
+    return "the indices are inconsistent";  // not reached: IndicesHold and these agree
   }
 };
 

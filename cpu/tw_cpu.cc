@@ -134,8 +134,15 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
 
 // A call with at most kSmallRows rows: work items are (span, group of rows), enough of them to
 // give every thread several even when the layer has few tiles.
-std::string FewRows(ffi::ThreadPool& pool, const TileGemmArgs& args) {
+std::string FewRows(ffi::ThreadPool& pool, TileGemmArgs& args) {
   const int64_t spans = Spans(*args.p), m = args.m;
+  if (args.p->e > 0) {  // the residue reads x feature-major (see TileGemm on thread_local)
+    thread_local std::vector<float> xt_buffer;
+    xt_buffer.resize(TransposedSize(m, args.p->k));
+    TransposeFew(args, xt_buffer.data());
+    args.xt = xt_buffer.data();
+    args.ldxt = m;
+  }
   const int64_t groups = std::min(m, (4 * std::max<int64_t>(pool.num_threads(), 1) + spans - 1) / spans);
   const int64_t rows = (m + groups - 1) / groups;
   const int64_t per_span = (m + rows - 1) / rows;

@@ -209,13 +209,16 @@ int64_t WeightSize(const PackedTilesView& p, int64_t tile) {
   return (p.width(tile) + NR - 1) / NR * NR * p.depth(tile);
 }
 
-// x[i][q] for the rows of a work item, as the residue reads them: feature-major copies of its
-// panels (row i at xt[q * ldxt + i], ldxt a multiple of VL, 64-byte aligned, zero past the
-// item's rows), or straight from x (few rows).
+// x[i][q] for the rows of a work item, as the residue reads them: row i at xt[q * ldxt + i],
+// feature-major copies of its panels (ldxt a multiple of VL, 64-byte aligned, zero past the
+// item's rows), or for few rows x transposed once per call (TileGemmArgs::xt, from the item's
+// first row: unaligned, ldxt = M). Whole vectors are read past the item's rows (other rows,
+// other columns of x, or at the end the slack): those lanes are never added to the output.
 struct PanelRows {
   const float* xt;
   int64_t ldxt;
 };
+// x[m0 + i][q], straight from x (the few-rows GEMM).
 struct XRows {
   const TileGemmArgs* args;
   int64_t m0;
@@ -233,17 +236,29 @@ void Transpose(const float* panels, int64_t k, int64_t npanels, float* xt, int64
 }
 
 // out[0, NV * VL) = sum over e in [begin, end) of v[e] * xt[kr[e]][0, NV * VL): one residue
-// column for NV vectors of rows, NV independent accumulators (aligned, whole-vector loads).
+// column for NV vectors of rows (whole-vector loads). At least 8 independent accumulators: NV
+// for each of U interleaved weights (U > 1 when a walk is narrow, as with few rows), so that
+// the adds do not wait on one another.
 template <int NV>
 inline void ResidueColumn(const float* __restrict xt, int64_t ldxt, const int32_t* __restrict kr,
                           const float* __restrict v, int64_t begin, int64_t end, float* __restrict out) {
-  vf a[NV] = {};
-  for (int64_t e = begin; e < end; ++e) {
+  constexpr int U = (8 + NV - 1) / NV;
+  vf a[U][NV] = {};
+  int64_t e = begin;
+  for (; e + U <= end; e += U)
+    for (int u = 0; u < U; ++u) {
+      const float* row = xt + static_cast<int64_t>(kr[e + u]) * ldxt;
+      const float ve = v[e + u];
+      for (int j = 0; j < NV; ++j) a[u][j] += Load(row + j * VL) * ve;
+    }
+  for (; e < end; ++e) {
     const float* row = xt + static_cast<int64_t>(kr[e]) * ldxt;
     const float ve = v[e];
-    for (int j = 0; j < NV; ++j) a[j] += Load(row + j * VL) * ve;
+    for (int j = 0; j < NV; ++j) a[0][j] += Load(row + j * VL) * ve;
   }
-  for (int j = 0; j < NV; ++j) Store(out + j * VL, a[j]);
+  for (int u = 1; u < U; ++u)
+    for (int j = 0; j < NV; ++j) a[0][j] += a[u][j];
+  for (int j = 0; j < NV; ++j) Store(out + j * VL, a[0][j]);
 }
 
 // Most rows of x one residue walk covers: 15 vectors (AVX2: 15 accumulators and a broadcast).
@@ -296,9 +311,13 @@ void Walk(const float* xt, int64_t ldxt, const int32_t* cols, const int32_t* kr,
   int32_t group[kGroup];
   int n = 0;
   for (int64_t begin = e0, end; begin < e1; begin = end) {
-    for (end = begin + 1; end < e1 && cols[end] == cols[begin];) ++end;
+    // The column's run of weights: cols is sorted (Validate), so eight at a time while the
+    // eighth is still in the column (a test per weight took 40% of a one-row walk).
+    const int32_t col = cols[begin];
+    for (end = begin + 1; end + 8 <= e1 && cols[end + 7] == col;) end += 8;
+    while (end < e1 && cols[end] == col) ++end;
     ResidueColumn<NV>(xt, ldxt, kr, v, begin, end, sums[n]);
-    group[n++] = cols[begin];
+    group[n++] = col;
     if (n == kGroup || end == e1) {
       AddColumns(sums, group, n, rows, lo, s, lds);
       n = 0;
@@ -342,20 +361,10 @@ inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, 
   }
 }
 
-inline void Residue(const TileGemmArgs& args, const XRows& x, int64_t rows, int64_t e0,
-                    int64_t e1, int64_t lo, float* s, int64_t lds) {
-  const int32_t* kr = args.p->residue_rows;
-  const int32_t* cols = args.p->residue_cols;
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t e = e0; e < e1; ++e)
-      s[i * lds + cols[e] - lo] += x.At(i, kr[e]) * LoadF32(args.residue_values, e, args.bf16);
-}
-
 // The epilogue of span t for rows [m0, m0 + rows): y = bias (or 0) + c (the tile's result,
 // rows x ldc, in the tile's kept columns) + residue, in y's dtype. c is unused without a tile.
-template <class XSource>
 void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, const float* c,
-              int64_t ldc, const XSource& x) {
+              int64_t ldc, const PanelRows& x) {
   thread_local AlignedBuffer span_scratch;
   const PackedTilesView& p = *args.p;
   int64_t lo, hi;
@@ -442,9 +451,10 @@ void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end)
   const PackedTilesView& p = *args.p;
   const int64_t rows = m_end - m_begin;
   const XRows xs{&args, m_begin};
+  const PanelRows xt{args.xt ? args.xt + m_begin : nullptr, args.ldxt};
   const int64_t depth = tile < p.t ? p.depth(tile) : 0;
   if (depth == 0) {
-    Epilogue(args, tile, m_begin, rows, nullptr, 0, xs);
+    Epilogue(args, tile, m_begin, rows, nullptr, 0, xt);
     return;
   }
   const int64_t width = p.width(tile), offset = p.row_offsets[tile];
@@ -463,7 +473,7 @@ void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end)
       for (int64_t j = 0; j < gp; j += VL) Store(ar + j, Load(ar + j) + a * Load(brow + j));
     }
   }
-  Epilogue(args, tile, m_begin, rows, acc, gp, xs);
+  Epilogue(args, tile, m_begin, rows, acc, gp, xt);
 }
 
 }  // namespace

@@ -61,6 +61,11 @@ CORRUPTIONS = [
     ("residue repeat", lambda p: dataclasses.replace(p, residue_rows=np.r_[p.residue_rows[:1], p.residue_rows[:-1]].astype(np.int32),
                                                      residue_cols=np.r_[p.residue_cols[:1], p.residue_cols[:-1]].astype(np.int32)),
      r"sorted by \(column, row\) without repeats", False),
+    # The last residue weight only (the host kernel checks the first one apart from the rest).
+    ("residue rows range", lambda p: dataclasses.replace(p, residue_rows=np.r_[p.residue_rows[:-1], p.k].astype(np.int32)),
+     r"residue indices must lie in \[0", False),
+    ("residue cols range", lambda p: dataclasses.replace(p, residue_cols=np.r_[p.residue_cols[:-1], p.n].astype(np.int32)),
+     r"residue indices must lie in \[0", False),
     ("max_depth range", lambda p: dataclasses.replace(p, max_depth=p.k + 1), r"max_depth=25 must lie in \[0, k=24\]", True),
     ("tile order", lambda p: dataclasses.replace(p, tile_order=p.tile_order[::-1].copy()), "tile_order does not match", False),
     ("pruned", lambda p: dataclasses.replace(p, pruned=p.pruned + 1), "pruned does not match", False),
@@ -251,14 +256,15 @@ def test_forward_with_residue(backend, pattern):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
-@pytest.mark.parametrize("m", [70, 1100, 2100, 3000])
+@pytest.mark.parametrize("m", [1, 30, 70, 1100, 2100, 3000])
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_host_residue_covers_every_row_block(m, dtype):
     """The host kernel's residue covers a work item's rows in walks of up to 15 vectors, of
     equal width, and cuts items of a layer with a residue that are slightly longer than one walk
     to one walk (120 rows on AVX2). On AVX2 these give items of 24, 72, 120 and 192 rows (one
     walk, one, one of 15 vectors, two of 12); each M's last item is shorter, its last vector
-    partial. Against a float64 reference."""
+    partial. M = 1 and 30 take the few-rows path: x transposed once per call, each item's walk
+    starting at its first row. Against a float64 reference."""
     rng = np.random.default_rng(13)
     _, _, p = _layer(40, 56, 8, 0.7, dtype, pattern=patterns.TEW(residue=0.08))
     assert np.shape(p.residue_rows)[0] > 0
