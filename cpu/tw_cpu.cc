@@ -133,9 +133,13 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
 }
 
 // A call with at most kSmallRows rows: work items are (span, group of rows), enough of them to
-// give every thread several even when the layer has few tiles.
+// give every thread several even when the layer has few tiles. With a residue, each group is
+// at least a vector of rows: every group walks its span's residue weights once, so groups of 2
+// rows (M = 16, an EW layer's one span) read its indices 8 times where 2 would do.
 std::string FewRows(ffi::ThreadPool& pool, TileGemmArgs& args) {
   const int64_t spans = Spans(*args.p), m = args.m;
+  int64_t groups = std::min(m, (4 * std::max<int64_t>(pool.num_threads(), 1) + spans - 1) / spans);
+  if (args.p->e > 0) groups = std::min(groups, (m + kKernel.vl - 1) / kKernel.vl);
   if (args.p->e > 0) {  // the residue reads x feature-major (see TileGemm on thread_local)
     thread_local std::vector<float> xt_buffer;
     xt_buffer.resize(TransposedSize(m, args.p->k));
@@ -143,7 +147,6 @@ std::string FewRows(ffi::ThreadPool& pool, TileGemmArgs& args) {
     args.xt = xt_buffer.data();
     args.ldxt = m;
   }
-  const int64_t groups = std::min(m, (4 * std::max<int64_t>(pool.num_threads(), 1) + spans - 1) / spans);
   const int64_t rows = (m + groups - 1) / groups;
   const int64_t per_span = (m + rows - 1) / rows;
   return ParallelFor(pool, spans * per_span, [&](int64_t item) {

@@ -96,6 +96,7 @@ constexpr int64_t kSmallRows = 32;
 struct TileKernel {
   const char* isa;
   int64_t mr;            // panel height
+  int64_t vl;            // floats per vector
   int64_t residue_rows;  // most rows of x one walk of the residue covers
   // Floats of the micro-panel copy of a tile's weights, and the copy itself (64-byte aligned b).
   int64_t (*weight_size)(const PackedTilesView&, int64_t tile);

@@ -479,7 +479,7 @@ void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end)
 }  // namespace
 
 TileKernel Kernel() {
-  return TileKernel{TW_ISA_NAME, MR, kResidueBlock, WeightSize, PackWeights, Rows, Few};
+  return TileKernel{TW_ISA_NAME, MR, VL, kResidueBlock, WeightSize, PackWeights, Rows, Few};
 }
 
 }  // namespace TW_NS

@@ -126,17 +126,21 @@ DENSE_ABOVE = 0.75
 
 # What one residue weight costs, in kept tile weights (the unit of DENSE_ABOVE), in the fallback
 # rule: packing keeps the dense kernel when ``tile density + RESIDUE_COST * residue density >
-# DENSE_ABOVE``. The host kernel runs the residue per output column, vectorised over 8 vectors of
-# rows of x copied feature-major, but each weight is still a gathered row and one multiply-add per
-# row, against a GEMM's register-blocked ones. Measured on 2026-12-03 (`python -m jax_tw.bench
-# --pattern ew --sparsities 0.8,0.85,0.9 --backend cpu --dtype float32 --repeats 5` and
-# `--pattern tew --residue 0.05|0.125 --sparsities 0.75 --backend cpu --dtype both --repeats 7`,
-# M = 2048, BERT-base shapes, 2-core AVX2 machine; BUILD_NOTES.md has the tables): a layer's time
-# over the dense dot's is about tile density / 0.85 + 3.9 * residue density (per residue weight
-# 2.9-5.1, most rows 3-4), so one residue weight costs 3.9 * 0.85 = 3.3 tile weights. TEW layers
-# at 75% with up to about 21% residue then run the tiles (12.5%: 1.68-1.97x), EW layers from
-# about 78% sparsity (80%: 1.18-1.65x).
-RESIDUE_COST = 3.3
+# DENSE_ABOVE``. The host kernel runs the residue per output column, vectorised over up to 15
+# vectors of rows of x copied feature-major, but each weight is still a gathered row and one
+# multiply-add per row, against a GEMM's register-blocked ones. Measured on 2026-12-03
+# (`python -m jax_tw.bench --pattern ew --sparsities 0.7,0.75 --backend cpu --dtype float32
+# --repeats 5` and `--sparsities 0.8,0.85,0.9`, M = 2048, BERT-base shapes, 2-core AVX2 machine;
+# BUILD_NOTES.md has the tables): an EW layer's time over the dense dot's, per unit of residue
+# density, was 2.5-3.4 (most 2.6-3.1; it was 3.0-5.1 before the residue's walks of up to 15
+# vectors), and a tile weight costs about 1 / 0.85 dense weights, so one residue weight costs
+# about 2.9 * 0.85 = 2.5 tile weights. EW layers from 70% sparsity then run the kernel (70%:
+# 1.11-1.31x, 75%: 1.31-1.56x; bf16 at 70%: 1.24-1.38x), and TEW layers at 75% whatever their
+# residue. The rule does not depend on M: with at most 32 rows (one token at a time), layers
+# that are mostly residue run slower than the dense dot (EW at 70-80%, M = 1: 0.57-0.74x, the
+# residue's index arrays read at memory speed), TEW at 75% + 5% about as fast or faster
+# (0.89-1.61x); BUILD_NOTES.md ("Few rows with a residue").
+RESIDUE_COST = 2.5
 
 
 @dataclasses.dataclass(frozen=True)

@@ -555,16 +555,18 @@ def test_dense_fallback_counts_the_residue_cost():
     with enough residue packs with the dense kernel; a tiny residue does not."""
     rng = np.random.default_rng(11)
     w = rng.normal(size=(64, 96)).astype(np.float32)
-    [ew] = patterns.EW()([np.abs(w)], 0.75, tile_size=16, min_keep=0.0)
-    p = packing.pack(w, jax.tree.map(np.asarray, ew), 16)
-    assert p.density() == pytest.approx(0.25, abs=0.01) and p.dense is not None
-    # 0.25 + (RESIDUE_COST - 1) * residue crosses DENSE_ABOVE between these two residues.
-    assert 0.25 + (packing.RESIDUE_COST - 1) * 0.002 < packing.DENSE_ABOVE
-    assert 0.25 + (packing.RESIDUE_COST - 1) * 0.24 > packing.DENSE_ABOVE
-    for residue, dense in ((0.24, True), (0.002, False)):
-        [tew] = patterns.TEW(residue=residue)([np.abs(w)], 0.75, tile_size=16, min_keep=0.0)
+    for sparsity, dense in ((0.6, True), (0.8, False)):
+        [ew] = patterns.EW()([np.abs(w)], sparsity, tile_size=16, min_keep=0.0)
+        p = packing.pack(w, jax.tree.map(np.asarray, ew), 16)
+        assert p.density() == pytest.approx(1 - sparsity, abs=0.01)
+        assert (p.dense is not None) == dense, (sparsity, p.cost())
+    # 0.5 + (RESIDUE_COST - 1) * residue crosses DENSE_ABOVE between these two residues.
+    assert 0.5 + (packing.RESIDUE_COST - 1) * 0.002 < packing.DENSE_ABOVE
+    assert 0.5 + (packing.RESIDUE_COST - 1) * 0.3 > packing.DENSE_ABOVE
+    for residue, dense in ((0.3, True), (0.002, False)):
+        [tew] = patterns.TEW(residue=residue)([np.abs(w)], 0.5, tile_size=16, min_keep=0.0)
         p = packing.pack(w, jax.tree.map(np.asarray, tew), 16)
-        assert p.density() == pytest.approx(0.25, abs=0.01)
+        assert p.density() == pytest.approx(0.5, abs=0.01)
         assert p.cost() == pytest.approx(p.density() + (packing.RESIDUE_COST - 1) * len(p.residue_rows) / w.size)
         assert (p.dense is not None) == dense, (residue, p.cost())
         assert ("cpu" in p.dense_on) == dense and "cuda" in p.dense_on  # the GPU adds a residue in XLA
