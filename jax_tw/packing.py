@@ -136,10 +136,11 @@ DENSE_ABOVE = 0.75
 # vectors), and a tile weight costs about 1 / 0.85 dense weights, so one residue weight costs
 # about 2.9 * 0.85 = 2.5 tile weights. EW layers from 70% sparsity then run the kernel (70%:
 # 1.11-1.31x, 75%: 1.31-1.56x; bf16 at 70%: 1.24-1.38x), and TEW layers at 75% whatever their
-# residue. The rule does not depend on M: with at most 32 rows (one token at a time), layers
-# that are mostly residue run slower than the dense dot (EW at 70-80%, M = 1: 0.57-0.74x, the
-# residue's index arrays read at memory speed), TEW at 75% + 5% about as fast or faster
-# (0.89-1.61x); BUILD_NOTES.md ("Few rows with a residue").
+# residue. The rule does not depend on M: at M = 1 (one token at a time) layers that are mostly
+# residue run slower than the dense dot (EW at 70-80%: 0.54-1.04x; the residue's 12 bytes of
+# index and value per weight are read at memory speed, once by the check of the indices and once
+# by the product), TEW at 75% + 5% at 1.03-1.59x; at M = 16-32, EW at 0.51-2.35x, mostly above
+# 1 (BUILD_NOTES.md, "Few rows with a residue").
 RESIDUE_COST = 2.5
 
 
