@@ -132,14 +132,13 @@ DENSE_ABOVE = 0.75
 # (`python -m jax_tw.bench --pattern ew --sparsities 0.7,0.75 --backend cpu --dtype float32
 # --repeats 5` and `--sparsities 0.8,0.85,0.9`, M = 2048, BERT-base shapes, 2-core AVX2 machine;
 # BUILD_NOTES.md has the tables): an EW layer's time over the dense dot's, per unit of residue
-# density, was 2.5-3.4 (most 2.6-3.1; it was 3.0-5.1 before the residue's walks of up to 15
+# density, was 2.2-3.4 (median 2.9; it was 3.0-5.1 before the residue's walks of up to 15
 # vectors), and a tile weight costs about 1 / 0.85 dense weights, so one residue weight costs
 # about 2.9 * 0.85 = 2.5 tile weights. EW layers from 70% sparsity then run the kernel (70%:
 # 1.11-1.31x, 75%: 1.31-1.56x; bf16 at 70%: 1.24-1.38x), and TEW layers at 75% whatever their
 # residue. The rule does not depend on M: at M = 1 (one token at a time) layers that are mostly
-# residue run slower than the dense dot (EW at 70-80%: 0.54-1.04x; the residue's 12 bytes of
-# index and value per weight are read at memory speed, once by the check of the indices and once
-# by the product), TEW at 75% + 5% at 1.03-1.59x; at M = 16-32, EW at 0.51-2.35x, mostly above
+# residue run slower than the dense dot (EW at 70-80%: 0.54-1.04x; per residue weight the
+# product reads 12 bytes and the check of the indices 8, at memory speed), TEW at 75% + 5% at 1.03-1.59x; at M = 16-32, EW at 0.51-2.35x, mostly above
 # 1 (BUILD_NOTES.md, "Few rows with a residue").
 RESIDUE_COST = 2.5
 
