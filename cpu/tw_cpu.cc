@@ -139,8 +139,8 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
 std::string FewRows(ffi::ThreadPool& pool, TileGemmArgs& args) {
   const int64_t spans = Spans(*args.p), m = args.m;
   int64_t groups = std::min(m, (4 * std::max<int64_t>(pool.num_threads(), 1) + spans - 1) / spans);
-  if (args.p->e > 0) groups = std::min(groups, (m + kKernel.vl - 1) / kKernel.vl);
   if (args.p->e > 0) {  // the residue reads x feature-major (see TileGemm on thread_local)
+    groups = std::min(groups, (m + kKernel.vl - 1) / kKernel.vl);
     thread_local std::vector<float> xt_buffer;
     xt_buffer.resize(TransposedSize(m, args.p->k));
     TransposeFew(args, xt_buffer.data());

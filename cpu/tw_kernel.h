@@ -3,7 +3,8 @@
 //
 // The output columns are cut into spans, one per tile: span t runs from just after tile t-1's
 // last kept column to tile t's last kept column (the last span to N), so it holds tile t's
-// columns, the pruned columns among them and the residue weights of those columns. A kernel
+// columns, the pruned columns among them and the residue weights of those columns (a layer
+// with no tiles: spans of kBareSpan columns). A kernel
 // computes tile t for a block of rows into a small buffer, then writes span t of those rows once
 // (the epilogue): bias (or zero) in every column, plus the tile's result in its kept columns,
 // plus the residue, converted to y's dtype. Every entry of y is written exactly once, by the
@@ -68,10 +69,20 @@ inline uint16_t ToBF16(float f) {
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-// Span t of the output columns, [lo, hi) (see the top of this file); with no tiles, one span
-// [0, n). Spans() is how many there are.
-inline int64_t Spans(const PackedTilesView& p) { return p.t > 0 ? p.t : 1; }
+// With no tiles (an EW, VW or BW layer: all residue), spans of this many columns, so that the
+// residue splits across threads even for one row (with one span [0, n), an EW layer at M = 1
+// was one work item) and a span's buffer stays small.
+constexpr int64_t kBareSpan = 256;
+
+// Span t of the output columns, [lo, hi) (see the top of this file). Spans() is how many there
+// are.
+inline int64_t Spans(const PackedTilesView& p) { return p.t > 0 ? p.t : (p.n + kBareSpan - 1) / kBareSpan; }
 inline void Span(const PackedTilesView& p, int64_t t, int64_t* lo, int64_t* hi) {
+  if (p.t == 0) {
+    *lo = t * kBareSpan;
+    *hi = *lo + kBareSpan < p.n ? *lo + kBareSpan : p.n;
+    return;
+  }
   *lo = t == 0 ? 0 : p.columns[t * p.g - 1] + 1;
   *hi = t + 1 >= Spans(p) ? p.n : p.columns[t * p.g + p.width(t) - 1] + 1;
 }

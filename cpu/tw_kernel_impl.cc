@@ -377,7 +377,7 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
   float* s = direct ? static_cast<float*>(args.y) + m0 * p.n + lo : span_scratch.Get(rows * len);
   const int64_t lds = direct ? p.n : len;
   const int64_t width = t < p.t ? p.width(t) : 0;
-  const int32_t* out = p.columns + t * p.g;
+  const int32_t* out = width > 0 ? p.columns + t * p.g : nullptr;
   for (int64_t i = 0; i < rows; ++i) {
     float* si = s + i * lds;
     if (args.bias) std::memcpy(si, args.bias + lo, len * sizeof(float));
