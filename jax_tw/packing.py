@@ -137,9 +137,9 @@ DENSE_ABOVE = 0.75
 # about 2.9 * 0.85 = 2.5 tile weights. EW layers from 70% sparsity then run the kernel (70%:
 # 1.11-1.31x, 75%: 1.31-1.56x; bf16 at 70%: 1.24-1.38x), and TEW layers at 75% whatever their
 # residue. The rule does not depend on M: at M = 1 (one token at a time) layers that are mostly
-# residue run slower than the dense dot (EW at 70-80%: 0.54-1.04x; per residue weight the
-# product reads 12 bytes and the check of the indices 8, at memory speed), TEW at 75% + 5% at 1.03-1.59x; at M = 16-32, EW at 0.51-2.35x, mostly above
-# 1 (BUILD_NOTES.md, "Few rows with a residue").
+# residue run slower than the dense dot (EW at 70-80%: 0.62-0.92x; per residue weight the
+# product reads 12 bytes and the check of the indices 8, at memory speed), TEW at 75% + 5% at
+# 1.03-1.59x; at M = 16-32, EW mostly above 1 (BUILD_NOTES.md, "Few rows with a residue").
 RESIDUE_COST = 2.5
 
 
