@@ -132,6 +132,22 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   });
 }
 
+// x feature-major for the residue of a few-rows call (TileGemmArgs::xt): M floats per K index,
+// not padded to whole vectors (at M = 1 a K = 768 x stays 3 KB, in L1; the lanes a vector read
+// takes past an item's rows are never added to y), plus 16 floats of slack for the vector reads
+// of the last ones. In a buffer of the calling thread (see TileGemm on thread_local).
+void TransposeFew(TileGemmArgs& args) {
+  thread_local std::vector<float> buffer;
+  const int64_t m = args.m, k = args.p->k;
+  buffer.resize(k * m + 16);
+  float* xt = buffer.data();
+  for (int64_t q = 0; q < k; ++q)
+    for (int64_t i = 0; i < m; ++i) xt[q * m + i] = LoadF32(args.x, i * k + q, args.bf16);
+  std::fill(xt + k * m, xt + k * m + 16, 0.f);
+  args.xt = xt;
+  args.ldxt = m;
+}
+
 // A call with at most kSmallRows rows: work items are (span, group of rows), enough of them to
 // give every thread several even when the layer has few tiles. With a residue, each group is
 // at least a vector of rows: every group walks its span's residue weights once, so groups of 2
@@ -139,13 +155,9 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
 std::string FewRows(ffi::ThreadPool& pool, TileGemmArgs& args) {
   const int64_t spans = Spans(*args.p), m = args.m;
   int64_t groups = std::min(m, (4 * std::max<int64_t>(pool.num_threads(), 1) + spans - 1) / spans);
-  if (args.p->e > 0) {  // the residue reads x feature-major (see TileGemm on thread_local)
+  if (args.p->e > 0) {
     groups = std::min(groups, (m + kKernel.vl - 1) / kKernel.vl);
-    thread_local std::vector<float> xt_buffer;
-    xt_buffer.resize(TransposedSize(m, args.p->k));
-    TransposeFew(args, xt_buffer.data());
-    args.xt = xt_buffer.data();
-    args.ldxt = m;
+    TransposeFew(args);
   }
   const int64_t rows = (m + groups - 1) / groups;
   const int64_t per_span = (m + rows - 1) / rows;

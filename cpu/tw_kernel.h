@@ -12,7 +12,7 @@
 //
 // Calls with M <= kSmallRows (Few): work items are (tile, group of rows); each reads the packed
 // values directly (no copies) for its rows of x; a residue reads x feature-major, transposed
-// once per call (TransposeFew), with the walks of the many-rows path. Otherwise (Rows):
+// once per call (TransposeFew, tw_cpu.cc), with the walks of the many-rows path. Otherwise (Rows):
 //  1. each tile's weights are copied into f32 micro-panels (contiguous KC x NR blocks), in
 //     parallel over tiles;
 //  2. work items are blocks of rows of x (and, when there are too few blocks to keep every
@@ -47,7 +47,8 @@ struct TileGemmArgs {
   const float* weights = nullptr;
   const int64_t* weight_offsets = nullptr;
   // Few rows with a residue: x feature-major, xt[q * ldxt + i] = x[i][q] as f32, ldxt = m
-  // (dense: at M = 1, x itself), with 16 floats of slack past the end (TransposeFew).
+  // (dense: at M = 1, x itself), with 16 floats of slack past the end (TransposeFew,
+  // tw_cpu.cc).
   const float* xt = nullptr;
   int64_t ldxt = 0;
 };
@@ -85,18 +86,6 @@ inline void Span(const PackedTilesView& p, int64_t t, int64_t* lo, int64_t* hi) 
   }
   *lo = t == 0 ? 0 : p.columns[t * p.g - 1] + 1;
   *hi = t + 1 >= Spans(p) ? p.n : p.columns[t * p.g + p.width(t) - 1] + 1;
-}
-
-// x feature-major for a few-rows call with a residue (TileGemmArgs::xt): m floats per column
-// of x, k columns, plus 16 floats of slack for the vector reads of the last ones; xt must hold
-// TransposedSize(m, k) floats. Not padded to whole vectors: at M = 1 a K = 768 x stays 3 KB
-// (in L1), and the lanes a vector read takes from the next columns are never added to y.
-inline int64_t TransposedSize(int64_t m, int64_t k) { return k * m + 16; }
-inline void TransposeFew(const TileGemmArgs& args, float* xt) {
-  const int64_t m = args.m, k = args.p->k;
-  for (int64_t q = 0; q < k; ++q)
-    for (int64_t i = 0; i < m; ++i) xt[q * m + i] = LoadF32(args.x, i * k + q, args.bf16);
-  for (int64_t i = 0; i < 16; ++i) xt[k * m + i] = 0.f;
 }
 
 // Most rows of x one work item covers: its panels should stay in L2.
