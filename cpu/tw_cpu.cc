@@ -203,6 +203,7 @@ ffi::Error TwMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::Buffer<ffi::S
     const bool y_bf16 = y.element_type() == ffi::DataType::BF16;
     TileGemmArgs args{&p, x.untyped_data(), values.untyped_data(), residue_values.untyped_data(),
                       bf16, m, bias, y.untyped_data(), y_bf16};
+    args.stream = !y_bf16 && m * n * 4 >= kStreamBytes;
     // Test hook: JAX_TW_POISON_OUTPUT=1 fills y with NaN first, so any entry the kernel fails to
     // write shows up in the results.
     if (const char* poison = std::getenv("JAX_TW_POISON_OUTPUT"); poison && poison[0] == '1')

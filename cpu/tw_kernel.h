@@ -43,6 +43,8 @@ struct TileGemmArgs {
   const float* bias;           // [n], or nullptr for none
   void* y;                     // [m, n]
   bool y_bf16;                 // y's dtype: bf16 (x's), else f32
+  // Write y's f32 rows with non-temporal stores (an output too large to stay in cache).
+  bool stream = false;
   // The tiles' weights as f32 micro-panels (step 1): tile t's at weights + weight_offsets[t].
   const float* weights = nullptr;
   const int64_t* weight_offsets = nullptr;
@@ -92,6 +94,9 @@ inline void Span(const PackedTilesView& p, int64_t t, int64_t* lo, int64_t* hi) 
 constexpr int64_t kRowsPerItem = 192;
 // Up to this many rows of x, packing x and copying the weights cost more than they save.
 constexpr int64_t kSmallRows = 32;
+// f32 outputs of at least this many bytes are written with non-temporal stores
+// (TileGemmArgs::stream): larger than a core's L2 here, they would not stay in cache anyway.
+constexpr int64_t kStreamBytes = int64_t{4} << 20;
 
 struct TileKernel {
   const char* isa;

@@ -20,14 +20,18 @@
 #define TW_NS avx512
 #define TW_ISA_NAME "avx512"
 constexpr int VL = 16, MR = 12;
+// Panel rows padded to a whole 64-byte line: a kept K index's MR values never straddle two lines.
+constexpr int PS = 16;
 #elif defined(TW_ISA_AVX2)
 #define TW_NS avx2
 #define TW_ISA_NAME "avx2"
 constexpr int VL = 8, MR = 6;
+constexpr int PS = MR;  // floats per panel row (see AVX-512)
 #else
 #define TW_NS generic
 #define TW_ISA_NAME "generic"
 constexpr int VL = 4, MR = 4;
+constexpr int PS = MR;
 #endif
 
 namespace jax_tw {
@@ -50,7 +54,7 @@ inline void Micro(int64_t kc, const float* __restrict panel, const int32_t* __re
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = accumulate ? Load(c + i * ldc + v * VL) : vf{};
   for (int64_t q = 0; q < kc; ++q) {
-    const float* a = panel + static_cast<int64_t>(kept[q]) * MR;
+    const float* a = panel + static_cast<int64_t>(kept[q]) * PS;
     vf bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = Load(b + q * NR + v * VL);
     for (int i = 0; i < MR; ++i) {
@@ -77,28 +81,20 @@ void PackRows(const T* x, int64_t k, int64_t m, float* panel, int64_t m0) {
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < w; ++j) t[i][j] = i < rows ? ToF32(x[(m0 + i) * k + q0 + j]) : 0.f;
     for (int j = 0; j < w; ++j)
-      for (int i = 0; i < MR; ++i) panel[(q0 + j) * MR + i] = t[i][j];
+      for (int i = 0; i < MR; ++i) panel[(q0 + j) * PS + i] = t[i][j];
   }
 }
 
 #if defined(TW_ISA_AVX512)
-// The same for f32 with AVX-512 gathers: 16 columns of a full panel are 192 contiguous floats of
-// the panel, 12 vectors each gathered from the 12 rows of x (about 2.5x faster than the
-// transpose buffer on a 2048 x 768 x).
+// The same for f32 with AVX-512 gathers: panel row q is one gather of the MR rows' column q
+// (lanes past MR zero).
 void PackRowsGather(const float* x, int64_t k, float* panel, int64_t m0) {
-  __m512i index[MR];
-  for (int v = 0; v < MR; ++v) {
-    alignas(64) int32_t lanes[16];
-    for (int l = 0; l < 16; ++l) lanes[l] = static_cast<int32_t>(((16 * v + l) % MR) * k + (16 * v + l) / MR);
-    index[v] = _mm512_load_si512(lanes);
-  }
+  alignas(64) int32_t lanes[16];
+  for (int l = 0; l < 16; ++l) lanes[l] = static_cast<int32_t>(std::min(l, MR - 1) * k);
+  const __m512i index = _mm512_load_si512(lanes);
   const float* rows = x + m0 * k;
-  int64_t q0 = 0;
-  for (; q0 + 16 <= k; q0 += 16)
-    for (int v = 0; v < MR; ++v)
-      _mm512_storeu_ps(panel + q0 * MR + 16 * v, _mm512_i32gather_ps(index[v], rows + q0, 4));
-  for (int64_t q = q0; q < k; ++q)
-    for (int i = 0; i < MR; ++i) panel[q * MR + i] = rows[i * k + q];
+  for (int64_t q = 0; q < k; ++q)
+    _mm512_storeu_ps(panel + q * PS, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), (1 << MR) - 1, index, rows + q, 4));
 }
 #endif
 
@@ -149,7 +145,7 @@ void PackRowsAvx2(const T* x, int64_t k, float* panel, int64_t m0) {
 void Pack(const TileGemmArgs& args, float* panels, int64_t m0, int64_t npanels) {
   const int64_t k = args.p->k;
   for (int64_t pi = 0; pi < npanels; ++pi) {
-    float* panel = panels + pi * k * MR;
+    float* panel = panels + pi * k * PS;
     const int64_t first = m0 + pi * MR;
 #if defined(TW_ISA_AVX512)
     // Gather indices are int32: (MR - 1) * k + k must fit.
@@ -230,7 +226,7 @@ void Transpose(const float* panels, int64_t k, int64_t npanels, float* xt, int64
   for (int64_t q = 0; q < k; ++q) {
     float* out = xt + q * ldxt;
     for (int64_t ip = 0; ip < npanels; ++ip)
-      for (int i = 0; i < MR; ++i) out[ip * MR + i] = panels[(ip * k + q) * MR + i];
+      for (int i = 0; i < MR; ++i) out[ip * MR + i] = panels[(ip * k + q) * PS + i];
     for (int64_t i = npanels * MR; i < ldxt; ++i) out[i] = 0.f;
   }
 }
@@ -361,8 +357,75 @@ inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, 
   }
 }
 
+// dst[0, len) = src[0, len), f32. With `stream` (a large output, TileGemmArgs::stream), the
+// whole 64-byte lines of dst are written with non-temporal stores: no read-for-ownership of y's
+// lines, which the kernel never reads (sfence before the item ends: Epilogue).
+inline void StoreRow(float* dst, const float* src, int64_t len, bool stream) {
+#if defined(TW_ISA_AVX512) || defined(TW_ISA_AVX2)
+  if (stream) {
+    const int64_t head = std::min<int64_t>(len, ((64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64) / sizeof(float));
+    std::memcpy(dst, src, head * sizeof(float));
+    int64_t j = head;
+    for (; j + 16 <= len; j += 16) {
+#if defined(TW_ISA_AVX512)
+      _mm512_stream_ps(dst + j, _mm512_loadu_ps(src + j));
+#else
+      _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
+      _mm256_stream_ps(dst + j + 8, _mm256_loadu_ps(src + j + 8));
+#endif
+    }
+    std::memcpy(dst + j, src + j, (len - j) * sizeof(float));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, len * sizeof(float));
+}
+
+#if defined(TW_ISA_AVX512)
+// A span's row as 16-float chunks aligned to y's 64-byte lines (AVX-512, f32 output): chunk j
+// covers span columns [16 j - phase, 16 j - phase + 16), where phase is y_row + lo's offset in
+// its line. kept[j]: the chunk's tile columns, whose results are the next popcount(kept[j])
+// values of the tile's row from offset[j] on (the columns are sorted); inside[j]: its columns
+// within the span. One masked expand-load per chunk then places the tile's results and zeros,
+// with no scalar scatter and no buffer.
+struct SpanChunks {
+  int64_t phase = -1, count = 0;
+  std::vector<uint16_t> kept, inside;
+  std::vector<int32_t> offset;
+  void Make(int64_t ph, int64_t len, const int32_t* out, int64_t width, int64_t lo) {
+    phase = ph;
+    count = (ph + len + 15) / 16;
+    kept.assign(count, 0);
+    inside.assign(count, 0);
+    offset.assign(count + 1, 0);
+    for (int64_t c = 0; c < len; ++c) inside[(c + ph) / 16] |= uint16_t(1u << ((c + ph) % 16));
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t c = out[j] - lo + ph;
+      kept[c / 16] |= uint16_t(1u << (c % 16));
+      ++offset[c / 16 + 1];
+    }
+    for (int64_t j = 0; j < count; ++j) offset[j + 1] += offset[j];
+  }
+};
+
+// y_row[0, len) = bias[0, len) (or 0) + the tile's row ci in its kept columns (SpanChunks).
+inline void ExpandRow(const SpanChunks& ch, const float* ci, const float* bias, float* y_row, bool stream) {
+  float* base = y_row - ch.phase;  // 64-byte aligned
+  const float* b = bias ? bias - ch.phase : nullptr;
+  for (int64_t j = 0; j < ch.count; ++j) {
+    const __mmask16 inside = ch.inside[j];
+    __m512 v = _mm512_maskz_expandloadu_ps(ch.kept[j], ci + ch.offset[j]);
+    if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(inside, b + 16 * j));
+    if (stream && inside == 0xffff) _mm512_stream_ps(base + 16 * j, v);
+    else _mm512_mask_storeu_ps(base + 16 * j, inside, v);
+  }
+}
+#endif
+
 // The epilogue of span t for rows [m0, m0 + rows): y = bias (or 0) + c (the tile's result,
 // rows x ldc, in the tile's kept columns) + residue, in y's dtype. c is unused without a tile.
+// Each row of the span is made in a buffer (one row in L1; every row of the span when the
+// residue has to be added first), then written to y whole, once.
 void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, const float* c,
               int64_t ldc, const PanelRows& x) {
   thread_local AlignedBuffer span_scratch;
@@ -372,37 +435,59 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
   const int64_t len = hi - lo;
   const int32_t* e_begin = std::lower_bound(p.residue_cols, p.residue_cols + p.e, static_cast<int32_t>(lo));
   const int32_t* e_end = std::lower_bound(e_begin, p.residue_cols + p.e, static_cast<int32_t>(hi));
-  // f32 results go straight into y unless y is bf16 or the residue has to be added first.
-  const bool direct = !args.y_bf16 && e_begin == e_end;
-  float* s = direct ? static_cast<float*>(args.y) + m0 * p.n + lo : span_scratch.Get(rows * len);
-  const int64_t lds = direct ? p.n : len;
-  const int64_t width = t < p.t ? p.width(t) : 0;
+  const bool residue = e_begin != e_end;
+  const int64_t lds = residue ? len : 0;  // a row buffer, or the whole span's
+  float* s = span_scratch.Get((residue ? rows : 1) * len);
+  const int64_t width = t < p.t && c != nullptr ? p.width(t) : 0;
   const int32_t* out = width > 0 ? p.columns + t * p.g : nullptr;
-  for (int64_t i = 0; i < rows; ++i) {
-    float* si = s + i * lds;
-    if (args.bias) std::memcpy(si, args.bias + lo, len * sizeof(float));
+  const float* bias = args.bias ? args.bias + lo : nullptr;
+  // Row i of the span: bias (or zero), then the tile's result (stores only: a read-modify-write
+  // of the row just filled stalls on store forwarding).
+  auto make = [&](float* si, int64_t i) {
+    if (bias) std::memcpy(si, bias, len * sizeof(float));
     else std::memset(si, 0, len * sizeof(float));
-    if (c == nullptr) continue;
     const float* ci = c + i * ldc;
-    // Stores only (no read-modify-write of the row just filled: that stalls on forwarding).
-    if (args.bias) {
-      for (int64_t j = 0; j < width; ++j) si[out[j] - lo] = ci[j] + args.bias[out[j]];
+    if (bias) {
+      for (int64_t j = 0; j < width; ++j) si[out[j] - lo] = ci[j] + bias[out[j] - lo];
     } else {
       for (int64_t j = 0; j < width; ++j) si[out[j] - lo] = ci[j];
     }
-  }
-  if (e_begin != e_end)
-    Residue(args, x, rows, e_begin - p.residue_cols, e_end - p.residue_cols, lo, s, lds);
-  if (direct) return;
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* si = s + i * lds;
+  };
+  auto store = [&](const float* si, int64_t i) {
     if (args.y_bf16) {
       uint16_t* yi = static_cast<uint16_t*>(args.y) + (m0 + i) * p.n + lo;
       for (int64_t j = 0; j < len; ++j) yi[j] = ToBF16(si[j]);
     } else {
-      std::memcpy(static_cast<float*>(args.y) + (m0 + i) * p.n + lo, si, len * sizeof(float));
+      StoreRow(static_cast<float*>(args.y) + (m0 + i) * p.n + lo, si, len, args.stream);
+    }
+  };
+  if (residue) {
+    for (int64_t i = 0; i < rows; ++i) make(s + i * lds, i);
+    Residue(args, x, rows, e_begin - p.residue_cols, e_end - p.residue_cols, lo, s, lds);
+    for (int64_t i = 0; i < rows; ++i) store(s + i * lds, i);
+  } else {
+#if defined(TW_ISA_AVX512)
+    if (!args.y_bf16 && c != nullptr) {
+      thread_local SpanChunks chunks;
+      chunks.phase = -1;
+      for (int64_t i = 0; i < rows; ++i) {
+        float* yi = static_cast<float*>(args.y) + (m0 + i) * p.n + lo;
+        const int64_t phase = static_cast<int64_t>(reinterpret_cast<uintptr_t>(yi) % 64 / sizeof(float));
+        if (phase != chunks.phase) chunks.Make(phase, len, out, width, lo);
+        ExpandRow(chunks, c + i * ldc, bias, yi, args.stream);
+      }
+      if (args.stream) _mm_sfence();
+      return;
+    }
+#endif
+    for (int64_t i = 0; i < rows; ++i) {
+      make(s, i);
+      store(s, i);
     }
   }
+#if defined(TW_ISA_AVX512) || defined(TW_ISA_AVX2)
+  if (args.stream) _mm_sfence();
+#endif
 }
 
 // Rows [m_begin, m_end) of y: pack those rows of x, then per tile its GEMM and its span.
@@ -411,7 +496,7 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
   const PackedTilesView& p = *args.p;
   const int64_t rows = m_end - m_begin;
   const int64_t npanels = (rows + MR - 1) / MR;
-  float* panels = panel_scratch.Get(npanels * p.k * MR);
+  float* panels = panel_scratch.Get(npanels * p.k * PS);
   Pack(args, panels, m_begin, npanels);
   PanelRows xs{nullptr, 0};
   if (p.e > 0) {  // the residue reads the rows feature-major
@@ -437,7 +522,7 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
       for (int64_t jp = 0; jp < gp; jp += NR) {
         const float* b = bbuf + (jp / NR) * depth * NR + k0 * NR;
         for (int64_t ip = 0; ip < npanels; ++ip)
-          Micro(kc, panels + ip * p.k * MR, kept + k0, b, cbuf + ip * MR * gp + jp, gp, k0 > 0);
+          Micro(kc, panels + ip * p.k * PS, kept + k0, b, cbuf + ip * MR * gp + jp, gp, k0 > 0);
       }
     }
     Epilogue(args, tile, m_begin, rows, cbuf, gp, xs);

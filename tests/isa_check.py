@@ -23,4 +23,11 @@ for pattern in (patterns.TW2D(), patterns.TEW(residue=0.05), patterns.EW()):
                 tol = 1e-5 if dtype == np.float32 else 3e-2 * np.abs(want).max()
                 np.testing.assert_allclose(y, want, rtol=1e-5, atol=tol,
                                            err_msg=f"{pattern} m={m} {np.dtype(dtype).name} {k}x{n} G={g}")
+# An f32 output of 4 MB or more: written with non-temporal stores, rows at varying offsets.
+_, _, p = packed_layer(24, 1000, 16, 0.7, np.float32, seed=1, pattern=patterns.TW2D(), empty_every=2)
+x = rng.normal(size=(1100, 24)).astype(np.float32)
+bias = rng.normal(size=1000).astype(np.float32)
+y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu"), np.float64)
+np.testing.assert_allclose(y, np.asarray(x, np.float64) @ np.asarray(packing.unpack(p), np.float64) + bias,
+                           rtol=1e-5, atol=1e-5, err_msg="streamed output")
 print(jax_tw._cpu.isa())

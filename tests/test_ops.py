@@ -338,6 +338,26 @@ def test_poisoned_output_is_fully_written(backend, m, poisoned):
             np.testing.assert_allclose(y, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
+def test_large_f32_output_is_fully_written(poisoned):
+    """f32 outputs of 4 MB and more are written with non-temporal stores in 64-byte lines, the
+    span's edges with masked or plain stores. N = 1000 puts every row of y at a different offset
+    in its lines; every entry must be written once, with the bias, the pruned columns and the
+    residue."""
+    rng = np.random.default_rng(11)
+    m, k, n = 1100, 24, 1000
+    assert m * n * 4 >= 4 << 20
+    for pattern in (patterns.TW2D(), patterns.TEW(residue=0.05)):
+        for g in (16, 128):
+            _, _, p = _layer(k, n, g, 0.7, pattern=pattern, empty_tiles=True, seed=g)
+            x = rng.normal(size=(m, k)).astype(np.float32)
+            for bias in (None, rng.normal(size=n).astype(np.float32)):
+                y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu"), np.float64)
+                assert np.isfinite(y).all()
+                want = _reference(x, np.asarray(packing.unpack(p), np.float32), bias)
+                np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=f"{pattern} G={g}")
+
+
 # ----------------------------------------------------------------------------- transforms
 
 @pytest.mark.parametrize("backend", BACKENDS)
