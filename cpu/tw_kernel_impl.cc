@@ -86,15 +86,47 @@ void PackRows(const T* x, int64_t k, int64_t m, float* panel, int64_t m0) {
 }
 
 #if defined(TW_ISA_AVX512)
-// The same for f32 with AVX-512 gathers: panel row q is one gather of the MR rows' column q
-// (lanes past MR zero).
-void PackRowsGather(const float* x, int64_t k, float* panel, int64_t m0) {
-  alignas(64) int32_t lanes[16];
-  for (int l = 0; l < 16; ++l) lanes[l] = static_cast<int32_t>(std::min(l, MR - 1) * k);
-  const __m512i index = _mm512_load_si512(lanes);
-  const float* rows = x + m0 * k;
-  for (int64_t q = 0; q < k; ++q)
-    _mm512_storeu_ps(panel + q * PS, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), (1 << MR) - 1, index, rows + q, 4));
+// Sixteen consecutive values of x's row as f32.
+inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 Load16(const uint16_t* p) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+
+// A full panel (all MR = 12 rows inside x) by 16 x 16 register transposes: 16 columns of the 12
+// rows become 16 panel rows (lanes past MR hold whatever the shuffles leave: never read).
+// 48 shuffles per 16 columns, against 16 gathers (which took 18% of the kernel at 90%).
+template <class T>
+void PackRowsAvx512(const T* x, int64_t k, float* panel, int64_t m0) {
+  const T* r = x + m0 * k;
+  int64_t q0 = 0;
+  for (; q0 + 16 <= k; q0 += 16) {
+    __m512 a[12], b[12];
+    for (int i = 0; i < 12; i += 2) {
+      const __m512 r0 = Load16(r + i * k + q0), r1 = Load16(r + (i + 1) * k + q0);
+      a[i] = _mm512_unpacklo_ps(r0, r1);      // per 128-bit lane L: rows i, i+1 at 4L, 4L+1
+      a[i + 1] = _mm512_unpackhi_ps(r0, r1);  // ... at 4L+2, 4L+3
+    }
+    // b[4g + c], lane L: rows 4g..4g+3 at column 4L + c.
+    for (int g = 0; g < 3; ++g) {
+      b[4 * g + 0] = _mm512_shuffle_ps(a[4 * g], a[4 * g + 2], 0x44);
+      b[4 * g + 1] = _mm512_shuffle_ps(a[4 * g], a[4 * g + 2], 0xEE);
+      b[4 * g + 2] = _mm512_shuffle_ps(a[4 * g + 1], a[4 * g + 3], 0x44);
+      b[4 * g + 3] = _mm512_shuffle_ps(a[4 * g + 1], a[4 * g + 3], 0xEE);
+    }
+    // Column 4L + c is lane L of b[c], b[4 + c], b[8 + c] (and a fourth, unused lane).
+    float* out = panel + q0 * PS;
+    for (int c = 0; c < 4; ++c) {
+      const __m512 e0 = _mm512_shuffle_f32x4(b[c], b[4 + c], 0x44);  // b[c].L0 L1, b[4+c].L0 L1
+      const __m512 e1 = _mm512_shuffle_f32x4(b[c], b[4 + c], 0xEE);  // ... L2 L3
+      _mm512_storeu_ps(out + (0 + c) * PS, _mm512_shuffle_f32x4(e0, b[8 + c], 0x08));
+      _mm512_storeu_ps(out + (4 + c) * PS, _mm512_shuffle_f32x4(e0, b[8 + c], 0x1D));
+      _mm512_storeu_ps(out + (8 + c) * PS, _mm512_shuffle_f32x4(e1, b[8 + c], 0xE8));
+      _mm512_storeu_ps(out + (12 + c) * PS, _mm512_shuffle_f32x4(e1, b[8 + c], 0xFD));
+    }
+  }
+  for (int64_t q = q0; q < k; ++q)
+    for (int i = 0; i < MR; ++i) panel[q * PS + i] = ToF32(r[i * k + q]);
 }
 #endif
 
@@ -148,9 +180,9 @@ void Pack(const TileGemmArgs& args, float* panels, int64_t m0, int64_t npanels) 
     float* panel = panels + pi * k * PS;
     const int64_t first = m0 + pi * MR;
 #if defined(TW_ISA_AVX512)
-    // Gather indices are int32: (MR - 1) * k + k must fit.
-    if (!args.bf16 && first + MR <= args.m && MR * k < (int64_t{1} << 31)) {
-      PackRowsGather(static_cast<const float*>(args.x), k, panel, first);
+    if (first + MR <= args.m) {
+      if (args.bf16) PackRowsAvx512(static_cast<const uint16_t*>(args.x), k, panel, first);
+      else PackRowsAvx512(static_cast<const float*>(args.x), k, panel, first);
       continue;
     }
 #endif
