@@ -92,6 +92,8 @@ inline void Span(const PackedTilesView& p, int64_t t, int64_t* lo, int64_t* hi) 
 
 // Most rows of x one work item covers: its panels should stay in L2.
 constexpr int64_t kRowsPerItem = 192;
+// Deeper layers are worked through in K blocks of at most this many columns of x (Rows).
+constexpr int64_t kKBlock = 768;
 // Up to this many rows of x, packing x and copying the weights cost more than they save.
 constexpr int64_t kSmallRows = 32;
 // f32 outputs of at least this many bytes are written with non-temporal stores

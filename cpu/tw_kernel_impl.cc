@@ -69,13 +69,13 @@ inline float ToF32(uint16_t bits) { return LoadF32(&bits, 0, true); }
 // a small transpose buffer so that both the reads (row runs) and the writes (panel rows) are
 // contiguous: about twice as fast as either plain loop order.
 template <class T>
-void PackRows(const T* x, int64_t k, int64_t m, float* panel, int64_t m0) {
+void PackRows(const T* x, int64_t ld, int64_t k, int64_t m, float* panel, int64_t m0) {
   const int rows = static_cast<int>(std::min<int64_t>(MR, m - m0));
   float t[MR][16];
   for (int64_t q0 = 0; q0 < k; q0 += 16) {
     const int w = static_cast<int>(std::min<int64_t>(16, k - q0));
     for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < w; ++j) t[i][j] = i < rows ? ToF32(x[(m0 + i) * k + q0 + j]) : 0.f;
+      for (int j = 0; j < w; ++j) t[i][j] = i < rows ? ToF32(x[(m0 + i) * ld + q0 + j]) : 0.f;
     for (int j = 0; j < w; ++j)
       for (int i = 0; i < MR; ++i) panel[(q0 + j) * MR + i] = t[i][j];
   }
@@ -92,14 +92,14 @@ inline __m512 Load16(const uint16_t* p) {
 // A full panel (all MR = 12 rows inside x) by 16 x 16 register transposes: 16 columns of the 12
 // rows become 16 panel rows, each stored as its first MR lanes (masked stores). f32 and bf16.
 template <class T>
-void PackRowsAvx512(const T* x, int64_t k, float* panel, int64_t m0) {
-  const T* r = x + m0 * k;
+void PackRowsAvx512(const T* x, int64_t ld, int64_t k, float* panel, int64_t m0) {
+  const T* r = x + m0 * ld;
   constexpr __mmask16 kRow = (1 << MR) - 1;
   int64_t q0 = 0;
   for (; q0 + 16 <= k; q0 += 16) {
     __m512 a[12], b[12];
     for (int i = 0; i < 12; i += 2) {
-      const __m512 r0 = Load16(r + i * k + q0), r1 = Load16(r + (i + 1) * k + q0);
+      const __m512 r0 = Load16(r + i * ld + q0), r1 = Load16(r + (i + 1) * ld + q0);
       a[i] = _mm512_unpacklo_ps(r0, r1);      // per 128-bit lane L: rows i, i+1 at 4L, 4L+1
       a[i + 1] = _mm512_unpackhi_ps(r0, r1);  // ... at 4L+2, 4L+3
     }
@@ -122,7 +122,7 @@ void PackRowsAvx512(const T* x, int64_t k, float* panel, int64_t m0) {
     }
   }
   for (int64_t q = q0; q < k; ++q)
-    for (int i = 0; i < MR; ++i) panel[q * MR + i] = ToF32(r[i * k + q]);
+    for (int i = 0; i < MR; ++i) panel[q * MR + i] = ToF32(r[i * ld + q]);
 }
 #endif
 
@@ -139,13 +139,13 @@ inline __m256 Load8(const uint16_t* p) {
 // two lanes are overwritten by the next one (the last spills 2 floats past the block: the next
 // block's, or the slack of the panel buffer).
 template <class T>
-void PackRowsAvx2(const T* x, int64_t k, float* panel, int64_t m0) {
-  const T* r = x + m0 * k;
+void PackRowsAvx2(const T* x, int64_t ld, int64_t k, float* panel, int64_t m0) {
+  const T* r = x + m0 * ld;
   int64_t q0 = 0;
   const __m256 z = _mm256_setzero_ps();
   for (; q0 + 8 <= k; q0 += 8) {
-    const __m256 a0 = Load8(r + q0), a1 = Load8(r + k + q0), a2 = Load8(r + 2 * k + q0),
-                 a3 = Load8(r + 3 * k + q0), a4 = Load8(r + 4 * k + q0), a5 = Load8(r + 5 * k + q0);
+    const __m256 a0 = Load8(r + q0), a1 = Load8(r + ld + q0), a2 = Load8(r + 2 * ld + q0),
+                 a3 = Load8(r + 3 * ld + q0), a4 = Load8(r + 4 * ld + q0), a5 = Load8(r + 5 * ld + q0);
     const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
     const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
     const __m256 t4 = _mm256_unpacklo_ps(a4, a5), t5 = _mm256_unpackhi_ps(a4, a5);
@@ -165,35 +165,35 @@ void PackRowsAvx2(const T* x, int64_t k, float* panel, int64_t m0) {
     _mm256_storeu_ps(out + 7 * MR, _mm256_permute2f128_ps(s3, s7, 0x31));
   }
   for (int64_t q = q0; q < k; ++q)
-    for (int i = 0; i < MR; ++i) panel[q * MR + i] = ToF32(r[i * k + q]);
+    for (int i = 0; i < MR; ++i) panel[q * MR + i] = ToF32(r[i * ld + q]);
 }
 #endif
 
-// Rows [m0, m0 + npanels * MR) of x into `panels` (rows past M are zero).
-void Pack(const TileGemmArgs& args, float* panels, int64_t m0, int64_t npanels) {
-  const int64_t k = args.p->k;
+// Rows [m0, m0 + npanels * MR), columns [kb, kb + kw) of x into `panels`, kw x MR floats each
+// (rows past M are zero).
+void Pack(const TileGemmArgs& args, float* panels, int64_t m0, int64_t npanels, int64_t kb, int64_t kw) {
+  const int64_t ld = args.p->k;
+  const float* xf = static_cast<const float*>(args.x) + kb;
+  const uint16_t* xh = static_cast<const uint16_t*>(args.x) + kb;
   for (int64_t pi = 0; pi < npanels; ++pi) {
-    float* panel = panels + pi * k * MR;
+    float* panel = panels + pi * kw * MR;
     const int64_t first = m0 + pi * MR;
 #if defined(TW_ISA_AVX512)
     if (first + MR <= args.m) {
-      if (args.bf16) PackRowsAvx512(static_cast<const uint16_t*>(args.x), k, panel, first);
-      else PackRowsAvx512(static_cast<const float*>(args.x), k, panel, first);
+      if (args.bf16) PackRowsAvx512(xh, ld, kw, panel, first);
+      else PackRowsAvx512(xf, ld, kw, panel, first);
       continue;
     }
 #endif
 #if defined(TW_ISA_AVX2)
     if (first + MR <= args.m) {
-      if (args.bf16) PackRowsAvx2(static_cast<const uint16_t*>(args.x), k, panel, first);
-      else PackRowsAvx2(static_cast<const float*>(args.x), k, panel, first);
+      if (args.bf16) PackRowsAvx2(xh, ld, kw, panel, first);
+      else PackRowsAvx2(xf, ld, kw, panel, first);
       continue;
     }
 #endif
-    if (args.bf16) {
-      PackRows(static_cast<const uint16_t*>(args.x), k, args.m, panel, first);
-    } else {
-      PackRows(static_cast<const float*>(args.x), k, args.m, panel, first);
-    }
+    if (args.bf16) PackRows(xh, ld, kw, args.m, panel, first);
+    else PackRows(xf, ld, kw, args.m, panel, first);
   }
 }
 
@@ -519,41 +519,57 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
 }
 
 // Rows [m_begin, m_end) of y: pack those rows of x, then per tile its GEMM and its span.
+// Deep layers (K > kKBlock) go in K blocks of at most kKBlock, so that the item's panels stay in
+// L2: each block's columns of x are packed, then every tile's kept rows inside the block are
+// added to that tile's results (one buffer per tile), and the spans are written after the last.
 void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_begin, int64_t t_end) {
   thread_local AlignedBuffer panel_scratch, cscratch;
   const PackedTilesView& p = *args.p;
   const int64_t rows = m_end - m_begin;
   const int64_t npanels = (rows + MR - 1) / MR;
-  float* panels = panel_scratch.Get(npanels * p.k * MR);
-  Pack(args, panels, m_begin, npanels);
+  const int64_t nblocks = (p.k + kKBlock - 1) / kKBlock;
+  const int64_t kbw = (p.k + nblocks - 1) / nblocks;  // columns per K block (the last: the rest)
+  float* panels = panel_scratch.Get(npanels * kbw * MR);
   PanelRows xs{nullptr, 0};
+  float* xt = nullptr;
   if (p.e > 0) {  // the residue reads the rows feature-major
     thread_local AlignedBuffer xt_scratch;
     xs.ldxt = (npanels * MR + VL - 1) / VL * VL;
-    float* xt = xt_scratch.Get(p.k * xs.ldxt);
-    Transpose(panels, p.k, npanels, xt, xs.ldxt);
+    xt = xt_scratch.Get(p.k * xs.ldxt);
     xs.xt = xt;
   }
-  const int64_t gmax = (p.g + NR - 1) / NR * NR;
-  float* cbuf = cscratch.Get(npanels * MR * gmax);
-  for (int64_t tile = t_begin; tile < t_end; ++tile) {
-    const int64_t depth = tile < p.t ? p.depth(tile) : 0;
-    if (depth == 0) {  // no tile, or one with no kept rows: its columns are bias (+ residue)
-      Epilogue(args, tile, m_begin, rows, nullptr, 0, xs);
-      continue;
-    }
-    const int64_t gp = (p.width(tile) + NR - 1) / NR * NR;  // width padded to whole micro-tiles
-    const int32_t* kept = p.rows + p.row_offsets[tile];
-    const float* bbuf = args.weights + args.weight_offsets[tile];
-    for (int64_t k0 = 0; k0 < depth; k0 += KC) {
-      const int64_t kc = std::min(KC, depth - k0);
-      for (int64_t jp = 0; jp < gp; jp += NR) {
-        const float* b = bbuf + (jp / NR) * depth * NR + k0 * NR;
-        for (int64_t ip = 0; ip < npanels; ++ip)
-          Micro(kc, panels + ip * p.k * MR, kept + k0, b, cbuf + ip * MR * gp + jp, gp, k0 > 0);
+  // Tile results: one buffer reused tile after tile, or with K blocks one per tile.
+  auto padded = [&](int64_t tile) { return (p.width(tile) + NR - 1) / NR * NR; };
+  int64_t cfloats = 0;
+  for (int64_t tile = t_begin; tile < std::min(t_end, p.t); ++tile)
+    cfloats = nblocks > 1 ? cfloats + padded(tile) : std::max(cfloats, padded(tile));
+  float* cbuf = cscratch.Get(npanels * MR * cfloats);
+  for (int64_t kb = 0; kb < p.k; kb += kbw) {
+    const int64_t kw = std::min(kbw, p.k - kb);
+    const bool last = kb + kw == p.k;
+    Pack(args, panels, m_begin, npanels, kb, kw);
+    if (xt) Transpose(panels, kw, npanels, xt + kb * xs.ldxt, xs.ldxt);
+    float* c = cbuf;
+    for (int64_t tile = t_begin; tile < t_end; ++tile) {
+      const int64_t depth = tile < p.t ? p.depth(tile) : 0, gp = tile < p.t ? padded(tile) : 0;
+      const int32_t* kept = depth > 0 ? p.rows + p.row_offsets[tile] : nullptr;
+      // This block's kept rows: [q0, q1) of the tile's (ascending: Validate).
+      const int64_t q0 = depth > 0 ? std::lower_bound(kept, kept + depth, static_cast<int32_t>(kb)) - kept : 0;
+      const int64_t q1 = depth > 0 ? std::lower_bound(kept + q0, kept + depth, static_cast<int32_t>(kb + kw)) - kept : 0;
+      const float* bbuf = depth > 0 ? args.weights + args.weight_offsets[tile] : nullptr;
+      for (int64_t k0 = q0; k0 < q1; k0 += KC) {
+        const int64_t kc = std::min(KC, q1 - k0);
+        for (int64_t jp = 0; jp < gp; jp += NR) {
+          const float* b = bbuf + (jp / NR) * depth * NR + k0 * NR;
+          for (int64_t ip = 0; ip < npanels; ++ip)  // the panel as if it started at column 0
+            Micro(kc, panels + (ip * kw - kb) * MR, kept + k0, b, c + ip * MR * gp + jp, gp, k0 > 0);
+        }
       }
+      // After the tile's last kept row, its span (no tile, or one with no kept rows: bias and
+      // residue only).
+      if (last) Epilogue(args, tile, m_begin, rows, depth > 0 ? c : nullptr, gp, xs);
+      if (nblocks > 1) c += npanels * MR * gp;
     }
-    Epilogue(args, tile, m_begin, rows, cbuf, gp, xs);
   }
 }
 

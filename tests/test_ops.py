@@ -244,6 +244,34 @@ def test_forward_matches_float64_reference(backend, lead, k, n, g, s, empty):
     np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-5, atol=max(1e-5, 2e-7 * k))
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_host_deep_layer_in_k_blocks(dtype):
+    """K above 768: the host kernel packs x and runs the tiles one K block at a time (here three
+    of 567, 567 and 566 columns) and writes the spans after the last block. Tile 1 keeps rows in
+    the last block only, tile 2 in the first only, tile 3 none; there is a residue and a bias."""
+    k, n, g, m = 1700, 70, 16, 100
+    rng = np.random.default_rng(12)
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    tiles = -(-n // g)
+    rows = rng.random((tiles, k)) < 0.3
+    rows[1, :1134] = False
+    rows[2, 567:] = False
+    rows[3] = False
+    columns = np.ones(n, bool)
+    elements = np.zeros((k, n), bool)
+    elements[rng.integers(0, k, 300), rng.integers(0, n, 300)] = True
+    mask = {"columns": columns, "rows": rows, "elements": elements}
+    p = packing.pack(w.astype(dtype), mask, g, keep_dense=False)
+    assert np.shape(p.residue_rows)[0] > 0
+    x = rng.normal(size=(m, k)).astype(dtype)
+    bias = rng.normal(size=n).astype(np.float32)
+    y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu"), np.float64)
+    want = _reference(np.asarray(x, np.float32), np.asarray(packing.unpack(p), np.float32), bias)
+    tol = 2e-7 * k if dtype == np.float32 else 3e-2 * np.abs(want).max()
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=tol)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pattern", [patterns.TEW(residue=0.05), patterns.EW()])
 def test_forward_with_residue(backend, pattern):
