@@ -293,8 +293,9 @@ constexpr int64_t kResidueBlock = kMaxVectors * VL;
 void AddColumns(const float (*sums)[kResidueBlock], const int32_t* cols, int n, int64_t rows, int64_t lo,
                 float* s, int64_t lds) {
   int64_t i0 = 0;
-#if defined(TW_ISA_AVX2)
-  // Eight consecutive columns: 8 x 8 register transposes, each row's 8 sums one vector add.
+#if defined(TW_ISA_AVX2) || defined(TW_ISA_AVX512)
+  // Eight consecutive columns: 8 x 8 register transposes, each row's 8 sums one vector add
+  // (256-bit: AVX-512 machines run AVX2 too).
   if (n == 8 && cols[7] - cols[0] == 7) {
     for (; i0 + 8 <= rows; i0 += 8) {
       __m256 r[8];
