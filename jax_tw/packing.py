@@ -128,19 +128,20 @@ DENSE_ABOVE = 0.75
 # rule: packing keeps the dense kernel when ``tile density + RESIDUE_COST * residue density >
 # DENSE_ABOVE``. The host kernel runs the residue per output column, vectorised over up to 15
 # vectors of rows of x copied feature-major, but each weight is still a gathered row and one
-# multiply-add per row, against a GEMM's register-blocked ones. Measured on 2026-12-03
-# (`python -m jax_tw.bench --pattern ew --sparsities 0.7,0.75 --backend cpu --dtype float32
-# --repeats 5` and `--sparsities 0.8,0.85,0.9`, M = 2048, BERT-base shapes, 2-core AVX2 machine;
-# BUILD_NOTES.md has the tables): an EW layer's time over the dense dot's, per unit of residue
-# density, was 2.2-3.4 (median 2.9; it was 3.0-5.1 before the residue's walks of up to 15
-# vectors), and a tile weight costs about 1 / 0.85 dense weights, so one residue weight costs
-# about 2.9 * 0.85 = 2.5 tile weights. EW layers from 70% sparsity then run the kernel (70%:
-# 1.11-1.31x, 75%: 1.31-1.56x; bf16 at 70%: 1.24-1.38x), and TEW layers at 75% whatever their
-# residue. The rule does not depend on M: at M = 1 (one token at a time) layers that are mostly
-# residue run slower than the dense dot (EW at 70-80%: 0.62-0.92x; per residue weight the
-# product reads 12 bytes and the check of the indices 8, at memory speed), TEW at 75% + 5% at
-# 1.03-1.59x; at M = 16-32, EW mostly above 1 (BUILD_NOTES.md, "Few rows with a residue").
-RESIDUE_COST = 2.5
+# multiply-add per row, against a GEMM's register-blocked ones. Measured with `python -m
+# jax_tw.bench --pattern ew --sparsities S --backend cpu --repeats 7` (M = 2048, f32, BERT-base
+# shapes; BUILD_NOTES.md has the tables): an EW layer's time over the dense dot's, per unit of
+# residue density, was 2.2-3.4 (median 2.9) on a 2-core AVX2 machine (2026-12-03) and 2.4-4.4
+# (median 3.4; the deep 3072 x 768 layer the dearest) on a 2-core AVX-512 machine (2026-12-03,
+# 70-90%). A tile weight costs about 1 / 0.85 dense weights, so one residue weight costs about
+# 3.4 * 0.85 = 2.9 tile weights on the machine where it is dearer. EW/VW/BW layers from 75%
+# sparsity then run the kernel (AVX-512 at 75%: 1.30 / 1.64 / 0.98x; AVX2: 1.31-1.56x), and TEW
+# layers at 75% whatever their residue. The rule does not depend on M: at M = 1 (one token at
+# a time) layers that are mostly residue run slower than the dense dot (EW at 70-80%, AVX2:
+# 0.62-0.92x; per residue weight the product reads 12 bytes and the check of the indices 8, at
+# memory speed), TEW at 75% + 5% at 1.03-1.59x; at M = 16-32, EW mostly above 1 (BUILD_NOTES.md,
+# "Few rows with a residue").
+RESIDUE_COST = 2.9
 
 
 @dataclasses.dataclass(frozen=True)
