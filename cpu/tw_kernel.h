@@ -8,7 +8,8 @@
 // computes tile t for a block of rows into a small buffer, then writes span t of those rows once
 // (the epilogue): bias (or zero) in every column, plus the tile's result in its kept columns,
 // plus the residue, converted to y's dtype. Every entry of y is written exactly once, by the
-// work item that owns its rows and span, while its lines are in that core's cache.
+// work item that owns its rows and span; f32 outputs of kStreamBytes or more with non-temporal
+// stores (y is never read).
 //
 // Calls with M <= kSmallRows (Few): work items are (tile, group of rows); each reads the packed
 // values directly (no copies) for its rows of x; a residue reads x feature-major, transposed
@@ -20,10 +21,11 @@
 //     (panel[q][i] = x[m0 + i][q], f32, zero past M: the MR values a micro-kernel needs at depth
 //     q are contiguous whatever q is, so the K gather of every tile costs one index load per q,
 //     fused into the micro-kernel's loads), then per tile runs a register-blocked GEMM of the
-//     panels against the tile's weights and the span's epilogue. The residue is vectorised over
-//     rows: when the layer has one, the item's panels are also copied feature-major
-//     (xt[q][i], a whole number of vectors per q), and each residue weight is one aligned load
-//     and FMA per vector of rows, in walks of up to 15 vectors of rows.
+//     panels against the tile's weights and the span's epilogue (layers deeper than kKBlock: the
+//     same a K block at a time, every tile's results kept until the last block). The residue is
+//     vectorised over rows: when the layer has one, the item's panels are also copied
+//     feature-major (xt[q][i], a whole number of vectors per q), and each residue weight is one
+//     aligned load and FMA per vector of rows, in walks of up to 15 vectors of rows.
 #pragma once
 
 #include <cstdint>

@@ -475,7 +475,7 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
   auto make = [&](float* si, int64_t i) {
     if (bias) std::memcpy(si, bias, len * sizeof(float));
     else std::memset(si, 0, len * sizeof(float));
-    const float* ci = c + i * ldc;
+    const float* ci = width > 0 ? c + i * ldc : nullptr;
     if (bias) {
       for (int64_t j = 0; j < width; ++j) si[out[j] - lo] = ci[j] + bias[out[j] - lo];
     } else {
