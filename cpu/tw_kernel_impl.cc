@@ -437,6 +437,27 @@ struct SpanChunks {
   }
 };
 
+// 16 f32 to bf16 bits (in the low halves of 32-bit lanes), as ToBF16: nearest even, NaN stays NaN.
+inline __m512i ToBF16x16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet);
+}
+
+// dst[0, n) = src[0, n) as bf16, n <= 16.
+inline void StoreBF16(uint16_t* dst, __m512 v, int64_t n) {
+  const __m256i h = _mm512_cvtepi32_epi16(ToBF16x16(v));
+  if (n == 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), h);
+  } else {
+    alignas(32) uint16_t tmp[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), h);
+    std::memcpy(dst, tmp, n * sizeof(uint16_t));
+  }
+}
+
 // y_row[0, len) = bias[0, len) (or 0) + the tile's row ci in its kept columns (SpanChunks).
 inline void ExpandRow(const SpanChunks& ch, const float* ci, const float* bias, float* y_row, bool stream) {
   float* base = y_row - ch.phase;  // 64-byte aligned
@@ -447,6 +468,15 @@ inline void ExpandRow(const SpanChunks& ch, const float* ci, const float* bias, 
     if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(inside, b + 16 * j));
     if (stream && inside == 0xffff) _mm512_stream_ps(base + 16 * j, v);
     else _mm512_mask_storeu_ps(base + 16 * j, inside, v);
+  }
+}
+
+// The same for a bf16 y (chunks made with phase 0: chunk j is columns [16 j, 16 j + 16)).
+inline void ExpandRowBF16(const SpanChunks& ch, const float* ci, const float* bias, uint16_t* y_row, int64_t len) {
+  for (int64_t j = 0; j < ch.count; ++j) {
+    __m512 v = _mm512_maskz_expandloadu_ps(ch.kept[j], ci + ch.offset[j]);
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(ch.inside[j], bias + 16 * j));
+    StoreBF16(y_row + 16 * j, v, std::min<int64_t>(16, len - 16 * j));
   }
 }
 #endif
@@ -485,7 +515,11 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
   auto store = [&](const float* si, int64_t i) {
     if (args.y_bf16) {
       uint16_t* yi = static_cast<uint16_t*>(args.y) + (m0 + i) * p.n + lo;
-      for (int64_t j = 0; j < len; ++j) yi[j] = ToBF16(si[j]);
+      int64_t j = 0;
+#if defined(TW_ISA_AVX512)
+      for (; j < len; j += 16) StoreBF16(yi + j, _mm512_loadu_ps(si + j), std::min<int64_t>(16, len - j));
+#endif
+      for (; j < len; ++j) yi[j] = ToBF16(si[j]);
     } else {
       StoreRow(static_cast<float*>(args.y) + (m0 + i) * p.n + lo, si, len, args.stream);
     }
@@ -496,9 +530,15 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
     for (int64_t i = 0; i < rows; ++i) store(s + i * lds, i);
   } else {
 #if defined(TW_ISA_AVX512)
-    if (!args.y_bf16 && c != nullptr) {
+    if (c != nullptr) {
       thread_local SpanChunks chunks;
       chunks.phase = -1;
+      if (args.y_bf16) {
+        chunks.Make(0, len, out, width, lo);
+        for (int64_t i = 0; i < rows; ++i)
+          ExpandRowBF16(chunks, c + i * ldc, bias, static_cast<uint16_t*>(args.y) + (m0 + i) * p.n + lo, len);
+        return;
+      }
       for (int64_t i = 0; i < rows; ++i) {
         float* yi = static_cast<float*>(args.y) + (m0 + i) * p.n + lo;
         const int64_t phase = static_cast<int64_t>(reinterpret_cast<uintptr_t>(yi) % 64 / sizeof(float));

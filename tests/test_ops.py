@@ -345,6 +345,29 @@ def test_bf16_error_within_xla_bf16_error(backend, m):
     assert err <= 2 * xla_err + 1e-6, (err, xla_err)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
+@pytest.mark.parametrize("m", [7, 200])  # the few-rows path and the blocked path
+def test_host_bf16_output_is_its_f32_output_rounded_as_xla(m):
+    """The host kernel writes a bf16 y by rounding its f32 sums to nearest even (vectorised on
+    AVX-512): a bf16 call must equal the f32-output call of the same operands, converted by
+    XLA, bit for bit, with a bias or without, through a tile's span or the residue's, and with
+    NaN and infinities in x."""
+    rng = np.random.default_rng(13)
+    for pattern in (patterns.TW2D(), patterns.TEW(residue=0.1)):
+        _, _, p = _layer(48, 70, 16, 0.5, dtype=jnp.bfloat16, pattern=pattern, empty_tiles=True, seed=m)
+        x = (rng.normal(size=(m, 48)) * 1e3).astype(jnp.bfloat16)
+        kept = np.asarray(p.rows)  # K indices some tile reads
+        x[0, kept[0]], x[-1, kept[-1]] = np.nan, np.inf
+        for bias in (None, rng.normal(size=70).astype(np.float32)):
+            b = None if bias is None else jnp.asarray(bias)
+            y16 = np.asarray(_ffi.cpu_tw_matmul(jnp.asarray(x), p, b, jnp.bfloat16))
+            y32 = _ffi.cpu_tw_matmul(jnp.asarray(x), p, b, jnp.float32)
+            assert y16.dtype == jnp.bfloat16 and np.isnan(np.asarray(y32)).any()
+            np.testing.assert_array_equal(y16.view(np.uint16),
+                                          np.asarray(y32.astype(jnp.bfloat16)).view(np.uint16),
+                                          err_msg=f"{pattern} bias={bias is not None}")
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "cuda")] or ["cpu"])
 @pytest.mark.parametrize("m", [1, 7, 200])  # the few-rows path and the blocked path
 def test_poisoned_output_is_fully_written(backend, m, poisoned):
