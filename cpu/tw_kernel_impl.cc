@@ -208,6 +208,9 @@ struct AlignedBuffer {
   }
 };
 
+// A tile's width padded to whole micro-tiles (NR columns).
+inline int64_t PaddedWidth(const PackedTilesView& p, int64_t tile) { return (p.width(tile) + NR - 1) / NR * NR; }
+
 // The tile's weights as f32 micro-panels b[jp][q][NR], zero past the tile's width.
 void PackWeights(const TileGemmArgs& args, int64_t tile, float* b) {
   const PackedTilesView& p = *args.p;
@@ -230,7 +233,7 @@ void PackWeights(const TileGemmArgs& args, int64_t tile, float* b) {
 }
 
 int64_t WeightSize(const PackedTilesView& p, int64_t tile) {
-  return (p.width(tile) + NR - 1) / NR * NR * p.depth(tile);
+  return PaddedWidth(p, tile) * p.depth(tile);
 }
 
 // x[i][q] for the rows of a work item, as the residue reads them: row i at xt[q * ldxt + i],
@@ -495,8 +498,6 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
   const int32_t* e_begin = std::lower_bound(p.residue_cols, p.residue_cols + p.e, static_cast<int32_t>(lo));
   const int32_t* e_end = std::lower_bound(e_begin, p.residue_cols + p.e, static_cast<int32_t>(hi));
   const bool residue = e_begin != e_end;
-  const int64_t lds = residue ? len : 0;  // a row buffer, or the whole span's
-  float* s = span_scratch.Get((residue ? rows : 1) * len);
   const int64_t width = t < p.t && c != nullptr ? p.width(t) : 0;
   const int32_t* out = width > 0 ? p.columns + t * p.g : nullptr;
   const float* bias = args.bias ? args.bias + lo : nullptr;
@@ -524,31 +525,30 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
       StoreRow(static_cast<float*>(args.y) + (m0 + i) * p.n + lo, si, len, args.stream);
     }
   };
-  if (residue) {
-    for (int64_t i = 0; i < rows; ++i) make(s + i * lds, i);
-    Residue(args, x, rows, e_begin - p.residue_cols, e_end - p.residue_cols, lo, s, lds);
-    for (int64_t i = 0; i < rows; ++i) store(s + i * lds, i);
-  } else {
 #if defined(TW_ISA_AVX512)
-    if (c != nullptr) {
-      thread_local SpanChunks chunks;
-      chunks.phase = -1;
-      if (args.y_bf16) {
-        chunks.Make(0, len, out, width, lo);
-        for (int64_t i = 0; i < rows; ++i)
-          ExpandRowBF16(chunks, c + i * ldc, bias, static_cast<uint16_t*>(args.y) + (m0 + i) * p.n + lo, len);
-        return;
-      }
-      for (int64_t i = 0; i < rows; ++i) {
-        float* yi = static_cast<float*>(args.y) + (m0 + i) * p.n + lo;
-        const int64_t phase = static_cast<int64_t>(reinterpret_cast<uintptr_t>(yi) % 64 / sizeof(float));
-        if (phase != chunks.phase) chunks.Make(phase, len, out, width, lo);
-        ExpandRow(chunks, c + i * ldc, bias, yi, args.stream);
-      }
-      if (args.stream) _mm_sfence();
-      return;
+  thread_local SpanChunks chunks;
+  chunks.phase = -1;
+#endif
+  if (residue) {  // every row of the span in the buffer, the residue added, then written
+    float* s = span_scratch.Get(rows * len);
+    for (int64_t i = 0; i < rows; ++i) make(s + i * len, i);
+    Residue(args, x, rows, e_begin - p.residue_cols, e_end - p.residue_cols, lo, s, len);
+    for (int64_t i = 0; i < rows; ++i) store(s + i * len, i);
+#if defined(TW_ISA_AVX512)
+  } else if (c != nullptr && args.y_bf16) {  // straight from the tile's rows (SpanChunks)
+    chunks.Make(0, len, out, width, lo);
+    for (int64_t i = 0; i < rows; ++i)
+      ExpandRowBF16(chunks, c + i * ldc, bias, static_cast<uint16_t*>(args.y) + (m0 + i) * p.n + lo, len);
+  } else if (c != nullptr) {
+    for (int64_t i = 0; i < rows; ++i) {
+      float* yi = static_cast<float*>(args.y) + (m0 + i) * p.n + lo;
+      const int64_t phase = static_cast<int64_t>(reinterpret_cast<uintptr_t>(yi) % 64 / sizeof(float));
+      if (phase != chunks.phase) chunks.Make(phase, len, out, width, lo);
+      ExpandRow(chunks, c + i * ldc, bias, yi, args.stream);
     }
 #endif
+  } else {  // one row at a time through an L1 buffer
+    float* s = span_scratch.Get(len);
     for (int64_t i = 0; i < rows; ++i) {
       make(s, i);
       store(s, i);
@@ -580,10 +580,9 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
     xs.xt = xt;
   }
   // Tile results: one buffer reused tile after tile, or with K blocks one per tile.
-  auto padded = [&](int64_t tile) { return (p.width(tile) + NR - 1) / NR * NR; };
   int64_t cfloats = 0;
   for (int64_t tile = t_begin; tile < std::min(t_end, p.t); ++tile)
-    cfloats = nblocks > 1 ? cfloats + padded(tile) : std::max(cfloats, padded(tile));
+    cfloats = nblocks > 1 ? cfloats + PaddedWidth(p, tile) : std::max(cfloats, PaddedWidth(p, tile));
   float* cbuf = cscratch.Get(npanels * MR * cfloats);
   for (int64_t kb = 0; kb < p.k; kb += kbw) {
     const int64_t kw = std::min(kbw, p.k - kb);
@@ -592,18 +591,20 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
     if (xt) Transpose(panels, kw, npanels, xt + kb * xs.ldxt, xs.ldxt);
     float* c = cbuf;
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
-      const int64_t depth = tile < p.t ? p.depth(tile) : 0, gp = tile < p.t ? padded(tile) : 0;
-      const int32_t* kept = depth > 0 ? p.rows + p.row_offsets[tile] : nullptr;
-      // This block's kept rows: [q0, q1) of the tile's (ascending: Validate).
-      const int64_t q0 = depth > 0 ? std::lower_bound(kept, kept + depth, static_cast<int32_t>(kb)) - kept : 0;
-      const int64_t q1 = depth > 0 ? std::lower_bound(kept + q0, kept + depth, static_cast<int32_t>(kb + kw)) - kept : 0;
-      const float* bbuf = depth > 0 ? args.weights + args.weight_offsets[tile] : nullptr;
-      for (int64_t k0 = q0; k0 < q1; k0 += KC) {
-        const int64_t kc = std::min(KC, q1 - k0);
-        for (int64_t jp = 0; jp < gp; jp += NR) {
-          const float* b = bbuf + (jp / NR) * depth * NR + k0 * NR;
-          for (int64_t ip = 0; ip < npanels; ++ip)  // the panel as if it started at column 0
-            Micro(kc, panels + (ip * kw - kb) * MR, kept + k0, b, c + ip * MR * gp + jp, gp, k0 > 0);
+      const int64_t depth = tile < p.t ? p.depth(tile) : 0, gp = tile < p.t ? PaddedWidth(p, tile) : 0;
+      if (depth > 0) {
+        const int32_t* kept = p.rows + p.row_offsets[tile];
+        // This block's kept rows: [q0, q1) of the tile's (ascending: Validate).
+        const int64_t q0 = std::lower_bound(kept, kept + depth, static_cast<int32_t>(kb)) - kept;
+        const int64_t q1 = std::lower_bound(kept + q0, kept + depth, static_cast<int32_t>(kb + kw)) - kept;
+        const float* bbuf = args.weights + args.weight_offsets[tile];
+        for (int64_t k0 = q0; k0 < q1; k0 += KC) {
+          const int64_t kc = std::min(KC, q1 - k0);
+          for (int64_t jp = 0; jp < gp; jp += NR) {
+            const float* b = bbuf + (jp / NR) * depth * NR + k0 * NR;
+            for (int64_t ip = 0; ip < npanels; ++ip)  // the panel as if it started at column 0
+              Micro(kc, panels + (ip * kw - kb) * MR, kept + k0, b, c + ip * MR * gp + jp, gp, k0 > 0);
+          }
         }
       }
       // After the tile's last kept row, its span (no tile, or one with no kept rows: bias and
