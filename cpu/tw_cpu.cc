@@ -18,6 +18,12 @@
 #include <string>
 #include <vector>
 
+#if defined(JAX_TW_HAVE_AMX)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "packed_tiles.h"
 #include "tw_kernel.h"
 #include "xla/ffi/api/ffi.h"
@@ -27,7 +33,20 @@ namespace ffi = xla::ffi;
 namespace jax_tw {
 namespace {
 
-// The widest variant this CPU runs; JAX_TW_ISA=generic|avx2 (read at import) asks for a
+#if defined(JAX_TW_HAVE_AMX)
+// Whether this process may run AMX tile instructions: the CPU has AMX-BF16 and Linux grants the
+// tile data state (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, Linux 5.16 and later;
+// without it the first tile instruction faults).
+bool AmxUsable() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool tile = edx & (1u << 24), bf16 = edx & (1u << 22);
+  if (!tile || !bf16) return false;
+  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+#endif
+
+// The widest variant this CPU runs; JAX_TW_ISA=generic|avx2|avx512 (read at import) asks for a
 // narrower one, so that tests can run every variant this machine supports.
 TileKernel ChooseKernel() {
   const char* want = std::getenv("JAX_TW_ISA");
@@ -35,6 +54,10 @@ TileKernel ChooseKernel() {
   if (ask == "generic") return generic::Kernel();
 #if defined(__x86_64__) && defined(JAX_TW_HAVE_X86_VARIANTS)
   __builtin_cpu_init();
+#if defined(JAX_TW_HAVE_AMX)
+  if (ask.empty() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && AmxUsable())
+    return avx512_amx::Kernel();
+#endif
   if (__builtin_cpu_supports("avx512f") && ask != "avx2") return avx512::Kernel();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2::Kernel();
 #endif
@@ -85,8 +108,8 @@ std::string ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
 // eighth of those rows, the item is cut to one walk: at M = 2048, 120-row items in one walk
 // measured 1-8% faster than 132-row ones in two, but at M = 4096 and K = 384, 120-row items
 // measured 3-7% slower than 192-row ones in two walks (shorter items cost more than a walk saves).
-int64_t RowsPerItem(int64_t m, int64_t threads, bool residue) {
-  const int64_t mr = kKernel.mr, items = 8 * std::max<int64_t>(threads, 1);
+int64_t RowsPerItem(int64_t m, int64_t threads, bool residue, bool bf16) {
+  const int64_t mr = bf16 ? kKernel.mr_bf16 : kKernel.mr, items = 8 * std::max<int64_t>(threads, 1);
   int64_t rows = ((m + items - 1) / items + mr - 1) / mr * mr;
   rows = std::min(std::max(rows, 4 * mr), kRowsPerItem / mr * mr);
   const int64_t walk = kKernel.residue_rows / mr * mr;
@@ -105,7 +128,7 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   offsets_buffer.assign(p.t + 1, 0);
   int64_t* weight_offsets = offsets_buffer.data();
   for (int64_t t = 0; t < p.t; ++t)
-    weight_offsets[t + 1] = weight_offsets[t] + (kKernel.weight_size(p, t) + 15) / 16 * 16;
+    weight_offsets[t + 1] = weight_offsets[t] + (kKernel.weight_size(args, t) + 15) / 16 * 16;
   weight_buffer.resize(weight_offsets[p.t] + 16);
   const auto addr = reinterpret_cast<uintptr_t>(weight_buffer.data());
   float* weights = weight_buffer.data() + ((64 - addr % 64) % 64) / sizeof(float);
@@ -120,7 +143,7 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   // hundred) the spans are split into ranges too: each range's item packs its rows of x again,
   // cheap next to an idle thread (M = 64 at 768 x 3072: 2.21 -> 1.83 ms, BUILD_NOTES.md).
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t rows = RowsPerItem(args.m, threads, p.e > 0), blocks = (args.m + rows - 1) / rows;
+  const int64_t rows = RowsPerItem(args.m, threads, p.e > 0, args.bf16), blocks = (args.m + rows - 1) / rows;
   const int64_t spans = Spans(p);
   int64_t groups = 1;
   while (groups < spans && (blocks * groups < 2 * threads || blocks * groups % threads != 0))

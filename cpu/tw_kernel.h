@@ -105,10 +105,11 @@ constexpr int64_t kStreamBytes = int64_t{4} << 20;
 struct TileKernel {
   const char* isa;
   int64_t mr;            // panel height
+  int64_t mr_bf16;       // rows of x per work item are a multiple of this for bf16 x
   int64_t vl;            // floats per vector
   int64_t residue_rows;  // most rows of x one walk of the residue covers
   // Floats of the micro-panel copy of a tile's weights, and the copy itself (64-byte aligned b).
-  int64_t (*weight_size)(const PackedTilesView&, int64_t tile);
+  int64_t (*weight_size)(const TileGemmArgs&, int64_t tile);
   void (*pack_weights)(const TileGemmArgs&, int64_t tile, float* b);
   // Rows [m_begin, m_end) of y, spans [t_begin, t_end) (step 2); needs args.weights.
   void (*rows)(const TileGemmArgs&, int64_t m_begin, int64_t m_end, int64_t t_begin, int64_t t_end);
@@ -117,6 +118,7 @@ struct TileKernel {
 };
 
 // One definition per instruction set: tw_kernel_impl.cc is compiled once per ISA.
+namespace avx512_amx { TileKernel Kernel(); }  // bf16 on AMX tiles, f32 as avx512
 namespace avx512 { TileKernel Kernel(); }
 namespace avx2 { TileKernel Kernel(); }
 namespace generic { TileKernel Kernel(); }

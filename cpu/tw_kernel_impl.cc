@@ -16,7 +16,11 @@
 
 #include "tw_kernel.h"
 
-#if defined(TW_ISA_AVX512)
+#if defined(TW_ISA_AVX512) && defined(TW_AMX)
+#define TW_NS avx512_amx
+#define TW_ISA_NAME "avx512-amx"
+constexpr int VL = 16, MR = 12;
+#elif defined(TW_ISA_AVX512)
 #define TW_NS avx512
 #define TW_ISA_NAME "avx512"
 constexpr int VL = 16, MR = 12;
@@ -647,10 +651,293 @@ void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end)
   Epilogue(args, tile, m_begin, rows, acc, gp, xt);
 }
 
+
+#if defined(TW_AMX)
+// ---------------------------------------------------------------------------------------------
+// bf16 on AMX (compiled into the "avx512-amx" variant; chosen when the CPU has AMX-BF16 and the
+// OS grants the tile data: tw_cpu.cc). Each tile's GEMM is run transposed, y^T = W^T x^T, by
+// TDPBF16PS on 16 x 16 f32 tiles C^T[j][i] (output column j, row i of the work item):
+//  - A = W^T: 16 output columns x 32 kept K indices, bf16. The tile's weights in this layout
+//    (per K block, per 16 columns, per step of 32 kept rows: 1 KB) are made once per call, in
+//    parallel over tiles, like the f32 micro-panels (PackWeightsAmx).
+//  - B = x^T in pairs: row p of a step holds, for 16 rows i of x, x[i][kept[2p]] and
+//    x[i][kept[2p + 1]] (the layout TDPBF16PS contracts in pairs). The work item's rows of x are
+//    transposed once per K block into xt (f32, feature-major: the residue's layout), so each
+//    such row is two vector loads of xt at the tile's kept K indices (BuildPairs).
+// The f32 C^T tiles are transposed into the tile's rows once the last K block is done, and the
+// same epilogue as f32 writes the span. TDPBF16PS multiplies bf16 exactly and adds in f32 (it
+// treats denormal inputs as zero and flushes denormal results).
+
+constexpr int64_t kSteps = 32;  // kept K indices per TDPBF16PS (16 pairs)
+
+inline int64_t ColumnGroups(const PackedTilesView& p, int64_t tile) { return (p.width(tile) + 15) / 16; }
+
+// The K blocks of a layer (as Rows): nblocks blocks of kbw columns of x, the last the rest.
+inline void KBlocks(int64_t k, int64_t* nblocks, int64_t* kbw) {
+  *nblocks = (k + kKBlock - 1) / kKBlock;
+  *kbw = (k + *nblocks - 1) / *nblocks;
+}
+
+// The tile's kept rows inside K block [kb, kb + kw): [*q0, *q1) of its kept list.
+inline void BlockRows(const int32_t* kept, int64_t depth, int64_t kb, int64_t kw, int64_t* q0, int64_t* q1) {
+  *q0 = std::lower_bound(kept, kept + depth, static_cast<int32_t>(kb)) - kept;
+  *q1 = std::lower_bound(kept + *q0, kept + depth, static_cast<int32_t>(kb + kw)) - kept;
+}
+
+// Floats of a tile's A operands: per K block, ColumnGroups x steps x 1 KB.
+int64_t WeightSizeAmx(const PackedTilesView& p, int64_t tile) {
+  int64_t nblocks, kbw, steps = 0;
+  KBlocks(p.k, &nblocks, &kbw);
+  const int32_t* kept = p.rows + p.row_offsets[tile];
+  for (int64_t kb = 0; kb < p.k; kb += kbw) {
+    int64_t q0, q1;
+    BlockRows(kept, p.depth(tile), kb, std::min(kbw, p.k - kb), &q0, &q1);
+    steps += (q1 - q0 + kSteps - 1) / kSteps;
+  }
+  return steps * ColumnGroups(p, tile) * 256;
+}
+
+// w[block][jc][s][j][kk] = W^T: the bf16 weight of the tile's column 16 jc + j at its kept row
+// q0 + 32 s + kk of the block, zero past the tile's width and the block's kept rows.
+void PackWeightsAmx(const TileGemmArgs& args, int64_t tile, float* b) {
+  const PackedTilesView& p = *args.p;
+  const uint16_t* values = static_cast<const uint16_t*>(args.values);
+  const int64_t width = p.width(tile), ncg = ColumnGroups(p, tile), offset = p.row_offsets[tile];
+  int64_t nblocks, kbw;
+  KBlocks(p.k, &nblocks, &kbw);
+  uint16_t* w = reinterpret_cast<uint16_t*>(b);
+  for (int64_t kb = 0; kb < p.k; kb += kbw) {
+    int64_t q0, q1;
+    BlockRows(p.rows + offset, p.depth(tile), kb, std::min(kbw, p.k - kb), &q0, &q1);
+    const int64_t steps = (q1 - q0 + kSteps - 1) / kSteps;
+    for (int64_t jc = 0; jc < ncg; ++jc)
+      for (int64_t s = 0; s < steps; ++s)
+        for (int64_t j = 0; j < 16; ++j, w += kSteps) {
+          const int64_t col = 16 * jc + j;
+          for (int64_t kk = 0; kk < kSteps; ++kk) {
+            const int64_t q = q0 + s * kSteps + kk;
+            w[kk] = q < q1 && col < width ? values[(offset + q) * p.g + col] : 0;
+          }
+        }
+  }
+}
+
+// r[0..16) transposed in place: r[j] lane i = r[i] lane j (before).
+inline void Transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  // r[4g + c], 128-bit lane L: rows 4g..4g+3 at column 4L + c.
+  for (int g = 0; g < 4; ++g) {
+    r[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    r[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    r[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    r[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 e0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);  // L0 L2 of each
+    const __m512 e1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);  // L1 L3
+    const __m512 e2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 e3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+    t[c] = _mm512_shuffle_f32x4(e0, e2, 0x88);       // column c: lane 0 of all
+    t[4 + c] = _mm512_shuffle_f32x4(e1, e3, 0x88);   // column 4 + c: lane 1
+    t[8 + c] = _mm512_shuffle_f32x4(e0, e2, 0xDD);   // column 8 + c: lane 2
+    t[12 + c] = _mm512_shuffle_f32x4(e1, e3, 0xDD);  // column 12 + c: lane 3
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// The first n (<= 16) values of x's row p as f32, zero past them.
+inline __m512 LoadN(const uint16_t* p, int64_t n) {
+  const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// xt[q][i] = x[m0 + i][kb + q] as f32 for q < kw, i < ldxt (zero for rows past `rows`).
+void TransposeX(const TileGemmArgs& args, int64_t m0, int64_t rows, int64_t kb, int64_t kw, float* xt,
+                int64_t ldxt) {
+  const uint16_t* x = static_cast<const uint16_t*>(args.x) + m0 * args.p->k + kb;
+  const int64_t ld = args.p->k;
+  for (int64_t i0 = 0; i0 < ldxt; i0 += 16)
+    for (int64_t q0 = 0; q0 < kw; q0 += 16) {
+      const int64_t w = std::min<int64_t>(16, kw - q0);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i0 + i < rows ? LoadN(x + (i0 + i) * ld + q0, w) : _mm512_setzero_ps();
+      Transpose16x16(r);
+      for (int64_t q = 0; q < w; ++q) _mm512_store_ps(xt + (q0 + q) * ldxt + i0, r[q]);
+    }
+}
+
+// B operands of the tile's steps in this block: b[(s * ngroups + gi) * 256 + pp * 16 + i] =
+// (x[16 gi + i][kept[q]], x[16 gi + i][kept[q + 1]]) as a bf16 pair, q = q0 + 32 s + 2 pp
+// (zero past q1). xt: the block's rows of x feature-major (K index kb first).
+void BuildPairs(const float* xt, int64_t ldxt, int64_t kb, const int32_t* kept, int64_t q0, int64_t q1,
+                const float* zeros, uint32_t* b) {
+  const int64_t ngroups = ldxt / 16, steps = (q1 - q0 + kSteps - 1) / kSteps;
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t s = 0; s < steps; ++s)
+    for (int64_t pp = 0; pp < 16; ++pp) {
+      const int64_t q = q0 + s * kSteps + 2 * pp;
+      const float* ra = q < q1 ? xt + (kept[q] - kb) * ldxt : zeros;
+      const float* rb = q + 1 < q1 ? xt + (kept[q + 1] - kb) * ldxt : zeros;
+      uint32_t* out = b + s * ngroups * 256 + pp * 16;
+      for (int64_t gi = 0; gi < ngroups; ++gi) {
+        const __m512i a = _mm512_srli_epi32(_mm512_castps_si512(_mm512_load_ps(ra + 16 * gi)), 16);
+        const __m512i c = _mm512_and_si512(_mm512_castps_si512(_mm512_load_ps(rb + 16 * gi)), high);
+        _mm512_store_si512(out + gi * 256, _mm512_or_si512(a, c));
+      }
+    }
+}
+
+// C^T (+)= A B over `steps` steps for every 16 x 16 block of the tile: ct[j][i], ldt floats per
+// output column. 2 x 2 blocks at a time (tiles 0-3), A in tiles 4-5, B in 6-7.
+void TileProducts(const uint16_t* w, int64_t ncg, int64_t steps, const uint32_t* b, int64_t ngroups,
+                  float* ct, int64_t ldt, bool accumulate) {
+  const int64_t stride = ldt * sizeof(float);
+  for (int64_t jc = 0; jc < ncg; jc += 2) {
+    const bool two = jc + 1 < ncg;
+    const uint16_t* w0 = w + jc * steps * 512;
+    const uint16_t* w1 = w0 + steps * 512;
+    for (int64_t gi = 0; gi < ngroups; gi += 2) {
+      float* c00 = ct + 16 * jc * ldt + 16 * gi;
+      float* c10 = c00 + 16 * ldt;
+      if (accumulate) {
+        _tile_loadd(0, c00, stride);
+        _tile_loadd(1, c00 + 16, stride);
+        if (two) {
+          _tile_loadd(2, c10, stride);
+          _tile_loadd(3, c10 + 16, stride);
+        }
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int64_t s = 0; s < steps; ++s) {
+        _tile_loadd(4, w0 + s * 512, 64);
+        _tile_loadd(6, b + (s * ngroups + gi) * 256, 64);
+        _tile_loadd(7, b + (s * ngroups + gi + 1) * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {
+          _tile_loadd(5, w1 + s * 512, 64);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, c00, stride);
+      _tile_stored(1, c00 + 16, stride);
+      if (two) {
+        _tile_stored(2, c10, stride);
+        _tile_stored(3, c10 + 16, stride);
+      }
+    }
+  }
+}
+
+// Palette 1, tiles 0-7 all 16 rows x 64 bytes.
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int i = 0; i < 8; ++i) {
+      colsb[i] = 64;
+      rows[i] = 16;
+    }
+  }
+};
+
+// Rows [m_begin, m_end) of y, spans [t_begin, t_end), bf16 x on AMX: as Rows, K block by K
+// block (each tile's C^T kept between blocks), the rows of x transposed instead of packed.
+void RowsAmx(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_begin, int64_t t_end) {
+  thread_local AlignedBuffer xt_scratch, pair_scratch, ct_scratch, c_scratch, zero_scratch;
+  thread_local std::vector<int64_t> woff;
+  static const TileConfig config;
+  const PackedTilesView& p = *args.p;
+  const int64_t rows = m_end - m_begin, ldt = (rows + 31) / 32 * 32, ngroups = ldt / 16;
+  int64_t nblocks, kbw;
+  KBlocks(p.k, &nblocks, &kbw);
+  // x feature-major: the whole of K when the residue reads it after the last block, else a block.
+  float* xt = xt_scratch.Get((p.e > 0 ? p.k : kbw) * ldt);
+  float* zeros = zero_scratch.Get(ldt);
+  std::fill(zeros, zeros + ldt, 0.f);
+  const int64_t tiles_end = std::min(t_end, p.t);
+  int64_t ctfloats = 0, maxsteps = 0;
+  woff.assign(std::max<int64_t>(tiles_end - t_begin, 0), 0);
+  for (int64_t tile = t_begin; tile < tiles_end; ++tile) {
+    const int64_t cf = ColumnGroups(p, tile) * 16 * ldt;
+    ctfloats = nblocks > 1 ? ctfloats + cf : std::max(ctfloats, cf);
+    maxsteps = std::max(maxsteps, (std::min(p.depth(tile), kbw) + kSteps - 1) / kSteps + 1);
+  }
+  float* ctbuf = ct_scratch.Get(ctfloats);
+  uint32_t* pairs = reinterpret_cast<uint32_t*>(pair_scratch.Get(maxsteps * ngroups * 256));
+  float* c = nullptr;
+  _tile_loadconfig(&config);
+  for (int64_t kb = 0; kb < p.k; kb += kbw) {
+    const int64_t kw = std::min(kbw, p.k - kb);
+    const bool last = kb + kw == p.k;
+    float* xtb = p.e > 0 ? xt + kb * ldt : xt;
+    TransposeX(args, m_begin, rows, kb, kw, xtb, ldt);
+    float* ct = ctbuf;
+    for (int64_t tile = t_begin; tile < t_end; ++tile) {
+      const int64_t depth = tile < p.t ? p.depth(tile) : 0, ncg = tile < p.t ? ColumnGroups(p, tile) : 0;
+      if (depth > 0) {
+        const int32_t* kept = p.rows + p.row_offsets[tile];
+        int64_t q0, q1;
+        BlockRows(kept, depth, kb, kw, &q0, &q1);
+        const int64_t steps = (q1 - q0 + kSteps - 1) / kSteps;
+        const uint16_t* w = reinterpret_cast<const uint16_t*>(args.weights + args.weight_offsets[tile]) +
+                            woff[tile - t_begin];
+        woff[tile - t_begin] += steps * ncg * 512;
+        BuildPairs(xtb, ldt, kb, kept, q0, q1, zeros, pairs);
+        TileProducts(w, ncg, steps, pairs, ngroups, ct, ldt, kb > 0);
+        if (last) {  // C^T into the tile's rows: c[i][j], 16 ncg floats per row
+          const int64_t ldc = 16 * ncg;
+          c = c_scratch.Get(ldt * ldc);
+          for (int64_t jc = 0; jc < ncg; ++jc)
+            for (int64_t gi = 0; gi < ngroups; ++gi) {
+              __m512 r[16];
+              for (int j = 0; j < 16; ++j) r[j] = _mm512_load_ps(ct + (16 * jc + j) * ldt + 16 * gi);
+              Transpose16x16(r);
+              for (int i = 0; i < 16; ++i) _mm512_store_ps(c + (16 * gi + i) * ldc + 16 * jc, r[i]);
+            }
+        }
+      }
+      if (last) Epilogue(args, tile, m_begin, rows, depth > 0 ? c : nullptr, 16 * ncg, PanelRows{xt, ldt});
+      if (nblocks > 1) ct += ncg * 16 * ldt;
+    }
+  }
+  _tile_release();
+}
+
+// The variant's entry points: bf16 on AMX, f32 as the avx512 variant.
+int64_t WeightSizeAny(const TileGemmArgs& args, int64_t tile) {
+  return args.bf16 ? WeightSizeAmx(*args.p, tile) : WeightSize(*args.p, tile);
+}
+void PackWeightsAny(const TileGemmArgs& args, int64_t tile, float* b) {
+  if (args.bf16) PackWeightsAmx(args, tile, b);
+  else PackWeights(args, tile, b);
+}
+void RowsAny(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_begin, int64_t t_end) {
+  if (args.bf16) RowsAmx(args, m_begin, m_end, t_begin, t_end);
+  else Rows(args, m_begin, m_end, t_begin, t_end);
+}
+#endif  // TW_AMX
+
 }  // namespace
 
 TileKernel Kernel() {
-  return TileKernel{TW_ISA_NAME, MR, VL, kResidueBlock, WeightSize, PackWeights, Rows, Few};
+#if defined(TW_AMX)
+  return TileKernel{"avx512-amx", MR, 32, VL, kResidueBlock, WeightSizeAny, PackWeightsAny, RowsAny, Few};
+#else
+  auto weight_size = [](const TileGemmArgs& args, int64_t tile) { return WeightSize(*args.p, tile); };
+  return TileKernel{TW_ISA_NAME, MR, MR, VL, kResidueBlock, weight_size, PackWeights, Rows, Few};
+#endif
 }
 
 }  // namespace TW_NS

@@ -167,13 +167,13 @@ def test_tiles_saved_without_a_schedule_load(tmp_path):
 
 
 @pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
-@pytest.mark.parametrize("isa", ["generic", "avx2"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_narrower_isa_variants_match_reference(isa):
     """The host kernel is compiled once per instruction set and the widest the CPU runs is
     chosen; JAX_TW_ISA asks for a narrower one, so every variant this machine can run is
     checked (tests/isa_check.py, in a fresh process: the choice is made at import)."""
     from jax_tw import _cpu
-    order = ["generic", "avx2", "avx512"]
+    order = ["generic", "avx2", "avx512", "avx512-amx"]
     if order.index(isa) >= order.index(_cpu.isa()):
         pytest.skip(f"{isa} is not narrower than this machine's {_cpu.isa()} (run by every other test)")
     here = pathlib.Path(__file__).parent
