@@ -697,31 +697,6 @@ int64_t WeightSizeAmx(const PackedTilesView& p, int64_t tile) {
   return steps * ColumnGroups(p, tile) * 256;
 }
 
-// w[block][jc][s][j][kk] = W^T: the bf16 weight of the tile's column 16 jc + j at its kept row
-// q0 + 32 s + kk of the block, zero past the tile's width and the block's kept rows.
-void PackWeightsAmx(const TileGemmArgs& args, int64_t tile, float* b) {
-  const PackedTilesView& p = *args.p;
-  const uint16_t* values = static_cast<const uint16_t*>(args.values);
-  const int64_t width = p.width(tile), ncg = ColumnGroups(p, tile), offset = p.row_offsets[tile];
-  int64_t nblocks, kbw;
-  KBlocks(p.k, &nblocks, &kbw);
-  uint16_t* w = reinterpret_cast<uint16_t*>(b);
-  for (int64_t kb = 0; kb < p.k; kb += kbw) {
-    int64_t q0, q1;
-    BlockRows(p.rows + offset, p.depth(tile), kb, std::min(kbw, p.k - kb), &q0, &q1);
-    const int64_t steps = (q1 - q0 + kSteps - 1) / kSteps;
-    for (int64_t jc = 0; jc < ncg; ++jc)
-      for (int64_t s = 0; s < steps; ++s)
-        for (int64_t j = 0; j < 16; ++j, w += kSteps) {
-          const int64_t col = 16 * jc + j;
-          for (int64_t kk = 0; kk < kSteps; ++kk) {
-            const int64_t q = q0 + s * kSteps + kk;
-            w[kk] = q < q1 && col < width ? values[(offset + q) * p.g + col] : 0;
-          }
-        }
-  }
-}
-
 // r[0..16) transposed in place: r[j] lane i = r[i] lane j (before).
 inline void Transpose16x16(__m512 r[16]) {
   __m512 t[16];
@@ -747,6 +722,39 @@ inline void Transpose16x16(__m512 r[16]) {
     t[12 + c] = _mm512_shuffle_f32x4(e1, e3, 0xDD);  // column 12 + c: lane 3
   }
   for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// w[block][jc][s][j][kk] = W^T: the bf16 weight of the tile's column 16 jc + j at its kept row
+// q0 + 32 s + kk of the block, zero past the tile's width and the block's kept rows. Each 1 KB
+// is one 16 x 16 transpose of 32-bit pairs (rows q and q + 1 of 16 columns).
+void PackWeightsAmx(const TileGemmArgs& args, int64_t tile, float* b) {
+  const PackedTilesView& p = *args.p;
+  const uint16_t* values = static_cast<const uint16_t*>(args.values);
+  const int64_t width = p.width(tile), ncg = ColumnGroups(p, tile), offset = p.row_offsets[tile];
+  int64_t nblocks, kbw;
+  KBlocks(p.k, &nblocks, &kbw);
+  float* w = b;
+  for (int64_t kb = 0; kb < p.k; kb += kbw) {
+    int64_t q0, q1;
+    BlockRows(p.rows + offset, p.depth(tile), kb, std::min(kbw, p.k - kb), &q0, &q1);
+    const int64_t steps = (q1 - q0 + kSteps - 1) / kSteps;
+    for (int64_t jc = 0; jc < ncg; ++jc) {
+      const __mmask16 cols = static_cast<__mmask16>((1u << std::min<int64_t>(16, width - 16 * jc)) - 1);
+      auto row = [&](int64_t q) {  // the 16 columns' weights at kept row q, one per 32-bit lane
+        if (q >= q1) return _mm512_setzero_si512();
+        return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cols, values + (offset + q) * p.g + 16 * jc));
+      };
+      for (int64_t s = 0; s < steps; ++s, w += 256) {
+        __m512 r[16];
+        for (int pp = 0; pp < 16; ++pp) {
+          const int64_t q = q0 + s * kSteps + 2 * pp;
+          r[pp] = _mm512_castsi512_ps(_mm512_or_si512(row(q), _mm512_slli_epi32(row(q + 1), 16)));
+        }
+        Transpose16x16(r);  // r[j] lane pp: column j's pair pp
+        for (int j = 0; j < 16; ++j) _mm512_store_ps(w + 16 * j, r[j]);
+      }
+    }
+  }
 }
 
 // The first n (<= 16) values of x's row p as f32, zero past them.
