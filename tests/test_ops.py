@@ -681,3 +681,23 @@ def test_no_rows(backend):
     _, _, p = _layer(16, 24, 8, 0.5)
     y = ops.tw_matmul(np.ones((0, 16), np.float32), p, np.ones(24, np.float32), backend=backend)
     assert y.shape == (0, 24)
+
+
+@pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
+@pytest.mark.parametrize("m", [33, 100, 517])
+def test_host_bf16_blocked_path_sums_in_f32(m):
+    """bf16 x on the blocked path (on AMX tiles where the CPU has them: _cpu.isa() is
+    avx512-amx) against a float64 reference, with an f32 output so that only the sums' own
+    rounding shows: tile widths that are not whole 16-column groups (even and odd counts of
+    them), kept rows per tile not whole 32-row steps (and odd), tiles with no kept rows, K in
+    three blocks, rows not a multiple of 32, a residue and a bias."""
+    rng = np.random.default_rng(m)
+    for pattern in (patterns.TW2D(), patterns.TEW(residue=0.05)):
+        for k, n, g in ((40, 70, 16), (1700, 200, 48), (768, 300, 64), (97, 33, 8), (200, 90, 48)):
+            _, _, p = packed_layer(k, n, g, 0.6, jnp.bfloat16, seed=m + k, pattern=pattern, empty_every=3)
+            x = jnp.asarray(rng.normal(size=(m, k)).astype(jnp.bfloat16))
+            bias = rng.normal(size=n).astype(np.float32)
+            y = np.asarray(_ffi.cpu_tw_matmul(x, p, jnp.asarray(bias), jnp.float32), np.float64)
+            want = np.asarray(x, np.float64) @ np.asarray(packing.unpack(p), np.float64) + bias
+            np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(),
+                                       err_msg=f"{pattern} {k}x{n} G={g}")
