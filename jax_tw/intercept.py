@@ -159,8 +159,7 @@ def _packed_call(module: nn.Module, inputs: Any) -> Any:
         x2 = inputs.reshape(*lead, -1)
         n = math.prod(features)
         bias = None if bias is None else jnp.reshape(bias, (n,))
-        y = twnn.packed_dense(x2, tiles, bias, n, module.dtype, module.param_dtype, where,
-                              module.precision)
+        y = twnn.packed_dense(x2, tiles, bias, n, module.dtype, where, module.precision)
         return y.reshape(*lead, *features)
-    return twnn.packed_dense(inputs, tiles, bias, module.features, module.dtype,
-                             module.param_dtype, where, module.precision)
+    return twnn.packed_dense(inputs, tiles, bias, module.features, module.dtype, where,
+                             module.precision)

@@ -89,8 +89,7 @@ class TWDense(nn.Module):
         """Inference over packed tiles (the variables came from ``packing.pack_variables``)."""
         tiles = self.get_variable(packing.PACKED_COLLECTION, "tiles")
         where = "/".join(self.path) or type(self).__name__
-        return packed_dense(inputs, tiles, bias, self.features, self.dtype, self.param_dtype, where,
-                            self.precision)
+        return packed_dense(inputs, tiles, bias, self.features, self.dtype, where, self.precision)
 
     def layer_mask(self, k: int) -> patterns.LayerMask:
         """Reads (or, when initialising, creates) this layer's ``tw_mask`` entry."""
@@ -111,18 +110,19 @@ class TWDense(nn.Module):
         return mask
 
 
-def packed_dense(inputs: Any, tiles: Any, bias: Any, features: int, dtype: Any, param_dtype: Any,
-                 where: str, precision: Any = None) -> Any:
+def packed_dense(inputs: Any, tiles: Any, bias: Any, features: int, dtype: Any, where: str,
+                 precision: Any = None) -> Any:
     """``inputs @ W + bias`` over the packed tiles of a (K, ``features``) kernel W, for a dense
-    layer of dtype ``dtype`` (None: inferred from ``inputs`` and ``param_dtype``, as
-    ``nn.Dense`` does): the packed path shared by :class:`TWDense`,
+    layer of dtype ``dtype`` (None: the promoted dtype of ``inputs``, the packed weights and
+    ``bias``, as ``nn.Dense`` promotes its inputs, kernel and bias: a model whose params were
+    cast to bfloat16 computes in bfloat16 packed or not): the packed path shared by :class:`TWDense`,
     :class:`jax_tw.nnx.TWLinear` and :mod:`jax_tw.intercept`. ``inputs`` is ``(..., K)``,
     ``bias`` (features,) or None; ``precision`` is the layer's (see :func:`jax_tw.ops.tw_matmul`)."""
     k = jnp.shape(inputs)[-1]
     if not isinstance(tiles, packing.PackedTiles) or (tiles.k, tiles.n) != (k, features):
         got = (tiles.k, tiles.n) if isinstance(tiles, packing.PackedTiles) else type(tiles).__name__
         raise ValueError(f"{where}: packed tiles are for a kernel {got}, expected {(k, features)}")
-    out_dtype = dtype or jnp.result_type(inputs, param_dtype)
+    out_dtype = dtype or jnp.result_type(inputs, tiles.dtype, *(() if bias is None else (bias,)))
     # The bias goes into tw_matmul, which adds it in float32 before the one rounding (fused into
     # the kernel on the cpu, cuda and pallas backends).
     return ops.tw_matmul(jnp.asarray(inputs).astype(tiles.dtype), tiles, bias,

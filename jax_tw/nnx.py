@@ -82,7 +82,7 @@ class TWLinear(nnx.Linear):
         bias = self.bias[...] if self.bias is not None else None
         if self.tiles is not None:
             return twnn.packed_dense(inputs, self.tiles.get_value(), bias, self.out_features,
-                                     self.dtype, self.param_dtype, type(self).__name__, self.precision)
+                                     self.dtype, type(self).__name__, self.precision)
         mask = self.mask()
         kernel = self.kernel[...]
         kernel = jnp.where(patterns.dense_mask(mask), kernel, jnp.zeros((), kernel.dtype))

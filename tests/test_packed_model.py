@@ -60,6 +60,25 @@ def test_packed_bf16_model_within_bf16_error(backend, monkeypatch):
     assert np.abs(got - ref).max() <= 3 * np.abs(xla_bf16 - ref).max() + 1e-3
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_params_cast_to_bf16_compute_in_bf16_packed_or_not(backend, monkeypatch):
+    """A trained model cast to bfloat16 for inference (every param, the usual
+    ``jax.tree.map(lambda a: a.astype(bf16), params)``): nn.Dense and the masked TWDense promote
+    their actual kernel and bias, so the model computes in bfloat16; packed, it must too (it had
+    taken the declared param_dtype, float32, and returned float32)."""
+    monkeypatch.setenv("JAX_TW_BACKEND", backend)
+    model, variables, x = _pruned_variables(patterns.TW2D())
+    ref = np.asarray(model.apply(variables, x), np.float64)
+    cast = {"params": jax.tree.map(lambda a: a.astype(jnp.bfloat16), variables["params"]),
+            "tw_mask": variables["tw_mask"]}
+    xb = x.astype(jnp.bfloat16)
+    want = jax.jit(model.apply)(cast, xb)
+    got = jax.jit(model.apply)(packing.pack_variables(cast, tile_size=G), xb)
+    assert want.dtype == got.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(got, np.float64) - ref).max()
+    assert err <= 3 * np.abs(np.asarray(want, np.float64) - ref).max() + 1e-3
+
+
 def test_packed_variables_save_and_load_exactly(tmp_path):
     model, variables, x = _pruned_variables(patterns.TEW(residue=0.05))
     for dtype in (None, jnp.bfloat16):
