@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-limit", type=int, default=None, help="use only this many dev/test sentences")
     ap.add_argument("--time-batch", type=int, default=64, help="sentences per timed inference batch")
     ap.add_argument("--time-repeats", type=int, default=5)
+    ap.add_argument("--infer-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype of the timed inference: the trained params (dense and packed) cast to it")
     ap.add_argument("--out-dir", type=Path, default=Path("runs/bert"), help="results.json goes here")
     ap.add_argument("--save-packed", action="store_true", help="also write packed.safetensors")
     ap.add_argument("--save-params", action="store_true",
@@ -299,14 +301,24 @@ def main(argv=None) -> dict:
     ids, mask = pad([tokens[r % len(tokens)] for r in range(args.time_batch)], args.time_batch, args.max_len)
     plain = bert.BertClassifier(config, num_classes=2, tile_size=args.tile_size, plain=True)
     dense_fn = jax.jit(lambda variables, ids, mask: plain.apply(variables, ids, mask))
-    t_dense, t_packed = bench.time_pair(dense_fn, logits_fn, ({"params": trained["params"]}, ids, mask),
-                                        (packed, ids, mask), args.time_repeats)
-    result.update(time_batch=[args.time_batch, args.max_len], dense_ms=t_dense * 1e3,
-                  packed_ms=t_packed * 1e3, packed_speedup=t_dense / t_packed)
+    timed_params, timed_packed = trained["params"], packed
+    if args.infer_dtype != "float32":  # both models cast after training, as for deployment
+        infer = jnp.dtype(args.infer_dtype)
+        timed_params = jax.tree.map(lambda a: a.astype(infer) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                                    trained["params"])
+        timed_packed = packing.pack_variables({"params": timed_params, "tw_mask": masks}, args.tile_size)
+        cast_logits = predict(timed_packed, "test")
+        result["infer_agreement"] = float(np.mean(cast_logits.argmax(-1) == packed_logits.argmax(-1)))
+        say(f"packed model in {args.infer_dtype}: predictions agree with float32's on "
+            f"{result['infer_agreement']:.2%} of the test set")
+    t_dense, t_packed = bench.time_pair(dense_fn, logits_fn, ({"params": timed_params}, ids, mask),
+                                        (timed_packed, ids, mask), args.time_repeats)
+    result.update(time_batch=[args.time_batch, args.max_len], infer_dtype=args.infer_dtype,
+                  dense_ms=t_dense * 1e3, packed_ms=t_packed * 1e3, packed_speedup=t_dense / t_packed)
     say(f"packed model: predictions agree with the masked-dense model on "
         f"{result['packed_agreement']:.2%} of the test set (max |logit diff| "
         f"{result['packed_max_logit_diff']:.1e}); pack/unpack exact: {roundtrip}")
-    say(f"inference on {args.time_batch} x {args.max_len} tokens (median of {args.time_repeats}): "
+    say(f"{args.infer_dtype} inference on {args.time_batch} x {args.max_len} tokens (median of {args.time_repeats}): "
         f"dense {t_dense * 1e3:.1f} ms, packed {t_packed * 1e3:.1f} ms, ratio {t_dense / t_packed:.2f}x")
 
     result["total_seconds"] = round(time.perf_counter() - started, 1)
