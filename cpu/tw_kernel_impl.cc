@@ -662,8 +662,8 @@ void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end)
 //    parallel over tiles, like the f32 micro-panels (PackWeightsAmx).
 //  - B = x^T in pairs: row p of a step holds, for 16 rows i of x, x[i][kept[2p]] and
 //    x[i][kept[2p + 1]] (the layout TDPBF16PS contracts in pairs). The work item's rows of x are
-//    transposed once per K block into xt (f32, feature-major: the residue's layout), so each
-//    such row is two vector loads of xt at the tile's kept K indices (BuildPairs).
+//    transposed once per K block in 32-bit pairs of consecutive K indices (TransposePairs), so
+//    each such row is one word permute of two rows of that (BuildPairs).
 // The f32 C^T tiles are transposed into the tile's rows once the last K block is done, and the
 // same epilogue as f32 writes the span. TDPBF16PS multiplies bf16 exactly and adds in f32 (it
 // treats denormal inputs as zero and flushes denormal results).
@@ -757,46 +757,69 @@ void PackWeightsAmx(const TileGemmArgs& args, int64_t tile, float* b) {
   }
 }
 
-// The first n (<= 16) values of x's row p as f32, zero past them.
-inline __m512 LoadN(const uint16_t* p, int64_t n) {
-  const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// xt[q][i] = x[m0 + i][kb + q] as f32 for q < kw, i < ldxt (zero for rows past `rows`).
-void TransposeX(const TileGemmArgs& args, int64_t m0, int64_t rows, int64_t kb, int64_t kw, float* xt,
-                int64_t ldxt) {
+// x2[j][i] = x[m0 + i][kb + 2j] | x[m0 + i][kb + 2j + 1] << 16 (bf16 bits) for j < ceil(kw / 2)
+// and i < ldx2 (zero past `rows` and past the block): the work item's rows of x transposed in
+// 32-bit pairs of consecutive K indices, by 16 x 16 register transposes.
+void TransposePairs(const TileGemmArgs& args, int64_t m0, int64_t rows, int64_t kb, int64_t kw, uint32_t* x2,
+                    int64_t ldx2) {
   const uint16_t* x = static_cast<const uint16_t*>(args.x) + m0 * args.p->k + kb;
-  const int64_t ld = args.p->k;
-  for (int64_t i0 = 0; i0 < ldxt; i0 += 16)
-    for (int64_t q0 = 0; q0 < kw; q0 += 16) {
-      const int64_t w = std::min<int64_t>(16, kw - q0);
+  const int64_t ld = args.p->k, npairs = (kw + 1) / 2;
+  for (int64_t i0 = 0; i0 < ldx2; i0 += 16)
+    for (int64_t j0 = 0; j0 < npairs; j0 += 16) {
+      const int64_t left = std::min<int64_t>(32, kw - 2 * j0);  // bf16 values in this block's row
+      const __mmask32 mask = left == 32 ? ~__mmask32{0} : (__mmask32{1} << left) - 1;
       __m512 r[16];
       for (int i = 0; i < 16; ++i)
-        r[i] = i0 + i < rows ? LoadN(x + (i0 + i) * ld + q0, w) : _mm512_setzero_ps();
+        r[i] = i0 + i < rows ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, x + (i0 + i) * ld + 2 * j0))
+                             : _mm512_setzero_ps();
       Transpose16x16(r);
-      for (int64_t q = 0; q < w; ++q) _mm512_store_ps(xt + (q0 + q) * ldxt + i0, r[q]);
+      const int64_t w = std::min<int64_t>(16, npairs - j0);
+      for (int64_t j = 0; j < w; ++j) _mm512_store_ps(reinterpret_cast<float*>(x2 + (j0 + j) * ldx2 + i0), r[j]);
     }
+}
+
+// xt[q][i] = x[m0 + i][kb + q] as f32 (the residue's layout) from the pairs of TransposePairs.
+void WidenPairs(const uint32_t* x2, int64_t ldx2, int64_t kw, float* xt) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t q = 0; q < kw; ++q) {
+    const uint32_t* row = x2 + (q / 2) * ldx2;
+    float* out = xt + q * ldx2;
+    for (int64_t i = 0; i < ldx2; i += 16) {
+      const __m512i v = _mm512_load_si512(row + i);
+      _mm512_store_si512(out + i, q % 2 ? _mm512_and_si512(v, high) : _mm512_slli_epi32(v, 16));
+    }
+  }
 }
 
 // B operands of the tile's steps in this block: b[(s * ngroups + gi) * 256 + pp * 16 + i] =
 // (x[16 gi + i][kept[q]], x[16 gi + i][kept[q + 1]]) as a bf16 pair, q = q0 + 32 s + 2 pp
-// (zero past q1). xt: the block's rows of x feature-major (K index kb first).
-void BuildPairs(const float* xt, int64_t ldxt, int64_t kb, const int32_t* kept, int64_t q0, int64_t q1,
-                const float* zeros, uint32_t* b) {
-  const int64_t ngroups = ldxt / 16, steps = (q1 - q0 + kSteps - 1) / kSteps;
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+// (zero past q1): one two-source word permute of the rows of x2 that hold them.
+void BuildPairs(const uint32_t* x2, int64_t ldx2, int64_t kb, const int32_t* kept, int64_t q0, int64_t q1,
+                const uint32_t* zeros, uint32_t* b) {
+  const int64_t ngroups = ldx2 / 16, steps = (q1 - q0 + kSteps - 1) / kSteps;
+  // pick[ha][hb]: word 2i of the result is word 2i + ha of the first source, word 2i + 1 word
+  // 2i + hb of the second.
+  alignas(64) static const auto pick = [] {
+    std::array<std::array<std::array<uint16_t, 32>, 2>, 2> t{};
+    for (int ha = 0; ha < 2; ++ha)
+      for (int hb = 0; hb < 2; ++hb)
+        for (int i = 0; i < 16; ++i) {
+          t[ha][hb][2 * i] = static_cast<uint16_t>(2 * i + ha);
+          t[ha][hb][2 * i + 1] = static_cast<uint16_t>(32 + 2 * i + hb);
+        }
+    return t;
+  }();
   for (int64_t s = 0; s < steps; ++s)
     for (int64_t pp = 0; pp < 16; ++pp) {
       const int64_t q = q0 + s * kSteps + 2 * pp;
-      const float* ra = q < q1 ? xt + (kept[q] - kb) * ldxt : zeros;
-      const float* rb = q + 1 < q1 ? xt + (kept[q + 1] - kb) * ldxt : zeros;
+      const int64_t ka = q < q1 ? kept[q] - kb : -1, kc = q + 1 < q1 ? kept[q + 1] - kb : -1;
+      const uint32_t* ra = ka >= 0 ? x2 + (ka / 2) * ldx2 : zeros;
+      const uint32_t* rb = kc >= 0 ? x2 + (kc / 2) * ldx2 : zeros;
+      const __m512i idx = _mm512_load_si512(pick[ka < 0 ? 0 : ka % 2][kc < 0 ? 0 : kc % 2].data());
       uint32_t* out = b + s * ngroups * 256 + pp * 16;
-      for (int64_t gi = 0; gi < ngroups; ++gi) {
-        const __m512i a = _mm512_srli_epi32(_mm512_castps_si512(_mm512_load_ps(ra + 16 * gi)), 16);
-        const __m512i c = _mm512_and_si512(_mm512_castps_si512(_mm512_load_ps(rb + 16 * gi)), high);
-        _mm512_store_si512(out + gi * 256, _mm512_or_si512(a, c));
-      }
+      for (int64_t gi = 0; gi < ngroups; ++gi)
+        _mm512_store_si512(out + gi * 256, _mm512_permutex2var_epi16(_mm512_load_si512(ra + 16 * gi), idx,
+                                                                     _mm512_load_si512(rb + 16 * gi)));
     }
 }
 
@@ -863,17 +886,19 @@ struct TileConfig {
 // Rows [m_begin, m_end) of y, spans [t_begin, t_end), bf16 x on AMX: as Rows, K block by K
 // block (each tile's C^T kept between blocks), the rows of x transposed instead of packed.
 void RowsAmx(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_begin, int64_t t_end) {
-  thread_local AlignedBuffer xt_scratch, pair_scratch, ct_scratch, c_scratch, zero_scratch;
+  thread_local AlignedBuffer x2_scratch, xt_scratch, pair_scratch, ct_scratch, c_scratch, zero_scratch;
   thread_local std::vector<int64_t> woff;
   static const TileConfig config;
   const PackedTilesView& p = *args.p;
   const int64_t rows = m_end - m_begin, ldt = (rows + 31) / 32 * 32, ngroups = ldt / 16;
   int64_t nblocks, kbw;
   KBlocks(p.k, &nblocks, &kbw);
-  // x feature-major: the whole of K when the residue reads it after the last block, else a block.
-  float* xt = xt_scratch.Get((p.e > 0 ? p.k : kbw) * ldt);
-  float* zeros = zero_scratch.Get(ldt);
-  std::fill(zeros, zeros + ldt, 0.f);
+  // x in pairs of K indices, a block at a time; with a residue also feature-major in f32, the
+  // whole of K (the residue reads it after the last block).
+  uint32_t* x2 = reinterpret_cast<uint32_t*>(x2_scratch.Get((kbw + 1) / 2 * ldt));
+  float* xt = p.e > 0 ? xt_scratch.Get(p.k * ldt) : nullptr;
+  uint32_t* zeros = reinterpret_cast<uint32_t*>(zero_scratch.Get(ldt));
+  std::fill(zeros, zeros + ldt, 0u);
   const int64_t tiles_end = std::min(t_end, p.t);
   int64_t ctfloats = 0, maxsteps = 0;
   woff.assign(std::max<int64_t>(tiles_end - t_begin, 0), 0);
@@ -889,8 +914,8 @@ void RowsAmx(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t
   for (int64_t kb = 0; kb < p.k; kb += kbw) {
     const int64_t kw = std::min(kbw, p.k - kb);
     const bool last = kb + kw == p.k;
-    float* xtb = p.e > 0 ? xt + kb * ldt : xt;
-    TransposeX(args, m_begin, rows, kb, kw, xtb, ldt);
+    TransposePairs(args, m_begin, rows, kb, kw, x2, ldt);
+    if (xt) WidenPairs(x2, ldt, kw, xt + kb * ldt);
     float* ct = ctbuf;
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
       const int64_t depth = tile < p.t ? p.depth(tile) : 0, ncg = tile < p.t ? ColumnGroups(p, tile) : 0;
@@ -902,7 +927,7 @@ void RowsAmx(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t
         const uint16_t* w = reinterpret_cast<const uint16_t*>(args.weights + args.weight_offsets[tile]) +
                             woff[tile - t_begin];
         woff[tile - t_begin] += steps * ncg * 512;
-        BuildPairs(xtb, ldt, kb, kept, q0, q1, zeros, pairs);
+        BuildPairs(x2, ldt, kb, kept, q0, q1, zeros, pairs);
         TileProducts(w, ncg, steps, pairs, ngroups, ct, ldt, kb > 0);
         if (last) {  // C^T into the tile's rows: c[i][j], 16 ncg floats per row
           const int64_t ldc = 16 * ncg;
