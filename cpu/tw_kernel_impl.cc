@@ -459,6 +459,10 @@ inline void StoreBF16(uint16_t* dst, __m512 v, int64_t n) {
   if (n == 16) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), h);
   } else {
+#if defined(TW_AMX)
+    _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << n) - 1), h);
+    return;
+#endif
     alignas(32) uint16_t tmp[16];
     _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), h);
     std::memcpy(dst, tmp, n * sizeof(uint16_t));
@@ -530,7 +534,8 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
     }
   };
 #if defined(TW_ISA_AVX512)
-  thread_local SpanChunks chunks;
+  thread_local SpanChunks chunks_of_thread;
+  SpanChunks& chunks = chunks_of_thread;  // one look-up of the thread's copy, not one per use
   chunks.phase = -1;
 #endif
   if (residue) {  // every row of the span in the buffer, the residue added, then written

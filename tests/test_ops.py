@@ -349,16 +349,18 @@ def test_bf16_error_within_xla_bf16_error(backend, m):
 @pytest.mark.parametrize("m", [7, 200])  # the few-rows path and the blocked path
 def test_host_bf16_output_is_its_f32_output_rounded_as_xla(m):
     """The host kernel writes a bf16 y by rounding its f32 sums to nearest even (vectorised on
-    AVX-512): a bf16 call must equal the f32-output call of the same operands, converted by
-    XLA, bit for bit, with a bias or without, through a tile's span or the residue's, and with
-    NaN and infinities in x."""
+    AVX-512; vcvtneps2bf16 would not do: it flushes denormals): a bf16 call must equal the
+    f32-output call of the same operands, converted by XLA, bit for bit, with a bias or without
+    (or a denormal one), through a tile's span or the residue's, and with NaN and infinities in
+    x."""
     rng = np.random.default_rng(13)
     for pattern in (patterns.TW2D(), patterns.TEW(residue=0.1)):
         _, _, p = _layer(48, 70, 16, 0.5, dtype=jnp.bfloat16, pattern=pattern, empty_tiles=True, seed=m)
         x = (rng.normal(size=(m, 48)) * 1e3).astype(jnp.bfloat16)
         kept = np.asarray(p.rows)  # K indices some tile reads
         x[0, kept[0]], x[-1, kept[-1]] = np.nan, np.inf
-        for bias in (None, rng.normal(size=70).astype(np.float32)):
+        # The last bias is denormal: the columns no tile writes keep it, and bf16 has denormals.
+        for bias in (None, rng.normal(size=70).astype(np.float32), (rng.normal(size=70) * 1e-39).astype(np.float32)):
             b = None if bias is None else jnp.asarray(bias)
             y16 = np.asarray(_ffi.cpu_tw_matmul(jnp.asarray(x), p, b, jnp.bfloat16))
             y32 = _ffi.cpu_tw_matmul(jnp.asarray(x), p, b, jnp.float32)
