@@ -26,6 +26,10 @@
 //     vectorised over rows: when the layer has one, the item's panels are also copied
 //     feature-major (xt[q][i], a whole number of vectors per q), and each residue weight is one
 //     aligned load and FMA per vector of rows, in walks of up to 15 vectors of rows.
+// bf16 x on CPUs with AMX (variant avx512-amx, RowsAmx in tw_kernel_impl.cc): step 1 copies each
+// tile's weights transposed into 16 x 32 bf16 AMX tiles, and step 2 transposes the item's rows of
+// x in 32-bit pairs of K indices, gathers each tile's pairs at its kept K indices and runs the
+// tile's GEMM on TDPBF16PS (f32 sums); the same epilogue writes the spans.
 #pragma once
 
 #include <cstdint>

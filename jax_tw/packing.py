@@ -160,8 +160,11 @@ class FallbackRule:
 
 # One rule per platform. Neither depends on M or the dtype: on the CPU, few rows (M <= 32) run a
 # path that reads the packed values directly, measured at 0.8-2.6x of dense for M = 1 at 50-75%
-# sparsity, and bf16 measured as fast as f32 or faster in 11 of 15 rows (BUILD_NOTES.md); on a
-# GPU nothing is measured yet.
+# sparsity; bf16 without AMX measured about as fast as f32 (BUILD_NOTES.md). On CPUs with AMX,
+# bf16 runs on AMX tiles and XLA's bf16 dot does not: the kernel measured 3.6-4.9x of dense even
+# at 0% sparsity, so there the rule is conservative (a bf16 layer below 25% sparsity gets the
+# dense dot; pack decides without knowing which machine will run the layer). On a GPU nothing
+# is measured yet.
 FALLBACK_RULES = {
     "cpu": FallbackRule(DENSE_ABOVE, RESIDUE_COST, "measured on the host kernel (see DENSE_ABOVE "
                         "and RESIDUE_COST)"),
