@@ -9,6 +9,7 @@ dense model in one run.
 
     python examples/train_bert_flax.py                          # TW-2D, 75%, the ~10 min default
     python examples/train_bert_flax.py --pattern bw --sparsity 0.5 --epochs 3
+    python examples/train_bert_flax.py --infer-dtype bfloat16   # time inference in bf16
     python examples/train_bert_flax.py --smoke                  # a few steps, for the tests
 
     # Prune a fine-tuned model, distilling its predictions (teacher = a saved dense run):
