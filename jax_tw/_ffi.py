@@ -48,6 +48,12 @@ def cpu_import_error() -> str:
     return _cpu_error
 
 
+def cpu_isa() -> str | None:
+    """The instruction-set variant the host kernel dispatched to ('generic', 'avx2', 'avx512',
+    'avx512-amx': bf16 on AMX tiles), or None without the CPU module."""
+    return _cpu.isa() if _cpu is not None else None
+
+
 def make_varying(arrays, axes):
     """Inside shard_map: marks replicated operands as varying over ``axes`` like x, so that the
     custom call's inputs agree (XLA's FFI rule wants one varying-axes type for all of them)."""

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tw import patterns
+from jax_tw import _ffi, patterns
 
 __all__ = ["PackedTiles", "pack", "unpack", "validate", "check_shapes", "sort_residue", "schedule",
            "with_schedule",
@@ -84,13 +84,13 @@ class PackedTiles:
     def dtype(self) -> np.dtype:
         return np.dtype(jnp.result_type(self.values))
 
-    def cost(self, residue_cost: float | None = None) -> float:
-        """Estimated work relative to the dense kernel: tile density plus ``residue_cost``
-        (default: the host kernel's, ``RESIDUE_COST``) times the residue density (see
-        ``DENSE_ABOVE`` and :class:`FallbackRule`)."""
+    def cost(self, residue_cost: float | None = None, tile_cost: float = 1.0) -> float:
+        """Estimated work relative to the dense kernel: ``tile_cost`` times the tile density
+        plus ``residue_cost`` (default: the host kernel's, ``RESIDUE_COST``) times the residue
+        density (see ``DENSE_ABOVE`` and :class:`FallbackRule`)."""
         residue_cost = RESIDUE_COST if residue_cost is None else residue_cost
         residue = int(np.shape(self.residue_rows)[0]) / (self.k * self.n)
-        return self.density() - residue + residue_cost * residue
+        return tile_cost * (self.density() - residue) + residue_cost * residue
 
     def density(self) -> float:
         """Fraction of the K x N weights held (tiles, without their padding, plus residue)."""
@@ -143,6 +143,15 @@ DENSE_ABOVE = 0.75
 # "Few rows with a residue").
 RESIDUE_COST = 2.9
 
+# What a bf16 tile weight costs, relative to an f32 one (against the dense dot in the same
+# dtype), where the host kernel runs bf16 on AMX tiles (``_ffi.cpu_isa() == 'avx512-amx'``) and
+# XLA's bf16 dot does not: `python -m jax_tw.bench --repeats 9 --backend cpu --dtype both`
+# (M = 2048, BERT-base shapes, 2-core AVX-512 + AMX machine, 2026-12-03) measured the bf16
+# kernel at 3.7-4.2x of the dense bf16 dot at 0% sparsity, where f32 ran at 0.92-1.03x. With a
+# quarter of the cost, bf16 TW layers run the tiles at any sparsity there; the residue is
+# summed in f32 either way and keeps RESIDUE_COST.
+AMX_BF16_TILE_COST = 0.25
+
 
 @dataclasses.dataclass(frozen=True)
 class FallbackRule:
@@ -153,21 +162,25 @@ class FallbackRule:
     dense_above: float
     residue_cost: float
     source: str
+    # A bf16 tile weight's cost relative to f32's where this machine's host kernel runs bf16 on
+    # AMX (the "cpu" rule only: AMX_BF16_TILE_COST).
+    amx_bf16_tile_cost: float = 1.0
 
     def dense_is_faster(self, packed: "PackedTiles") -> bool:
-        return packed.cost(self.residue_cost) > self.dense_above
+        amx = packed.dtype == jnp.bfloat16 and _ffi.cpu_isa() == "avx512-amx"
+        return packed.cost(self.residue_cost, self.amx_bf16_tile_cost if amx else 1.0) > self.dense_above
 
 
 # One rule per platform. Neither depends on M or the dtype: on the CPU, few rows (M <= 32) run a
 # path that reads the packed values directly, measured at 0.8-2.6x of dense for M = 1 at 50-75%
-# sparsity; bf16 without AMX measured about as fast as f32 (BUILD_NOTES.md). On CPUs with AMX,
-# bf16 runs on AMX tiles and XLA's bf16 dot does not: the kernel measured 3.6-4.9x of dense even
-# at 0% sparsity, so there the rule is conservative (a bf16 layer below 25% sparsity gets the
-# dense dot; pack decides without knowing which machine will run the layer). On a GPU nothing
-# is measured yet.
+# sparsity; bf16 without AMX measured about as fast as f32 (BUILD_NOTES.md). Where the host
+# kernel runs bf16 on AMX tiles, the "cpu" rule counts bf16 tiles at AMX_BF16_TILE_COST. Pack
+# decides on the machine it runs on: tiles packed there and run on a machine without AMX keep
+# low-sparsity bf16 layers on the tiles, at about the dense dot's speed. On a GPU nothing is
+# measured yet.
 FALLBACK_RULES = {
-    "cpu": FallbackRule(DENSE_ABOVE, RESIDUE_COST, "measured on the host kernel (see DENSE_ABOVE "
-                        "and RESIDUE_COST)"),
+    "cpu": FallbackRule(DENSE_ABOVE, RESIDUE_COST, "measured on the host kernel (see DENSE_ABOVE, "
+                        "RESIDUE_COST and AMX_BF16_TILE_COST)", AMX_BF16_TILE_COST),
     # A guess, until a GPU run measures it. The sm80 tile kernel on an H200 was estimated (from
     # a read of its code, not a run) at about 1.0-1.8x of dense at 75% sparsity: tiles would
     # break even at a density of about 0.25-0.45. The residue is added by XLA after the call, a

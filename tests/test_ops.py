@@ -646,6 +646,28 @@ def test_dense_fallback_counts_the_residue_cost():
         assert ("cpu" in p.dense_on) == dense and "cuda" in p.dense_on  # the GPU adds a residue in XLA
 
 
+def test_fallback_counts_bf16_tiles_at_the_amx_cost():
+    """Where the host kernel runs bf16 on AMX tiles (``_ffi.cpu_isa()`` 'avx512-amx'), a bf16
+    tile weight costs AMX_BF16_TILE_COST of an f32 one: a 10%-sparse TW-2D layer keeps the dense
+    dot in f32 but runs the tiles in bf16 (on other machines both keep the dense dot). The
+    residue costs the same in both: a 60% EW layer keeps the dense dot in bf16 too."""
+    amx = _ffi.cpu_isa() == "avx512-amx"
+    w, mask, _ = _layer(64, 96, 16, 0.1)
+    x = np.random.default_rng(3).normal(size=(40, 64)).astype(np.float32)
+    f = jax.jit(lambda x, p: ops.tw_matmul(x, p))
+    for dtype in (np.float32, jnp.bfloat16):
+        p = packing.pack(w.astype(dtype), mask, 16)
+        tiles = dtype != np.float32 and amx
+        assert ("cpu" in p.dense_on) == (not tiles) and "cuda" in p.dense_on, (dtype, p.dense_on)
+        hlo = f.trace(x.astype(dtype), p).lower(lowering_platforms=("cpu",)).as_text()
+        assert (_ffi.CPU_TARGET in hlo) == (tiles and _ffi.cpu_available())
+        got = np.asarray(f(x.astype(dtype), p), np.float64)
+        want = np.asarray(x.astype(dtype), np.float64) @ np.asarray(packing.unpack(p), np.float64)
+        np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+    [ew] = patterns.EW()([np.abs(w)], 0.6, tile_size=16, min_keep=0.0)
+    assert "cpu" in packing.pack(w.astype(jnp.bfloat16), jax.tree.map(np.asarray, ew), 16).dense_on
+
+
 @pytest.mark.parametrize("sparsity,cpu,cuda", [(0.1, True, True), (0.5, False, True), (0.75, False, False)])
 def test_fallback_rule_is_per_platform(sparsity, cpu, cuda, tmp_path):
     """Each platform's rule decides at pack time; the automatic backend follows it per platform
