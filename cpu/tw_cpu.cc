@@ -36,7 +36,9 @@ namespace {
 #if defined(JAX_TW_HAVE_AMX)
 // Whether this process may run AMX tile instructions: the CPU has AMX-BF16 and Linux grants the
 // tile data state (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, Linux 5.16 and later;
-// without it the first tile instruction faults).
+// without it the first tile instruction faults). Asked at import, for the whole process. Linux
+// refuses it where a thread's sigaltstack is too small for the tile data; the avx512 variant
+// then runs.
 bool AmxUsable() {
   unsigned eax, ebx, ecx, edx;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
@@ -120,7 +122,8 @@ int64_t RowsPerItem(int64_t m, int64_t threads, bool residue, bool bf16) {
 // A call with more than kSmallRows rows (see tw_kernel.h).
 std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   const PackedTilesView& p = *args.p;
-  // Step 1: every tile's weights into f32 micro-panels, each copy on its own 64-byte line. The
+  // Step 1: every tile's weights into the layout its GEMM reads (TileKernel::weight_size), each
+  // copy on its own 64-byte line. The
   // buffer is reused across calls by this thread; workers see it through plain pointers (a
   // thread_local named inside a worker would be the worker's own).
   thread_local std::vector<float> weight_buffer;

@@ -461,11 +461,11 @@ inline void StoreBF16(uint16_t* dst, __m512 v, int64_t n) {
   } else {
 #if defined(TW_AMX)
     _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << n) - 1), h);
-    return;
-#endif
+#else
     alignas(32) uint16_t tmp[16];
     _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), h);
     std::memcpy(dst, tmp, n * sizeof(uint16_t));
+#endif
   }
 }
 
@@ -670,8 +670,9 @@ void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end)
 //    transposed once per K block in 32-bit pairs of consecutive K indices (TransposePairs), so
 //    each such row is one word permute of two rows of that (BuildPairs).
 // The f32 C^T tiles are transposed into the tile's rows once the last K block is done, and the
-// same epilogue as f32 writes the span. TDPBF16PS multiplies bf16 exactly and adds in f32 (it
-// treats denormal inputs as zero and flushes denormal results).
+// same epilogue as f32 writes the span. TDPBF16PS multiplies bf16 exactly and adds in f32, but
+// treats denormal inputs as zero and flushes denormal results: bf16 values of x or W below
+// 1.2e-38 in magnitude count as zero here, unlike in the avx512 variant.
 
 constexpr int64_t kSteps = 32;  // kept K indices per TDPBF16PS (16 pairs)
 
@@ -850,8 +851,10 @@ void TileProducts(const uint16_t* w, int64_t ncg, int64_t steps, const uint32_t*
       } else {
         _tile_zero(0);
         _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        if (two) {
+          _tile_zero(2);
+          _tile_zero(3);
+        }
       }
       for (int64_t s = 0; s < steps; ++s) {
         _tile_loadd(4, w0 + s * 512, 64);
@@ -874,6 +877,15 @@ void TileProducts(const uint16_t* w, int64_t ncg, int64_t steps, const uint32_t*
     }
   }
 }
+
+// Loads the tile configuration for this thread, and releases the tile state however the scope
+// ends (Epilogue may throw: an exception must not leave a pool thread with live tiles).
+struct TileScope {
+  explicit TileScope(const void* config) { _tile_loadconfig(config); }
+  ~TileScope() { _tile_release(); }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+};
 
 // Palette 1, tiles 0-7 all 16 rows x 64 bytes.
 struct TileConfig {
@@ -915,7 +927,7 @@ void RowsAmx(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t
   float* ctbuf = ct_scratch.Get(ctfloats);
   uint32_t* pairs = reinterpret_cast<uint32_t*>(pair_scratch.Get(maxsteps * ngroups * 256));
   float* c = nullptr;
-  _tile_loadconfig(&config);
+  const TileScope tiles(&config);
   for (int64_t kb = 0; kb < p.k; kb += kbw) {
     const int64_t kw = std::min(kbw, p.k - kb);
     const bool last = kb + kw == p.k;
@@ -950,7 +962,6 @@ void RowsAmx(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t
       if (nblocks > 1) ct += ncg * 16 * ldt;
     }
   }
-  _tile_release();
 }
 
 // The variant's entry points: bf16 on AMX, f32 as the avx512 variant.
@@ -971,7 +982,7 @@ void RowsAny(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t
 
 TileKernel Kernel() {
 #if defined(TW_AMX)
-  return TileKernel{"avx512-amx", MR, 32, VL, kResidueBlock, WeightSizeAny, PackWeightsAny, RowsAny, Few};
+  return TileKernel{TW_ISA_NAME, MR, 32, VL, kResidueBlock, WeightSizeAny, PackWeightsAny, RowsAny, Few};
 #else
   auto weight_size = [](const TileGemmArgs& args, int64_t tile) { return WeightSize(*args.p, tile); };
   return TileKernel{TW_ISA_NAME, MR, MR, VL, kResidueBlock, weight_size, PackWeights, Rows, Few};
