@@ -212,6 +212,18 @@ struct AlignedBuffer {
   }
 };
 
+// The K blocks of a layer (kKBlock): nblocks blocks of kbw columns of x, the last the rest.
+inline void KBlocks(int64_t k, int64_t* nblocks, int64_t* kbw) {
+  *nblocks = (k + kKBlock - 1) / kKBlock;
+  *kbw = (k + *nblocks - 1) / *nblocks;
+}
+
+// The tile's kept rows inside K block [kb, kb + kw): [*q0, *q1) of its kept list.
+inline void BlockRows(const int32_t* kept, int64_t depth, int64_t kb, int64_t kw, int64_t* q0, int64_t* q1) {
+  *q0 = std::lower_bound(kept, kept + depth, static_cast<int32_t>(kb)) - kept;
+  *q1 = std::lower_bound(kept + *q0, kept + depth, static_cast<int32_t>(kb + kw)) - kept;
+}
+
 // A tile's width padded to whole micro-tiles (NR columns).
 inline int64_t PaddedWidth(const PackedTilesView& p, int64_t tile) { return (p.width(tile) + NR - 1) / NR * NR; }
 
@@ -577,8 +589,8 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
   const PackedTilesView& p = *args.p;
   const int64_t rows = m_end - m_begin;
   const int64_t npanels = (rows + MR - 1) / MR;
-  const int64_t nblocks = (p.k + kKBlock - 1) / kKBlock;
-  const int64_t kbw = (p.k + nblocks - 1) / nblocks;  // columns per K block (the last: the rest)
+  int64_t nblocks, kbw;
+  KBlocks(p.k, &nblocks, &kbw);
   float* panels = panel_scratch.Get(npanels * kbw * MR);
   PanelRows xs{nullptr, 0};
   float* xt = nullptr;
@@ -604,8 +616,8 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
       if (depth > 0) {
         const int32_t* kept = p.rows + p.row_offsets[tile];
         // This block's kept rows: [q0, q1) of the tile's (ascending: Validate).
-        const int64_t q0 = std::lower_bound(kept, kept + depth, static_cast<int32_t>(kb)) - kept;
-        const int64_t q1 = std::lower_bound(kept + q0, kept + depth, static_cast<int32_t>(kb + kw)) - kept;
+        int64_t q0, q1;
+        BlockRows(kept, depth, kb, kw, &q0, &q1);
         const float* bbuf = args.weights + args.weight_offsets[tile];
         for (int64_t k0 = q0; k0 < q1; k0 += KC) {
           const int64_t kc = std::min(KC, q1 - k0);
@@ -677,18 +689,6 @@ void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end)
 constexpr int64_t kSteps = 32;  // kept K indices per TDPBF16PS (16 pairs)
 
 inline int64_t ColumnGroups(const PackedTilesView& p, int64_t tile) { return (p.width(tile) + 15) / 16; }
-
-// The K blocks of a layer (as Rows): nblocks blocks of kbw columns of x, the last the rest.
-inline void KBlocks(int64_t k, int64_t* nblocks, int64_t* kbw) {
-  *nblocks = (k + kKBlock - 1) / kKBlock;
-  *kbw = (k + *nblocks - 1) / *nblocks;
-}
-
-// The tile's kept rows inside K block [kb, kb + kw): [*q0, *q1) of its kept list.
-inline void BlockRows(const int32_t* kept, int64_t depth, int64_t kb, int64_t kw, int64_t* q0, int64_t* q1) {
-  *q0 = std::lower_bound(kept, kept + depth, static_cast<int32_t>(kb)) - kept;
-  *q1 = std::lower_bound(kept + *q0, kept + depth, static_cast<int32_t>(kb + kw)) - kept;
-}
 
 // Floats of a tile's A operands: per K block, ColumnGroups x steps x 1 KB.
 int64_t WeightSizeAmx(const PackedTilesView& p, int64_t tile) {
@@ -878,6 +878,18 @@ void TileProducts(const uint16_t* w, int64_t ncg, int64_t steps, const uint32_t*
   }
 }
 
+// c[i][j] = ct[j][i] for the tile's ldt rows and 16 ncg columns (c: 16 ncg floats per row).
+void ColumnsToRows(const float* ct, int64_t ldt, int64_t ncg, float* c) {
+  const int64_t ldc = 16 * ncg;
+  for (int64_t jc = 0; jc < ncg; ++jc)
+    for (int64_t i0 = 0; i0 < ldt; i0 += 16) {
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) r[j] = _mm512_load_ps(ct + (16 * jc + j) * ldt + i0);
+      Transpose16x16(r);
+      for (int i = 0; i < 16; ++i) _mm512_store_ps(c + (i0 + i) * ldc + 16 * jc, r[i]);
+    }
+}
+
 // Loads the tile configuration for this thread, and releases the tile state however the scope
 // ends (Epilogue may throw: an exception must not leave a pool thread with live tiles).
 struct TileScope {
@@ -946,16 +958,9 @@ void RowsAmx(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t
         woff[tile - t_begin] += steps * ncg * 512;
         BuildPairs(x2, ldt, kb, kept, q0, q1, zeros, pairs);
         TileProducts(w, ncg, steps, pairs, ngroups, ct, ldt, kb > 0);
-        if (last) {  // C^T into the tile's rows: c[i][j], 16 ncg floats per row
-          const int64_t ldc = 16 * ncg;
-          c = c_scratch.Get(ldt * ldc);
-          for (int64_t jc = 0; jc < ncg; ++jc)
-            for (int64_t gi = 0; gi < ngroups; ++gi) {
-              __m512 r[16];
-              for (int j = 0; j < 16; ++j) r[j] = _mm512_load_ps(ct + (16 * jc + j) * ldt + 16 * gi);
-              Transpose16x16(r);
-              for (int i = 0; i < 16; ++i) _mm512_store_ps(c + (16 * gi + i) * ldc + 16 * jc, r[i]);
-            }
+        if (last) {
+          c = c_scratch.Get(ldt * 16 * ncg);
+          ColumnsToRows(ct, ldt, ncg, c);
         }
       }
       if (last) Epilogue(args, tile, m_begin, rows, depth > 0 ? c : nullptr, 16 * ncg, PanelRows{xt, ldt});

@@ -171,7 +171,7 @@ class FallbackRule:
         return packed.cost(self.residue_cost, self.amx_bf16_tile_cost if amx else 1.0) > self.dense_above
 
 
-# One rule per platform. Neither depends on M or the dtype: on the CPU, few rows (M <= 32) run a
+# One rule per platform. Neither depends on M: on the CPU, few rows (M <= 32) run a
 # path that reads the packed values directly, measured at 0.8-2.6x of dense for M = 1 at 50-75%
 # sparsity; bf16 without AMX measured about as fast as f32 (BUILD_NOTES.md). Where the host
 # kernel runs bf16 on AMX tiles, the "cpu" rule counts bf16 tiles at AMX_BF16_TILE_COST. Pack
