@@ -141,6 +141,11 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   if (!err.empty()) return err;
   args.weights = weights;
   args.weight_offsets = weight_offsets;
+  if (!args.bf16 && p.e == 0) {
+    int64_t kept = 0;
+    for (int64_t t = 0; t < p.t; ++t) kept += p.depth(t) * p.width(t);
+    args.direct_x = kept <= kDirectWeightsPerK * p.k;
+  }
   // Step 2: blocks of rows, every tile each. Threads share equal items best when there are at
   // least two per thread and a whole number per thread, so with too few blocks (M up to a few
   // hundred) the spans are split into ranges too: each range's item packs its rows of x again,
@@ -313,4 +318,5 @@ PYBIND11_MODULE(_cpu, m) {
   });
   m.def("isa", [] { return std::string(jax_tw::kKernel.isa); },
         "The instruction set the tile micro-kernel was dispatched to.");
+  m.attr("DIRECT_WEIGHTS_PER_K") = jax_tw::kDirectWeightsPerK;
 }

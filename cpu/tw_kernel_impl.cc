@@ -66,6 +66,26 @@ inline void Micro(int64_t kc, const float* __restrict panel, const int32_t* __re
     for (int v = 0; v < NV; ++v) Store(c + i * ldc + v * VL, acc[i][v]);
 }
 
+// The same with A read in place from MR rows of an f32 x (TileGemmArgs::direct_x): x0 is the
+// first row, ldx floats between rows.
+inline void MicroDirect(int64_t kc, const float* __restrict x0, int64_t ldx, const int32_t* __restrict kept,
+                        const float* __restrict b, float* __restrict c, int64_t ldc, bool accumulate) {
+  vf acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = accumulate ? Load(c + i * ldc + v * VL) : vf{};
+  for (int64_t q = 0; q < kc; ++q) {
+    const float* a = x0 + kept[q];
+    vf bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Load(b + q * NR + v * VL);
+    for (int i = 0; i < MR; ++i) {
+      const float ai = a[i * ldx];
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) Store(c + i * ldc + v * VL, acc[i][v]);
+}
+
 inline float ToF32(float v) { return v; }
 inline float ToF32(uint16_t bits) { return LoadF32(&bits, 0, true); }
 
@@ -173,13 +193,20 @@ void PackRowsAvx2(const T* x, int64_t ld, int64_t k, float* panel, int64_t m0) {
 }
 #endif
 
+// Whether panel pi of the rows from m0 is read in place from x (TileGemmArgs::direct_x): all
+// its MR rows are inside x.
+inline bool InPlace(const TileGemmArgs& args, int64_t m0, int64_t pi) {
+  return args.direct_x && m0 + (pi + 1) * MR <= args.m;
+}
+
 // Rows [m0, m0 + npanels * MR), columns [kb, kb + kw) of x into `panels`, kw x MR floats each
-// (rows past M are zero).
+// (rows past M are zero), but for panels read in place.
 void Pack(const TileGemmArgs& args, float* panels, int64_t m0, int64_t npanels, int64_t kb, int64_t kw) {
   const int64_t ld = args.p->k;
   const float* xf = static_cast<const float*>(args.x) + kb;
   const uint16_t* xh = static_cast<const uint16_t*>(args.x) + kb;
   for (int64_t pi = 0; pi < npanels; ++pi) {
+    if (InPlace(args, m0, pi)) continue;
     float* panel = panels + pi * kw * MR;
     const int64_t first = m0 + pi * MR;
 #if defined(TW_ISA_AVX512)
@@ -623,8 +650,14 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
           const int64_t kc = std::min(KC, q1 - k0);
           for (int64_t jp = 0; jp < gp; jp += NR) {
             const float* b = bbuf + (jp / NR) * depth * NR + k0 * NR;
-            for (int64_t ip = 0; ip < npanels; ++ip)  // the panel as if it started at column 0
-              Micro(kc, panels + (ip * kw - kb) * MR, kept + k0, b, c + ip * MR * gp + jp, gp, k0 > 0);
+            for (int64_t ip = 0; ip < npanels; ++ip) {
+              float* cp = c + ip * MR * gp + jp;
+              if (InPlace(args, m_begin, ip))
+                MicroDirect(kc, static_cast<const float*>(args.x) + (m_begin + ip * MR) * p.k, p.k, kept + k0, b,
+                            cp, gp, k0 > 0);
+              else  // the panel as if it started at column 0
+                Micro(kc, panels + (ip * kw - kb) * MR, kept + k0, b, cp, gp, k0 > 0);
+            }
           }
         }
       }
