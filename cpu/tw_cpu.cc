@@ -141,7 +141,7 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   if (!err.empty()) return err;
   args.weights = weights;
   args.weight_offsets = weight_offsets;
-  if (!args.bf16 && p.e == 0) {
+  if (!args.bf16) {
     int64_t kept = 0;
     for (int64_t t = 0; t < p.t; ++t) kept += p.depth(t) * p.width(t);
     args.direct_x = kept <= kDirectWeightsPerK * p.k;

@@ -20,8 +20,8 @@
 //     thread busy, ranges of tiles); each packs its rows into panels
 //     (panel[q][i] = x[m0 + i][q], f32, zero past M: the MR values a micro-kernel needs at depth
 //     q are contiguous whatever q is, so the K gather of every tile costs one index load per q,
-//     fused into the micro-kernel's loads; f32 layers with few kept weights per column of x and
-//     no residue skip the packing and read x's rows in place: kDirectWeightsPerK), then per tile
+//     fused into the micro-kernel's loads; f32 layers with few kept weights per column of x
+//     skip the packing and read x's rows in place: kDirectWeightsPerK), then per tile
 //     runs a register-blocked GEMM of the
 //     panels against the tile's weights and the span's epilogue (layers deeper than kKBlock: the
 //     same a K block at a time, every tile's results kept until the last block). The residue is
@@ -53,8 +53,8 @@ struct TileGemmArgs {
   bool y_bf16;                 // y's dtype: bf16 (x's), else f32
   // Write y's f32 rows with non-temporal stores (an output too large to stay in cache).
   bool stream = false;
-  // The micro-kernel reads x's rows in place instead of packed panels (Rows; f32 x, no residue,
-  // few kept weights per column of x: kDirectWeightsPerK).
+  // The micro-kernel reads x's rows in place instead of packed panels (Rows; f32 x, few kept
+  // tile weights per column of x: kDirectWeightsPerK).
   bool direct_x = false;
   // The tiles' weights as f32 micro-panels (step 1): tile t's at weights + weight_offsets[t].
   const float* weights = nullptr;
@@ -107,8 +107,8 @@ constexpr int64_t kRowsPerItem = 192;
 constexpr int64_t kKBlock = 768;
 // Up to this many rows of x, packing x and copying the weights cost more than they save.
 constexpr int64_t kSmallRows = 32;
-// f32 layers with no residue and at most this many kept tile weights per column of x (row of W)
-// read x in place, unpacked (TileGemmArgs::direct_x): packing costs K per row of x, the tiles'
+// f32 layers with at most this many kept tile weights per column of x (row of W) read x in place,
+// unpacked (TileGemmArgs::direct_x): packing costs K per row of x, the tiles'
 // GEMMs about (kept weights) per row, and unpacked A costs the micro-kernel a little (12 rows'
 // lines per kept K index, not one). Measured on AVX-512 at M = 2048: 2-17% faster at 75-90%
 // TW-2D (768 x 768, 3072 x 768: 192 weights per column; 90%: 77-307), 3-6% slower at 0%.

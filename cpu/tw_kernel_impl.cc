@@ -295,6 +295,63 @@ struct XRows {
   float At(int64_t i, int64_t q) const { return LoadF32(args->x, (m0 + i) * args->p->k + q, args->bf16); }
 };
 
+#if defined(TW_ISA_AVX512)
+// r[0..16) transposed in place: r[j] lane i = r[i] lane j (before).
+inline void Transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  // r[4g + c], 128-bit lane L: rows 4g..4g+3 at column 4L + c.
+  for (int g = 0; g < 4; ++g) {
+    r[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    r[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    r[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    r[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 e0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);  // L0 L2 of each
+    const __m512 e1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);  // L1 L3
+    const __m512 e2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 e3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+    t[c] = _mm512_shuffle_f32x4(e0, e2, 0x88);       // column c: lane 0 of all
+    t[4 + c] = _mm512_shuffle_f32x4(e1, e3, 0x88);   // column 4 + c: lane 1
+    t[8 + c] = _mm512_shuffle_f32x4(e0, e2, 0xDD);   // column 8 + c: lane 2
+    t[12 + c] = _mm512_shuffle_f32x4(e1, e3, 0xDD);  // column 12 + c: lane 3
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+#endif
+
+// Rows [m0, m0 + rows), columns [kb, kb + kw) of an f32 x feature-major (PanelRows::xt), for
+// rows read in place (TileGemmArgs::direct_x): xt[q][i] = x[m0 + i][kb + q], zero for rows up
+// to ldxt (a multiple of VL). AVX-512: 16 x 16 register transposes.
+void TransposeRows(const TileGemmArgs& args, int64_t m0, int64_t rows, int64_t kb, int64_t kw, float* xt,
+                   int64_t ldxt) {
+  const int64_t ld = args.p->k;
+  const float* x = static_cast<const float*>(args.x) + m0 * ld + kb;
+  int64_t i0 = 0;
+#if defined(TW_ISA_AVX512)
+  for (; i0 + 16 <= rows; i0 += 16) {
+    int64_t q0 = 0;
+    for (; q0 + 16 <= kw; q0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(x + (i0 + i) * ld + q0);
+      Transpose16x16(r);  // r[j]: column q0 + j of the 16 rows
+      for (int j = 0; j < 16; ++j) _mm512_store_ps(xt + (q0 + j) * ldxt + i0, r[j]);
+    }
+    for (int64_t q = q0; q < kw; ++q)
+      for (int64_t i = i0; i < i0 + 16; ++i) xt[q * ldxt + i] = x[i * ld + q];
+  }
+#endif
+  for (int64_t q = 0; q < kw; ++q) {
+    float* out = xt + q * ldxt;
+    for (int64_t i = i0; i < rows; ++i) out[i] = x[i * ld + q];
+    for (int64_t i = rows; i < ldxt; ++i) out[i] = 0.f;
+  }
+}
+
 // The work item's panels feature-major (PanelRows::xt): xt[q][ip * MR + i] = panel ip's [q][i].
 void Transpose(const float* panels, int64_t k, int64_t npanels, float* xt, int64_t ldxt) {
   for (int64_t q = 0; q < k; ++q) {
@@ -636,7 +693,8 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
     const int64_t kw = std::min(kbw, p.k - kb);
     const bool last = kb + kw == p.k;
     Pack(args, panels, m_begin, npanels, kb, kw);
-    if (xt) Transpose(panels, kw, npanels, xt + kb * xs.ldxt, xs.ldxt);
+    if (xt && args.direct_x) TransposeRows(args, m_begin, rows, kb, kw, xt + kb * xs.ldxt, xs.ldxt);
+    else if (xt) Transpose(panels, kw, npanels, xt + kb * xs.ldxt, xs.ldxt);
     float* c = cbuf;
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
       const int64_t depth = tile < p.t ? p.depth(tile) : 0, gp = tile < p.t ? PaddedWidth(p, tile) : 0;
@@ -734,33 +792,6 @@ int64_t WeightSizeAmx(const PackedTilesView& p, int64_t tile) {
     steps += (q1 - q0 + kSteps - 1) / kSteps;
   }
   return steps * ColumnGroups(p, tile) * 256;
-}
-
-// r[0..16) transposed in place: r[j] lane i = r[i] lane j (before).
-inline void Transpose16x16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  // r[4g + c], 128-bit lane L: rows 4g..4g+3 at column 4L + c.
-  for (int g = 0; g < 4; ++g) {
-    r[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
-    r[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
-    r[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
-    r[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512 e0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);  // L0 L2 of each
-    const __m512 e1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);  // L1 L3
-    const __m512 e2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
-    const __m512 e3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
-    t[c] = _mm512_shuffle_f32x4(e0, e2, 0x88);       // column c: lane 0 of all
-    t[4 + c] = _mm512_shuffle_f32x4(e1, e3, 0x88);   // column 4 + c: lane 1
-    t[8 + c] = _mm512_shuffle_f32x4(e0, e2, 0xDD);   // column 8 + c: lane 2
-    t[12 + c] = _mm512_shuffle_f32x4(e1, e3, 0xDD);  // column 12 + c: lane 3
-  }
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
 // w[block][jc][s][j][kk] = W^T: the bf16 weight of the tile's column 16 jc + j at its kept row

@@ -413,15 +413,16 @@ def test_large_f32_output_is_fully_written(poisoned):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
 @pytest.mark.parametrize("k", [200, 1000])
-@pytest.mark.parametrize("per_k", [0.5, 2.0])
-def test_host_f32_x_read_in_place_or_packed(k, per_k):
-    """f32 layers with no residue and few kept weights per column of x (below
-    _cpu.DIRECT_WEIGHTS_PER_K) are computed from x's rows in place, others from packed panels:
-    both against the reference, with M = 100 (a last panel of 4 rows, always packed), K in one
-    K block and in two, tiles with no kept rows."""
+@pytest.mark.parametrize("per_k", [0.3, 3.0])
+@pytest.mark.parametrize("pattern", [patterns.TW2D(), patterns.TEW(residue=0.05)])
+def test_host_f32_x_read_in_place_or_packed(k, per_k, pattern):
+    """f32 layers with few kept tile weights per column of x (below _cpu.DIRECT_WEIGHTS_PER_K)
+    are computed from x's rows in place (and a residue from x transposed straight from them),
+    others from packed panels: both against the reference, with M = 100 (a last panel of 4
+    rows, always packed), K in one K block and in two, tiles with no kept rows."""
     from jax_tw import _cpu
-    n, g, m = int(per_k * _cpu.DIRECT_WEIGHTS_PER_K / 0.6) + 5, 32, 100
-    _, _, p = _layer(k, n, g, 0.4, empty_tiles=True, seed=k)
+    n, g, m = int(per_k * _cpu.DIRECT_WEIGHTS_PER_K / 0.45) + 5, 32, 100
+    _, _, p = _layer(k, n, g, 0.4, pattern=pattern, empty_tiles=True, seed=k)
     kept = np.diff(np.asarray(p.row_offsets)) * np.diff(np.minimum(np.arange(0, len(p.row_offsets)) * g,
                                                                    np.shape(p.columns)[0]))
     assert (kept.sum() <= _cpu.DIRECT_WEIGHTS_PER_K * k) == (per_k < 1)
