@@ -280,8 +280,8 @@ int64_t WeightSize(const PackedTilesView& p, int64_t tile) {
 }
 
 // x[i][q] for the rows of a work item, as the residue reads them: row i at xt[q * ldxt + i],
-// feature-major copies of its panels (ldxt a multiple of VL, 64-byte aligned, zero past the
-// item's rows), or for few rows x transposed once per call (TileGemmArgs::xt, from the item's
+// the item's rows of x transposed (TransposeRows; ldxt a multiple of VL, 64-byte aligned, zero
+// past the item's rows), or for few rows x transposed once per call (TileGemmArgs::xt, from the item's
 // first row: unaligned, ldxt = M). Whole vectors are read past the item's rows (other rows,
 // other columns of x, or at the end the slack): those lanes are never added to the output.
 struct PanelRows {
@@ -324,41 +324,29 @@ inline void Transpose16x16(__m512 r[16]) {
 }
 #endif
 
-// Rows [m0, m0 + rows), columns [kb, kb + kw) of an f32 x feature-major (PanelRows::xt), for
-// rows read in place (TileGemmArgs::direct_x): xt[q][i] = x[m0 + i][kb + q], zero for rows up
-// to ldxt (a multiple of VL). AVX-512: 16 x 16 register transposes.
-void TransposeRows(const TileGemmArgs& args, int64_t m0, int64_t rows, int64_t kb, int64_t kw, float* xt,
-                   int64_t ldxt) {
-  const int64_t ld = args.p->k;
-  const float* x = static_cast<const float*>(args.x) + m0 * ld + kb;
+// Rows [m0, m0 + rows), columns [kb, kb + kw) of x feature-major as f32 (PanelRows::xt):
+// xt[q][i] = x[m0 + i][kb + q], zero for rows up to ldxt (a multiple of VL). AVX-512: 16 x 16
+// register transposes.
+template <class T>
+void TransposeRows(const T* x, int64_t ld, int64_t rows, int64_t kw, float* xt, int64_t ldxt) {
   int64_t i0 = 0;
 #if defined(TW_ISA_AVX512)
   for (; i0 + 16 <= rows; i0 += 16) {
     int64_t q0 = 0;
     for (; q0 + 16 <= kw; q0 += 16) {
       __m512 r[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(x + (i0 + i) * ld + q0);
+      for (int i = 0; i < 16; ++i) r[i] = Load16(x + (i0 + i) * ld + q0);
       Transpose16x16(r);  // r[j]: column q0 + j of the 16 rows
       for (int j = 0; j < 16; ++j) _mm512_store_ps(xt + (q0 + j) * ldxt + i0, r[j]);
     }
     for (int64_t q = q0; q < kw; ++q)
-      for (int64_t i = i0; i < i0 + 16; ++i) xt[q * ldxt + i] = x[i * ld + q];
+      for (int64_t i = i0; i < i0 + 16; ++i) xt[q * ldxt + i] = ToF32(x[i * ld + q]);
   }
 #endif
   for (int64_t q = 0; q < kw; ++q) {
     float* out = xt + q * ldxt;
-    for (int64_t i = i0; i < rows; ++i) out[i] = x[i * ld + q];
+    for (int64_t i = i0; i < rows; ++i) out[i] = ToF32(x[i * ld + q]);
     for (int64_t i = rows; i < ldxt; ++i) out[i] = 0.f;
-  }
-}
-
-// The work item's panels feature-major (PanelRows::xt): xt[q][ip * MR + i] = panel ip's [q][i].
-void Transpose(const float* panels, int64_t k, int64_t npanels, float* xt, int64_t ldxt) {
-  for (int64_t q = 0; q < k; ++q) {
-    float* out = xt + q * ldxt;
-    for (int64_t ip = 0; ip < npanels; ++ip)
-      for (int i = 0; i < MR; ++i) out[ip * MR + i] = panels[(ip * k + q) * MR + i];
-    for (int64_t i = npanels * MR; i < ldxt; ++i) out[i] = 0.f;
   }
 }
 
@@ -693,8 +681,10 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
     const int64_t kw = std::min(kbw, p.k - kb);
     const bool last = kb + kw == p.k;
     Pack(args, panels, m_begin, npanels, kb, kw);
-    if (xt && args.direct_x) TransposeRows(args, m_begin, rows, kb, kw, xt + kb * xs.ldxt, xs.ldxt);
-    else if (xt) Transpose(panels, kw, npanels, xt + kb * xs.ldxt, xs.ldxt);
+    if (xt && args.bf16)
+      TransposeRows(static_cast<const uint16_t*>(args.x) + m_begin * p.k + kb, p.k, rows, kw, xt + kb * xs.ldxt, xs.ldxt);
+    else if (xt)
+      TransposeRows(static_cast<const float*>(args.x) + m_begin * p.k + kb, p.k, rows, kw, xt + kb * xs.ldxt, xs.ldxt);
     float* c = cbuf;
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
       const int64_t depth = tile < p.t ? p.depth(tile) : 0, gp = tile < p.t ? PaddedWidth(p, tile) : 0;
