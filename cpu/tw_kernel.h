@@ -22,8 +22,9 @@
 //     q are contiguous whatever q is, so the K gather of every tile costs one index load per q,
 //     fused into the micro-kernel's loads; f32 layers with few kept weights per column of x
 //     skip the packing and read x's rows in place: kDirectWeightsPerK), then per tile runs a
-//     register-blocked GEMM of the panels against the tile's weights and the span's epilogue (layers deeper than kKBlock: the
-//     same a K block at a time, every tile's results kept until the last block). The residue is
+//     register-blocked GEMM of the panels against the tile's weights and the span's epilogue
+//     (layers deeper than kKBlock: the same a K block at a time, every tile's results kept until
+//     the last block). The residue is
 //     vectorised over rows: when the layer has one, the item's rows of x are also transposed
 //     feature-major (xt[q][i], a whole number of vectors per q), and each residue weight is one
 //     aligned load and FMA per vector of rows, in walks of up to 15 vectors of rows.
