@@ -24,10 +24,10 @@
 //     skip the packing and read x's rows in place: kDirectWeightsPerK), then per tile runs a
 //     register-blocked GEMM of the panels against the tile's weights and the span's epilogue
 //     (layers deeper than kKBlock: the same a K block at a time, every tile's results kept until
-//     the last block). The residue is
-//     vectorised over rows: when the layer has one, the item's rows of x are also transposed
-//     feature-major (xt[q][i], a whole number of vectors per q), and each residue weight is one
-//     aligned load and FMA per vector of rows, in walks of up to 15 vectors of rows.
+//     the last block). The residue is vectorised over rows: when the layer has one, the item's
+//     rows of x are also transposed feature-major (xt[q][i], a whole number of vectors per q),
+//     and each residue weight is one aligned load and FMA per vector of rows, in walks of up to
+//     15 vectors of rows.
 // bf16 x on CPUs with AMX (variant avx512-amx, RowsAmx in tw_kernel_impl.cc): step 1 copies each
 // tile's weights transposed into 16 x 32 bf16 AMX tiles, and step 2 transposes the item's rows of
 // x in 32-bit pairs of K indices, gathers each tile's pairs at its kept K indices and runs the
@@ -107,11 +107,12 @@ constexpr int64_t kRowsPerItem = 192;
 constexpr int64_t kKBlock = 768;
 // Up to this many rows of x, packing x and copying the weights cost more than they save.
 constexpr int64_t kSmallRows = 32;
-// f32 layers with at most this many kept tile weights per column of x (row of W) read x in place,
-// unpacked (TileGemmArgs::direct_x): packing costs K per row of x, the tiles'
-// GEMMs about (kept weights) per row, and unpacked A costs the micro-kernel a little (12 rows'
-// lines per kept K index, not one). Measured on AVX-512 at M = 2048: 2-17% faster at 75-90%
-// TW-2D (768 x 768, 3072 x 768: 192 weights per column; 90%: 77-307), 3-6% slower at 0%.
+// f32 layers with at most this many kept tile weights per column of x (row of W) read x in
+// place, unpacked (TileGemmArgs::direct_x): packing costs K per row of x, the tiles' GEMMs about
+// (kept weights) per row, and unpacked A costs the micro-kernel a little (the 12 values of a
+// kept K index in 12 rows' lines, not one). Measured on AVX-512 at M = 2048 (BUILD_NOTES.md):
+// 2-17% faster at 75-90% TW-2D (192 weights per column at 75% of 768 x 768 and 3072 x 768,
+// 77-307 at 90%), 3-6% slower at 0% (768).
 constexpr int64_t kDirectWeightsPerK = 320;
 // f32 outputs of at least this many bytes are written with non-temporal stores
 // (TileGemmArgs::stream): larger than a core's L2 here, they would not stay in cache anyway.

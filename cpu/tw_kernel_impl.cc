@@ -281,8 +281,8 @@ int64_t WeightSize(const PackedTilesView& p, int64_t tile) {
 
 // x[i][q] for the rows of a work item, as the residue reads them: row i at xt[q * ldxt + i],
 // the item's rows of x transposed (TransposeRows; ldxt a multiple of VL, 64-byte aligned, zero
-// past the item's rows), or for few rows x transposed once per call (TileGemmArgs::xt, from the item's
-// first row: unaligned, ldxt = M). Whole vectors are read past the item's rows (other rows,
+// past the item's rows), or for few rows x transposed once per call (TileGemmArgs::xt, from
+// the item's first row: unaligned, ldxt = M). Whole vectors are read past the item's rows (other rows,
 // other columns of x, or at the end the slack): those lanes are never added to the output.
 struct PanelRows {
   const float* xt;
@@ -681,10 +681,12 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
     const int64_t kw = std::min(kbw, p.k - kb);
     const bool last = kb + kw == p.k;
     Pack(args, panels, m_begin, npanels, kb, kw);
-    if (xt && args.bf16)
-      TransposeRows(static_cast<const uint16_t*>(args.x) + m_begin * p.k + kb, p.k, rows, kw, xt + kb * xs.ldxt, xs.ldxt);
-    else if (xt)
-      TransposeRows(static_cast<const float*>(args.x) + m_begin * p.k + kb, p.k, rows, kw, xt + kb * xs.ldxt, xs.ldxt);
+    if (xt) {
+      const int64_t first = m_begin * p.k + kb;  // x's row m_begin, column kb
+      float* out = xt + kb * xs.ldxt;
+      if (args.bf16) TransposeRows(static_cast<const uint16_t*>(args.x) + first, p.k, rows, kw, out, xs.ldxt);
+      else TransposeRows(static_cast<const float*>(args.x) + first, p.k, rows, kw, out, xs.ldxt);
+    }
     float* c = cbuf;
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
       const int64_t depth = tile < p.t ? p.depth(tile) : 0, gp = tile < p.t ? PaddedWidth(p, tile) : 0;
