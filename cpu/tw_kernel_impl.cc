@@ -47,38 +47,20 @@ typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 inline vf Load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
-// c[MR][NR] (+)= A[kept[q]][MR] * b[q][NR] over q < kc; A = one x panel ([K][MR]).
-inline void Micro(int64_t kc, const float* __restrict panel, const int32_t* __restrict kept,
+// c[MR][NR] (+)= A[kept[q]][MR] * b[q][NR] over q < kc. A is one x panel ([K][MR], lda unused)
+// or, kInPlace (TileGemmArgs::direct_x), MR rows of an f32 x read in place, lda floats apart.
+template <bool kInPlace>
+inline void Micro(int64_t kc, const float* __restrict a0, int64_t lda, const int32_t* __restrict kept,
                   const float* __restrict b, float* __restrict c, int64_t ldc, bool accumulate) {
   vf acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = accumulate ? Load(c + i * ldc + v * VL) : vf{};
   for (int64_t q = 0; q < kc; ++q) {
-    const float* a = panel + static_cast<int64_t>(kept[q]) * MR;
+    const float* a = a0 + static_cast<int64_t>(kept[q]) * (kInPlace ? 1 : MR);
     vf bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = Load(b + q * NR + v * VL);
     for (int i = 0; i < MR; ++i) {
-      const float ai = a[i];  // scalar * vector: a broadcast folded into the FMA
-      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) Store(c + i * ldc + v * VL, acc[i][v]);
-}
-
-// The same with A read in place from MR rows of an f32 x (TileGemmArgs::direct_x): x0 is the
-// first row, ldx floats between rows.
-inline void MicroDirect(int64_t kc, const float* __restrict x0, int64_t ldx, const int32_t* __restrict kept,
-                        const float* __restrict b, float* __restrict c, int64_t ldc, bool accumulate) {
-  vf acc[MR][NV];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = accumulate ? Load(c + i * ldc + v * VL) : vf{};
-  for (int64_t q = 0; q < kc; ++q) {
-    const float* a = x0 + kept[q];
-    vf bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = Load(b + q * NR + v * VL);
-    for (int i = 0; i < MR; ++i) {
-      const float ai = a[i * ldx];
+      const float ai = a[kInPlace ? i * lda : i];  // scalar * vector: a broadcast folded into the FMA
       for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
     }
   }
@@ -282,8 +264,9 @@ int64_t WeightSize(const PackedTilesView& p, int64_t tile) {
 // x[i][q] for the rows of a work item, as the residue reads them: row i at xt[q * ldxt + i],
 // the item's rows of x transposed (TransposeRows; ldxt a multiple of VL, 64-byte aligned, zero
 // past the item's rows), or for few rows x transposed once per call (TileGemmArgs::xt, from
-// the item's first row: unaligned, ldxt = M). Whole vectors are read past the item's rows (other rows,
-// other columns of x, or at the end the slack): those lanes are never added to the output.
+// the item's first row: unaligned, ldxt = M). Whole vectors are read past the item's rows
+// (other rows, other columns of x, or at the end the slack): those lanes are never added to
+// the output.
 struct PanelRows {
   const float* xt;
   int64_t ldxt;
@@ -703,10 +686,10 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
             for (int64_t ip = 0; ip < npanels; ++ip) {
               float* cp = c + ip * MR * gp + jp;
               if (InPlace(args, m_begin, ip))
-                MicroDirect(kc, static_cast<const float*>(args.x) + (m_begin + ip * MR) * p.k, p.k, kept + k0, b,
+                Micro<true>(kc, static_cast<const float*>(args.x) + (m_begin + ip * MR) * p.k, p.k, kept + k0, b,
                             cp, gp, k0 > 0);
               else  // the panel as if it started at column 0
-                Micro(kc, panels + (ip * kw - kb) * MR, kept + k0, b, cp, gp, k0 > 0);
+                Micro<false>(kc, panels + (ip * kw - kb) * MR, 0, kept + k0, b, cp, gp, k0 > 0);
             }
           }
         }
