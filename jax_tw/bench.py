@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import time
 from typing import Any
 
@@ -72,14 +73,16 @@ def bcoo_matmul(x, w_t):
 
 def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backend: str | None,
         seed: int = 0, pattern: str = "tw2d", inner: int = 1, residue: float | None = None,
-        peers: bool = False) -> list[dict[str, Any]]:
+        peers: bool = False, progress=None) -> list[dict[str, Any]]:
     """Times every (shape, dtype, sparsity); returns one row dict per measurement and backend.
 
     ``backend``: a name, a comma-separated list of names (each timed in the same interleaved
     run) or None (automatic). ``pattern`` (a :func:`jax_tw.patterns.get` name) makes the
     masks; EW/VW/BW masks pack into an element-wise residue only, which measures the residue
     path. ``residue`` sets a TEW pattern's residue fraction; ``peers`` adds a ``'bcoo'`` row
-    (:func:`bcoo_matmul`) to every measurement."""
+    (:func:`bcoo_matmul`) to every measurement. ``progress`` is called with each row as it
+    is made. A contender that raises or computes a wrong product is not timed: its row has
+    ``'error'`` (and NaN times)."""
     make_masks = patterns.get(pattern, **({} if residue is None else {"residue": residue}))
     rng = np.random.default_rng(seed)
     names = [ops.backend_for(b) for b in (backend.split(",") if backend else [None])]
@@ -105,26 +108,46 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
                 operands = [p] * (len(tw_fns) - peers)
                 if peers:  # the same masked kernel, transposed, as BCOO
                     operands.append(sparse.BCOO.fromdense(jnp.asarray(packing.unpack(p).T)))
-                # Every contender computes the same product (a wrong one would time nothing).
+                # Every contender computes the same product: a wrong one (or one that raises)
+                # is not timed; its row carries the error instead (main() then exits 1).
                 want = np.asarray(x, np.float32) @ packing.unpack(p).astype(np.float32)
+                tol = 1e-3 if np.dtype(dtype) == np.float32 else 5e-2
+                good, errors = [], {}
                 for name, f, a in zip(names, tw_fns, operands):
-                    got = np.asarray(f(x, a), np.float32)
-                    tol = 1e-3 if np.dtype(dtype) == np.float32 else 5e-2
-                    if not np.allclose(got, want, rtol=tol, atol=tol * np.abs(want).max()):
-                        raise AssertionError(f"bench: {name} computed a wrong product for "
-                                             f"{k}x{n} at sparsity {s}")
+                    try:
+                        got = np.asarray(f(x, a), np.float32)
+                        err = np.abs(got - want).max() / np.abs(want).max()
+                        if not np.allclose(got, want, rtol=tol, atol=tol * np.abs(want).max()):
+                            raise AssertionError(f"wrong product (max error {err:.2e} of max |y|)")
+                        good.append((name, f, a))
+                    except Exception as e:  # recorded and reported, so the other rows still run
+                        errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 t_dense, *t_tws = time_interleaved(
-                    [(dense_fn, (x, wj))] + [(f, (x, a)) for f, a in zip(tw_fns, operands)],
-                    repeats, inner)
-                for name, t_tw in zip(names, t_tws):
+                    [(dense_fn, (x, wj))] + [(f, (x, a)) for _, f, a in good], repeats, inner)
+                times = dict(zip([g[0] for g in good], t_tws))
+                for name in names:
+                    t_tw = times.get(name, float("nan"))
                     ratio = t_dense / t_tw
                     rows.append({
                         "k": k, "n": n, "m": m, "dtype": np.dtype(dtype).name, "pattern": pattern,
                         "sparsity": s, "measured_sparsity": 1.0 - p.density(), "backend": name,
                         "dense_ms": 1e3 * t_dense, "tw_ms": 1e3 * t_tw, "ratio": ratio,
                         "fraction_of_ideal": ratio * (1.0 - s),
+                        **({"error": errors[name]} if name in errors else {}),
                     })
+                    if progress:
+                        progress(rows[-1])
     return rows
+
+
+def format_row(r: dict[str, Any]) -> str:
+    """One measurement on one line (printed as the run goes, so a cut-off run keeps its rows)."""
+    head = (f"{r['m']}x{r['k']}x{r['n']} {r['dtype']} {r['pattern']} {r['sparsity']:.0%} "
+            f"{r['backend']}: ")
+    if "error" in r:
+        return head + "ERROR " + r["error"]
+    return head + (f"dense {r['dense_ms']:.3f} ms, tw {r['tw_ms']:.3f} ms, "
+                   f"{r['ratio']:.2f}x, {r['fraction_of_ideal']:.2f} of ideal")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -142,8 +165,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         line = f"{m:>6}x{k:>5}x{n:>5} {dtype:>8} {pattern:>7} {s:>8.0%} {first['dense_ms']:>9.2f}"
         for b in backends:
             r = by.get(b)
-            line += (f" {r['tw_ms']:>10.2f} {r['ratio']:>5.2f}x {r['fraction_of_ideal']:>8.2f}" if r
-                     else f" {'':>10} {'':>6} {'':>8}")
+            line += (f" {r['tw_ms']:>10.2f} {r['ratio']:>5.2f}x {r['fraction_of_ideal']:>8.2f}"
+                     if r and "error" not in r else
+                     f" {'ERROR' if r else '':>10} {'':>6} {'':>8}")
         lines.append(line)
     return "\n".join(lines)
 
@@ -203,13 +227,18 @@ def main(argv=None) -> list[dict[str, Any]]:
         shapes, m, repeats, sparsities = [(96, 160)], 64, 3, [0.0, 0.5, 0.9]
     inner = args.inner or (20 if jax.default_backend() == "gpu" else 1)
     rows = run(shapes, m, dtypes, sparsities, args.tile_size, repeats, args.backend,
-               pattern=args.pattern, inner=inner, residue=args.residue, peers=args.peers)
+               pattern=args.pattern, inner=inner, residue=args.residue, peers=args.peers,
+               progress=lambda r: print(format_row(r), file=sys.stderr, flush=True))
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    errors = [r for r in rows if "error" in r]
     if args.plot:
-        plot(rows, args.plot)
+        plot([r for r in rows if "error" not in r], args.plot)
+    if errors:
+        print(f"{len(errors)} measurement(s) failed:", *map(format_row, errors), sep="\n")
+        raise SystemExit(1)
     return rows
 
 

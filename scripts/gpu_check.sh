@@ -18,7 +18,13 @@
 #
 # Each stage after `build` needs the installed build: on a fresh machine run `build` in the same
 # call (`scripts/gpu_check.sh build test`). Stages run in the order given; the first failure
-# stops the rest. The log of every stage goes to $OUT (default /tmp/gpu_check).
+# stops the rest, or with KEEP_GOING=1 only a failed build does (the exit status is then the
+# first failure's). The log of every stage goes to $OUT (default /tmp/gpu_check). Time limits:
+# TEST_TIMEOUT (default 540 s), MEMCHECK_TIMEOUT (300), BENCH_TIMEOUT (540), and TEST_WORKERS
+# (pytest-xdist processes for the test stage, default 1); DEADLINE (seconds from the start)
+# caps every stage's limit at the time left before it, so that several stages fit one call:
+#   KEEP_GOING=1 TEST_WORKERS=8 TEST_TIMEOUT=180 MEMCHECK_TIMEOUT=75 DEADLINE=570 \
+#     scripts/gpu_check.sh build test memcheck hlo bench
 #
 # On a lent GPU machine (nothing can be fetched there), from the repository root here:
 #   echo /.whl/ >> .git/info/exclude
@@ -31,6 +37,12 @@ OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+# A stage's time limit: the one asked for, or the time left before DEADLINE if that is less.
+limit() {
+  local left=$(( ${DEADLINE:-1000000} - SECONDS ))
+  [ "$left" -lt "$1" ] || { echo "$1"; return; }
+  [ "$left" -gt 1 ] && echo "$left" || echo 1
+}
 gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
 
 # The CUTLASS headers: the installed wheel, or the carried one unpacked into /tmp/cutlass_site.
@@ -55,11 +67,20 @@ stage_build() {
   local cutlass
   cutlass=$(cutlass_include) || return 1
   export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
+  # An interpreter without its C headers: use the same minor version's, carried in .whl (copied
+  # there from any CPython of that version: the extension ABI is the minor version's).
+  local pyinc=() ver
+  ver=$($PY -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
+  if ! $PY -c "import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" &&
+     [ -f ".whl/python$ver-include/Python.h" ]; then
+    echo "no Python.h for this interpreter: using .whl/python$ver-include"
+    pyinc=(-Ccmake.define.Python_INCLUDE_DIR="$PWD/.whl/python$ver-include")
+  fi
   local start=$SECONDS
   # --no-build-isolation: the lent machine has no network; it has scikit-build-core, pybind11, ninja.
   $PY -m pip install --no-build-isolation --no-deps --no-index -q . \
       -Ccmake.define.JAX_TW_CUDA=ON -Ccmake.define.JAX_TW_CUTLASS_INCLUDE="$cutlass" \
-      -Cbuild-dir=/tmp/jax_tw_build || { echo "BUILD FAILED"; return 1; }
+      -Cbuild-dir=/tmp/jax_tw_build "${pyinc[@]}" || { echo "BUILD FAILED"; return 1; }
   echo "built and installed in $((SECONDS - start)) s"
   $PY -P -c "import jax, jax_tw._cuda as c; print('jax', jax.__version__, jax.devices(), 'cuda devices', c.device_count())"
 }
@@ -68,9 +89,12 @@ stage_test() {
   installed || return 1
   # Only what runs a GPU backend (-k matches the module names too): the xla and dense cases and
   # the host-only checks (the CuTe layout check, the ISA variants) run in CI.
-  timeout 540 $PY -P -m pytest -q -x -p no:cacheprovider --durations=5 tests/test_cuda.py \
-      tests/test_pallas.py tests/test_ops.py tests/test_packed_model.py \
-      -k "(cuda or pallas) and not index_assumptions and not narrower_isa"
+  # --maxfail, not -x: a first run on a new GPU should show every failure, not the first.
+  local workers=()
+  [ "${TEST_WORKERS:-1}" -gt 1 ] && workers=(-n "$TEST_WORKERS")
+  timeout "$(limit "${TEST_TIMEOUT:-540}")" $PY -P -m pytest -q --maxfail=30 -rfE -p no:cacheprovider \
+      --durations=5 "${workers[@]}" tests/test_cuda.py tests/test_pallas.py tests/test_ops.py \
+      tests/test_packed_model.py -k "(cuda or pallas) and not index_assumptions and not narrower_isa"
 }
 
 stage_memcheck() {
@@ -78,7 +102,7 @@ stage_memcheck() {
   if [ -z "$gpu" ] || ! command -v compute-sanitizer >/dev/null; then
     echo "memcheck needs a GPU and compute-sanitizer: skipped"; return 0
   fi
-  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 99 \
+  timeout "$(limit "${MEMCHECK_TIMEOUT:-300}")" compute-sanitizer --tool memcheck --error-exitcode 99 \
     $PY -P -m pytest -q -x -p no:cacheprovider tests/test_cuda.py -k "memory_safe"
   local rc=$?
   echo "memcheck exit code $rc (0: clean, 99: errors found, 124: timed out)"
@@ -94,7 +118,7 @@ stage_hlo() {
 stage_bench() {
   installed || return 1
   if [ -n "$gpu" ]; then
-    timeout 540 $PY -P -m jax_tw.bench --shapes both -m 16384 --dtype bfloat16 \
+    timeout "$(limit "${BENCH_TIMEOUT:-540}")" $PY -P -m jax_tw.bench --shapes both -m 16384 --dtype bfloat16 \
       --sparsities 0,0.25,0.5,0.75,0.9 --backend cuda,pallas --repeats 7 --json "$OUT/bench.json"
   else
     echo "no GPU: a small CPU benchmark instead (dry run)"
@@ -106,12 +130,12 @@ stage_bench() {
 stage_bench-sm80() {
   installed || return 1
   [ -n "$gpu" ] || { echo "bench-sm80 needs a GPU: skipped"; return 0; }
-  JAX_TW_CUDA_KERNEL=sm80 timeout 540 $PY -P -m jax_tw.bench --shapes both -m 16384 --dtype bfloat16 \
+  JAX_TW_CUDA_KERNEL=sm80 timeout "$(limit "${BENCH_TIMEOUT:-540}")" $PY -P -m jax_tw.bench --shapes both -m 16384 --dtype bfloat16 \
     --sparsities 0,0.25,0.5,0.75,0.9 --backend cuda --repeats 7 --json "$OUT/bench_sm80.json"
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || { sed -n '2,27p' "$0"; exit 2; }
+[ ${#stages[@]} -gt 0 ] || { sed -n '2,33p' "$0"; exit 2; }
 [ "${stages[0]}" = all ] && stages=(build test memcheck hlo bench bench-sm80)
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), GPU: ${gpu:-none}, $($PY --version)"
 for stage in "${stages[@]}"; do
@@ -121,5 +145,9 @@ for stage in "${stages[@]}"; do
   "stage_$stage" 2>&1 | tee "$OUT/$stage.log"
   rc=${PIPESTATUS[0]}
   echo "=== $stage: exit $rc in $((SECONDS - start)) s" | tee -a "$OUT/$stage.log"
-  [ "$rc" = 0 ] || exit "$rc"
+  if [ "$rc" != 0 ]; then
+    [ "${KEEP_GOING:-0}" = 1 ] && [ "$stage" != build ] || exit "$rc"
+    [ "${first_rc:-0}" != 0 ] || first_rc=$rc
+  fi
 done
+exit "${first_rc:-0}"

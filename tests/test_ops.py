@@ -646,6 +646,25 @@ def test_bench_peers_and_residue(capsys):
         assert abs(r["measured_sparsity"] - r["sparsity"]) < 0.05
 
 
+def test_bench_reports_a_wrong_backend_and_times_the_rest(monkeypatch, capsys):
+    """A contender that computes a wrong product is not timed: its rows carry the error, the
+    others are still measured and printed as they go, and the run exits 1."""
+    from jax_tw import bench
+    real = ops.tw_matmul
+
+    def wrong_xla(x, p, backend=None):
+        y = real(x, p, backend=backend)
+        return y + 1.0 if backend == "xla" else y
+
+    monkeypatch.setattr(ops, "tw_matmul", wrong_xla)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--quick", "--backend", "cpu,xla"])
+    assert e.value.code == 1
+    out = capsys.readouterr()
+    assert out.err.count("xla: ERROR AssertionError: wrong product") == 3
+    assert out.err.count("cpu: dense") == 3 and "3 measurement(s) failed" in out.out
+
+
 def test_dense_fallback_counts_the_residue_cost():
     """A residue weight costs RESIDUE_COST tile weights: an EW layer (all residue) or a TEW layer
     with enough residue packs with the dense kernel; a tiny residue does not."""
