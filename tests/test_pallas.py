@@ -117,19 +117,30 @@ def test_block_sizes_follow_tile_size_and_dtype():
     assert tw_pallas.block_sizes(70, 128, jnp.bfloat16) == (128, 64, 128)
 
 
+def _lower_for_cuda(f, *args):
+    """``jax.jit(f)`` traced and lowered for the "cuda" platform on a machine without a GPU. From
+    jax 0.11 the Triton lowering reads the target GPU from the device, or where there is none
+    from the abstract mesh in force while tracing: an H100 names the target (earlier versions
+    do not look)."""
+    lower = lambda: jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+    if jax.default_backend() == "gpu":
+        return lower()
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        return lower()
+
+
 def test_lowers_to_a_triton_kernel_with_its_dot_for_cuda():
     """Without a GPU: the backend lowers for the "cuda" platform into XLA's Triton custom call,
     and the kernel's Triton IR (printed by pallas_call's debug mode) holds its dot."""
     p = _layer(64, 256, 128, 0.5, jnp.bfloat16)
     x = jnp.ones((256, 64), jnp.bfloat16)
-    lower = lambda: jax.jit(lambda x, p: ops.tw_matmul(x, p, backend="pallas")).trace(x, p).lower(
-        lowering_platforms=("cuda",))
+    lower = lambda: _lower_for_cuda(lambda x, p: ops.tw_matmul(x, p, backend="pallas"), x, p)
     hlo = lower().as_text()
     assert "__gpu$xla.gpu.triton" in hlo and "jax_tw_tw_matmul" in hlo
     out = io.StringIO()
     with contextlib.redirect_stdout(out), tw_pallas.debug():  # a fresh trace, in debug mode
-        jax.jit(lambda x, p: tw_pallas.tw_matmul(x, p, None, x.dtype, interpret=False)).trace(
-            x, p).lower(lowering_platforms=("cuda",))
+        _lower_for_cuda(lambda x, p: tw_pallas.tw_matmul(x, p, None, x.dtype, interpret=False), x, p)
     assert "tt.dot" in out.getvalue(), out.getvalue()[-2000:]
 
 
@@ -143,8 +154,7 @@ def test_f32_dot_precision_follows_the_call(precision, tf32):
     x = jnp.ones((256, 64), jnp.float32)
     out = io.StringIO()
     with contextlib.redirect_stdout(out), tw_pallas.debug():
-        jax.jit(lambda x, p: ops.tw_matmul(x, p, backend="pallas", precision=precision)).trace(
-            x, p).lower(lowering_platforms=("cuda",))
+        _lower_for_cuda(lambda x, p: ops.tw_matmul(x, p, backend="pallas", precision=precision), x, p)
     dots = [line for line in out.getvalue().splitlines() if "tt.dot" in line]
     assert dots, out.getvalue()[-2000:]
     for line in dots:
