@@ -3,7 +3,8 @@
 //   y[M, N] = x[M, K] @ W + bias, W given as packed tiles with their residue (packed_tiles.h),
 //   y in f32 or x's dtype.
 // Work runs on XLA's intra-op thread pool (see tw_kernel.h): the tiles' weights are copied in
-// parallel over tiles, then blocks of rows compute every tile and write every span of y.
+// parallel over tiles where the GEMM does not read them in place, then blocks of rows compute
+// every tile and write every span of y.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -123,7 +124,7 @@ int64_t RowsPerItem(int64_t m, int64_t threads, bool residue, bool bf16) {
 std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   const PackedTilesView& p = *args.p;
   // Step 1: every tile's weights into the layout its GEMM reads (TileKernel::weight_size), each
-  // copy on its own 64-byte line. The
+  // copy on its own 64-byte line; nothing for f32 weights read in place. The
   // buffer is reused across calls by this thread; workers see it through plain pointers (a
   // thread_local named inside a worker would be the worker's own).
   thread_local std::vector<float> weight_buffer;
@@ -135,10 +136,12 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   weight_buffer.resize(weight_offsets[p.t] + 16);
   const auto addr = reinterpret_cast<uintptr_t>(weight_buffer.data());
   float* weights = weight_buffer.data() + ((64 - addr % 64) % 64) / sizeof(float);
-  std::string err = ParallelFor(pool, p.t, [&](int64_t t) {
-    kKernel.pack_weights(args, t, weights + weight_offsets[t]);
-  });
-  if (!err.empty()) return err;
+  if (weight_offsets[p.t] > 0) {  // else every tile's weights are read in place (no copy)
+    std::string err = ParallelFor(pool, p.t, [&](int64_t t) {
+      kKernel.pack_weights(args, t, weights + weight_offsets[t]);
+    });
+    if (!err.empty()) return err;
+  }
   args.weights = weights;
   args.weight_offsets = weight_offsets;
   if (!args.bf16) {

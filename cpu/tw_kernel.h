@@ -126,7 +126,8 @@ struct TileKernel {
   int64_t residue_rows;  // most rows of x one walk of the residue covers
   // Floats of the per-call copy of a tile's weights in the layout its GEMM reads (f32
   // micro-panels; for bf16 on AMX, bf16 A tiles, counted in floats), and the copy itself
-  // (64-byte aligned b).
+  // (64-byte aligned b). 0 and no copy where the GEMM reads the packed values in place (f32
+  // with g a multiple of the micro-tile width).
   int64_t (*weight_size)(const TileGemmArgs&, int64_t tile);
   void (*pack_weights)(const TileGemmArgs&, int64_t tile, float* b);
   // Rows [m_begin, m_end) of y, spans [t_begin, t_end) (step 2); needs args.weights.

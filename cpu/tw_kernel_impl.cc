@@ -2,8 +2,9 @@
 //   TW_ISA_AVX512: 16-wide vectors, micro-tile 12 x 32 (24 accumulators of 32 zmm registers)
 //   TW_ISA_AVX2:    8-wide vectors, micro-tile  6 x 16 (12 accumulators of 16 ymm registers)
 //   otherwise:      4-wide vectors, micro-tile  4 x 8
-// Blocking follows BLIS: a B micro-panel (KC x NR, contiguous, 64-byte aligned) stays in L1
-// while the A values, read straight from x's panels at the tile's kept K indices, stream from L2.
+// Blocking follows BLIS: a B micro-panel (KC x NR: KC rows of NR weights, read in place from the
+// packed values or from a per-call copy, see WeightsInPlace) stays in L1 while the A values,
+// read from x's panels (or x itself) at the tile's kept K indices, stream from L2.
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -47,18 +48,19 @@ typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 inline vf Load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
-// c[MR][NR] (+)= A[kept[q]][MR] * b[q][NR] over q < kc. A is one x panel ([K][MR], lda unused)
-// or, kInPlace (TileGemmArgs::direct_x), MR rows of an f32 x read in place, lda floats apart.
+// c[MR][NR] (+)= A[kept[q]][MR] * b[q][NR] over q < kc, b's rows ldb floats apart. A is one x
+// panel ([K][MR], lda unused) or, kInPlace (TileGemmArgs::direct_x), MR rows of an f32 x read in
+// place, lda floats apart.
 template <bool kInPlace>
 inline void Micro(int64_t kc, const float* __restrict a0, int64_t lda, const int32_t* __restrict kept,
-                  const float* __restrict b, float* __restrict c, int64_t ldc, bool accumulate) {
+                  const float* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc, bool accumulate) {
   vf acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = accumulate ? Load(c + i * ldc + v * VL) : vf{};
   for (int64_t q = 0; q < kc; ++q) {
     const float* a = a0 + static_cast<int64_t>(kept[q]) * (kInPlace ? 1 : MR);
     vf bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = Load(b + q * NR + v * VL);
+    for (int v = 0; v < NV; ++v) bv[v] = Load(b + q * ldb + v * VL);
     for (int i = 0; i < MR; ++i) {
       const float ai = a[kInPlace ? i * lda : i];  // scalar * vector: a broadcast folded into the FMA
       for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
@@ -236,8 +238,14 @@ inline void BlockRows(const int32_t* kept, int64_t depth, int64_t kb, int64_t kw
 // A tile's width padded to whole micro-tiles (NR columns).
 inline int64_t PaddedWidth(const PackedTilesView& p, int64_t tile) { return (p.width(tile) + NR - 1) / NR * NR; }
 
+// f32 weights are read in place, straight from the packed values ([r][g], rows g floats apart),
+// when whole micro-panels fit each row (g a multiple of NR): no per-call copy. Columns past a
+// tile's width are then read too (the row's padding); their results are never stored.
+inline bool WeightsInPlace(const TileGemmArgs& args) { return !args.bf16 && args.p->g % NR == 0; }
+
 // The tile's weights as f32 micro-panels b[jp][q][NR], zero past the tile's width.
 void PackWeights(const TileGemmArgs& args, int64_t tile, float* b) {
+  if (WeightsInPlace(args)) return;
   const PackedTilesView& p = *args.p;
   const int64_t depth = p.depth(tile), width = p.width(tile), offset = p.row_offsets[tile];
   for (int64_t jp = 0; jp < width; jp += NR) {
@@ -257,8 +265,8 @@ void PackWeights(const TileGemmArgs& args, int64_t tile, float* b) {
   }
 }
 
-int64_t WeightSize(const PackedTilesView& p, int64_t tile) {
-  return PaddedWidth(p, tile) * p.depth(tile);
+int64_t WeightSize(const TileGemmArgs& args, int64_t tile) {
+  return WeightsInPlace(args) ? 0 : PaddedWidth(*args.p, tile) * args.p->depth(tile);
 }
 
 // x[i][q] for the rows of a work item, as the residue reads them: row i at xt[q * ldxt + i],
@@ -678,18 +686,22 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
         // This block's kept rows: [q0, q1) of the tile's (ascending: Validate).
         int64_t q0, q1;
         BlockRows(kept, depth, kb, kw, &q0, &q1);
-        const float* bbuf = args.weights + args.weight_offsets[tile];
+        // Micro-panel jp's row q: in the packed values, or in the per-call copy (PackWeights).
+        const bool wip = WeightsInPlace(args);
+        const float* bbuf = wip ? static_cast<const float*>(args.values) + p.row_offsets[tile] * p.g
+                                : args.weights + args.weight_offsets[tile];
+        const int64_t ldb = wip ? p.g : NR;
         for (int64_t k0 = q0; k0 < q1; k0 += KC) {
           const int64_t kc = std::min(KC, q1 - k0);
           for (int64_t jp = 0; jp < gp; jp += NR) {
-            const float* b = bbuf + (jp / NR) * depth * NR + k0 * NR;
+            const float* b = bbuf + (wip ? jp : (jp / NR) * depth * NR) + k0 * ldb;
             for (int64_t ip = 0; ip < npanels; ++ip) {
               float* cp = c + ip * MR * gp + jp;
               if (InPlace(args, m_begin, ip))
                 Micro<true>(kc, static_cast<const float*>(args.x) + (m_begin + ip * MR) * p.k, p.k, kept + k0, b,
-                            cp, gp, k0 > 0);
+                            ldb, cp, gp, k0 > 0);
               else  // the panel as if it started at column 0
-                Micro<false>(kc, panels + (ip * kw - kb) * MR, 0, kept + k0, b, cp, gp, k0 > 0);
+                Micro<false>(kc, panels + (ip * kw - kb) * MR, 0, kept + k0, b, ldb, cp, gp, k0 > 0);
             }
           }
         }
@@ -1010,7 +1022,7 @@ void RowsAmx(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t
 
 // The variant's entry points: bf16 on AMX, f32 as the avx512 variant.
 int64_t WeightSizeAny(const TileGemmArgs& args, int64_t tile) {
-  return args.bf16 ? WeightSizeAmx(*args.p, tile) : WeightSize(*args.p, tile);
+  return args.bf16 ? WeightSizeAmx(*args.p, tile) : WeightSize(args, tile);
 }
 void PackWeightsAny(const TileGemmArgs& args, int64_t tile, float* b) {
   if (args.bf16) PackWeightsAmx(args, tile, b);
@@ -1028,8 +1040,7 @@ TileKernel Kernel() {
 #if defined(TW_AMX)
   return TileKernel{TW_ISA_NAME, MR, 32, VL, kResidueBlock, WeightSizeAny, PackWeightsAny, RowsAny, Few};
 #else
-  auto weight_size = [](const TileGemmArgs& args, int64_t tile) { return WeightSize(*args.p, tile); };
-  return TileKernel{TW_ISA_NAME, MR, MR, VL, kResidueBlock, weight_size, PackWeights, Rows, Few};
+  return TileKernel{TW_ISA_NAME, MR, MR, VL, kResidueBlock, WeightSize, PackWeights, Rows, Few};
 #endif
 }
 

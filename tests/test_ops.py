@@ -433,6 +433,26 @@ def test_host_f32_x_read_in_place_or_packed(k, per_k, pattern):
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-7 * k)
 
 
+@pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
+@pytest.mark.parametrize("g", [32, 48, 128])
+@pytest.mark.parametrize("n_tiles", [3, 12])
+def test_host_f32_weights_read_in_place_or_copied(g, n_tiles):
+    """f32 tile weights are read in place from the packed values where whole micro-panels fit a
+    row of G (G a multiple of the micro-tile width: 32 and 128 on AVX-512, 48 too on AVX2),
+    else from a per-call copy: both against the reference, with a partial last tile, tiles
+    with no kept rows, K = 1700 in three K blocks, and x read in place (all but one case) or
+    packed (G = 128 with 12 tiles: more than _cpu.DIRECT_WEIGHTS_PER_K kept weights per K)."""
+    k, m = 1700, 100
+    n = n_tiles * g + g // 2 + 3
+    _, _, p = _layer(k, n, g, 0.5, empty_tiles=True, seed=g + n_tiles)
+    rng = np.random.default_rng(g)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    bias = rng.normal(size=n).astype(np.float32)
+    y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu"), np.float64)
+    want = _reference(x, np.asarray(packing.unpack(p), np.float32), bias)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-7 * k)
+
+
 # ----------------------------------------------------------------------------- transforms
 
 @pytest.mark.parametrize("backend", BACKENDS)
