@@ -106,18 +106,13 @@ std::string ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
 }
 
 // Rows of x per work item: enough items for every thread to take several (the last ones to
-// finish are then short), each a whole number of panels and at most kRowsPerItem rows. When the
-// layer has a residue and one walk of it (TileKernel::residue_rows) covers all but at most an
-// eighth of those rows, the item is cut to one walk: at M = 2048, 120-row items in one walk
-// measured 1-8% faster than 132-row ones in two, but at M = 4096 and K = 384, 120-row items
-// measured 3-7% slower than 192-row ones in two walks (shorter items cost more than a walk saves).
+// finish are then short), each a whole number of panels and at most kRowsPerItem rows, or
+// kResidueRowsPerItem in a layer with a residue (see there).
 int64_t RowsPerItem(int64_t m, int64_t threads, bool residue, bool bf16) {
   const int64_t mr = bf16 ? kKernel.mr_bf16 : kKernel.mr, items = 8 * std::max<int64_t>(threads, 1);
-  int64_t rows = ((m + items - 1) / items + mr - 1) / mr * mr;
-  rows = std::min(std::max(rows, 4 * mr), kRowsPerItem / mr * mr);
-  const int64_t walk = kKernel.residue_rows / mr * mr;
-  if (residue && rows > walk && 8 * (rows - walk) <= rows) rows = walk;
-  return rows;
+  const int64_t most = residue ? kResidueRowsPerItem : kRowsPerItem;
+  const int64_t rows = ((m + items - 1) / items + mr - 1) / mr * mr;
+  return std::min(std::max(rows, 4 * mr), most / mr * mr);
 }
 
 // A call with more than kSmallRows rows (see tw_kernel.h).

@@ -103,6 +103,12 @@ inline void Span(const PackedTilesView& p, int64_t t, int64_t* lo, int64_t* hi) 
 
 // Most rows of x one work item covers: its panels should stay in L2.
 constexpr int64_t kRowsPerItem = 192;
+// The same in a layer with a residue, whose walk reads the item's rows of x feature-major at
+// random K indices: 96 rows (8 f32 panels, 6 vectors; 3 bf16 panels) measured fastest of
+// 48-512 at 75% TEW, M = 2048: against the 132-row items of kRowsPerItem's rule, f32 768 x 768
+// 2.99 -> 2.80 ms, 3072 x 768 13.19 -> 11.67 ms (12.5% residue 19.33 -> 15.07), bf16
+// 3072 x 768 7.92 -> 6.91 ms; at M = 4096 the BERT example's shapes 0-4% faster (BUILD_NOTES.md).
+constexpr int64_t kResidueRowsPerItem = 96;
 // Deeper layers are worked through in K blocks of at most this many columns of x (Rows).
 constexpr int64_t kKBlock = 768;
 // Up to this many rows of x, packing x and copying the weights cost more than they save.
@@ -123,7 +129,6 @@ struct TileKernel {
   int64_t mr;            // panel height
   int64_t mr_bf16;       // rows of x per work item are a multiple of this for bf16 x
   int64_t vl;            // floats per vector
-  int64_t residue_rows;  // most rows of x one walk of the residue covers
   // Floats of the per-call copy of a tile's weights in the layout its GEMM reads (f32
   // micro-panels; for bf16 on AMX, bf16 A tiles, counted in floats), and the copy itself
   // (64-byte aligned b). 0 and no copy where the GEMM reads the packed values in place (f32

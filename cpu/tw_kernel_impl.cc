@@ -1038,9 +1038,9 @@ void RowsAny(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t
 
 TileKernel Kernel() {
 #if defined(TW_AMX)
-  return TileKernel{TW_ISA_NAME, MR, 32, VL, kResidueBlock, WeightSizeAny, PackWeightsAny, RowsAny, Few};
+  return TileKernel{TW_ISA_NAME, MR, 32, VL, WeightSizeAny, PackWeightsAny, RowsAny, Few};
 #else
-  return TileKernel{TW_ISA_NAME, MR, MR, VL, kResidueBlock, WeightSize, PackWeights, Rows, Few};
+  return TileKernel{TW_ISA_NAME, MR, MR, VL, WeightSize, PackWeights, Rows, Few};
 #endif
 }
 
