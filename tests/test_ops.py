@@ -411,6 +411,17 @@ def test_large_f32_output_is_fully_written(poisoned):
                 np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=f"{pattern} G={g}")
 
 
+def _check_host_f32(p, m, seed):
+    """The host call on a random f32 x (M rows) and bias against the float64 reference."""
+    k, n = p.k, p.n
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    bias = rng.normal(size=n).astype(np.float32)
+    y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu"), np.float64)
+    want = _reference(x, np.asarray(packing.unpack(p), np.float32), bias)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-7 * k)
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
 @pytest.mark.parametrize("k", [200, 1000])
 @pytest.mark.parametrize("per_k", [0.3, 3.0])
@@ -425,12 +436,7 @@ def test_host_f32_x_read_in_place_or_packed(k, per_k, pattern):
     _, _, p = _layer(k, n, g, 0.4, pattern=pattern, empty_tiles=True, seed=k)
     kept = round(p.density() * k * n) - np.shape(p.residue_rows)[0]  # tile weights
     assert (kept <= _cpu.DIRECT_WEIGHTS_PER_K * k) == (per_k < 1)
-    rng = np.random.default_rng(k)
-    x = rng.normal(size=(m, k)).astype(np.float32)
-    bias = rng.normal(size=n).astype(np.float32)
-    y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu"), np.float64)
-    want = _reference(x, np.asarray(packing.unpack(p), np.float32), bias)
-    np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-7 * k)
+    _check_host_f32(p, m, seed=k)
 
 
 @pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
@@ -442,15 +448,9 @@ def test_host_f32_weights_read_in_place_or_copied(g, n_tiles):
     else from a per-call copy: both against the reference, with a partial last tile, tiles
     with no kept rows, K = 1700 in three K blocks, and x read in place (all but one case) or
     packed (G = 128 with 12 tiles: more than _cpu.DIRECT_WEIGHTS_PER_K kept weights per K)."""
-    k, m = 1700, 100
-    n = n_tiles * g + g // 2 + 3
+    k, n = 1700, n_tiles * g + g // 2 + 3
     _, _, p = _layer(k, n, g, 0.5, empty_tiles=True, seed=g + n_tiles)
-    rng = np.random.default_rng(g)
-    x = rng.normal(size=(m, k)).astype(np.float32)
-    bias = rng.normal(size=n).astype(np.float32)
-    y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu"), np.float64)
-    want = _reference(x, np.asarray(packing.unpack(p), np.float32), bias)
-    np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-7 * k)
+    _check_host_f32(p, 100, seed=g)
 
 
 # ----------------------------------------------------------------------------- transforms
