@@ -107,7 +107,8 @@ constexpr int64_t kRowsPerItem = 192;
 // random K indices: 96 rows (8 f32 panels, 6 vectors; 3 bf16 panels) measured fastest of
 // 48-512 at 75% TEW, M = 2048: against the 132-row items of kRowsPerItem's rule, f32 768 x 768
 // 2.99 -> 2.80 ms, 3072 x 768 13.19 -> 11.67 ms (12.5% residue 19.33 -> 15.07), bf16
-// 3072 x 768 7.92 -> 6.91 ms; at M = 4096 the BERT example's shapes 0-4% faster (BUILD_NOTES.md).
+// 3072 x 768 7.92 -> 6.91 ms; at M = 4096 the BERT example's shapes from unchanged (384 x 384)
+// to 4% faster (BUILD_NOTES.md).
 constexpr int64_t kResidueRowsPerItem = 96;
 // Deeper layers are worked through in K blocks of at most this many columns of x (Rows).
 constexpr int64_t kKBlock = 768;
