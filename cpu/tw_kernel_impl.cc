@@ -241,11 +241,11 @@ inline int64_t PaddedWidth(const PackedTilesView& p, int64_t tile) { return (p.w
 // f32 weights are read in place, straight from the packed values ([r][g], rows g floats apart),
 // when whole micro-panels fit each row (g a multiple of NR): no per-call copy. Columns past a
 // tile's width are then read too (the row's padding); their results are never stored.
+// WeightSize is then 0, so TileGemm never calls PackWeights.
 inline bool WeightsInPlace(const TileGemmArgs& args) { return !args.bf16 && args.p->g % NR == 0; }
 
 // The tile's weights as f32 micro-panels b[jp][q][NR], zero past the tile's width.
 void PackWeights(const TileGemmArgs& args, int64_t tile, float* b) {
-  if (WeightsInPlace(args)) return;
   const PackedTilesView& p = *args.p;
   const int64_t depth = p.depth(tile), width = p.width(tile), offset = p.row_offsets[tile];
   for (int64_t jp = 0; jp < width; jp += NR) {
@@ -668,6 +668,8 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
   for (int64_t tile = t_begin; tile < std::min(t_end, p.t); ++tile)
     cfloats = nblocks > 1 ? cfloats + PaddedWidth(p, tile) : std::max(cfloats, PaddedWidth(p, tile));
   float* cbuf = cscratch.Get(npanels * MR * cfloats);
+  const bool wip = WeightsInPlace(args);  // weights read in place: rows g floats apart
+  const int64_t ldb = wip ? p.g : NR;
   for (int64_t kb = 0; kb < p.k; kb += kbw) {
     const int64_t kw = std::min(kbw, p.k - kb);
     const bool last = kb + kw == p.k;
@@ -687,10 +689,8 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
         int64_t q0, q1;
         BlockRows(kept, depth, kb, kw, &q0, &q1);
         // Micro-panel jp's row q: in the packed values, or in the per-call copy (PackWeights).
-        const bool wip = WeightsInPlace(args);
         const float* bbuf = wip ? static_cast<const float*>(args.values) + p.row_offsets[tile] * p.g
                                 : args.weights + args.weight_offsets[tile];
-        const int64_t ldb = wip ? p.g : NR;
         for (int64_t k0 = q0; k0 < q1; k0 += KC) {
           const int64_t kc = std::min(KC, q1 - k0);
           for (int64_t jp = 0; jp < gp; jp += NR) {

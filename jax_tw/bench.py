@@ -112,12 +112,13 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
                 # is not timed; its row carries the error instead (main() then exits 1).
                 want = np.asarray(x, np.float32) @ packing.unpack(p).astype(np.float32)
                 tol = 1e-3 if np.dtype(dtype) == np.float32 else 5e-2
+                scale = np.abs(want).max()
                 good, errors = [], {}
                 for name, f, a in zip(names, tw_fns, operands):
                     try:
                         got = np.asarray(f(x, a), np.float32)
-                        err = np.abs(got - want).max() / np.abs(want).max()
-                        if not np.allclose(got, want, rtol=tol, atol=tol * np.abs(want).max()):
+                        err = np.abs(got - want).max() / scale
+                        if not np.allclose(got, want, rtol=tol, atol=tol * scale):
                             raise AssertionError(f"wrong product (max error {err:.2e} of max |y|)")
                         good.append((name, f, a))
                     except Exception as e:  # recorded and reported, so the other rows still run

@@ -23,7 +23,7 @@
 # TEST_TIMEOUT (default 540 s), MEMCHECK_TIMEOUT (300), BENCH_TIMEOUT (540), and TEST_WORKERS
 # (pytest-xdist processes for the test stage, default 1); DEADLINE (seconds from the start)
 # caps every stage's limit at the time left before it, so that several stages fit one call:
-#   KEEP_GOING=1 TEST_WORKERS=8 TEST_TIMEOUT=180 MEMCHECK_TIMEOUT=75 DEADLINE=570 \
+#   KEEP_GOING=1 TEST_WORKERS=8 TEST_TIMEOUT=170 MEMCHECK_TIMEOUT=75 DEADLINE=555 \
 #     scripts/gpu_check.sh build test memcheck hlo bench
 #
 # On a lent GPU machine (nothing can be fetched there), from the repository root here:
