@@ -196,13 +196,18 @@ std::string FewRows(ffi::ThreadPool& pool, TileGemmArgs& args) {
   });
 }
 
-// y = x @ W + bias (bias: n f32 values, or none) in y's dtype (f32, or x's).
+// y = activation(x @ W + bias) (bias: n f32 values, or none; activation: Activation in
+// tw_kernel.h) in y's dtype (f32, or x's).
 ffi::Error TwMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::Buffer<ffi::S32>& columns,
                     ffi::Buffer<ffi::S32>& row_offsets, ffi::Buffer<ffi::S32>& rows,
                     ffi::AnyBuffer& values, ffi::Buffer<ffi::S32>& residue_rows,
                     ffi::Buffer<ffi::S32>& residue_cols, ffi::AnyBuffer& residue_values,
-                    const float* bias, ffi::AnyBuffer& y, int64_t n, int64_t tile_size) {
+                    const float* bias, ffi::AnyBuffer& y, int64_t n, int64_t tile_size,
+                    int64_t activation = 0) {
   try {
+    if (activation < 0 || activation > static_cast<int64_t>(Activation::kGelu))
+      return ffi::Error::InvalidArgument("tw_matmul: activation must be 0 (none), 1 (relu) or 2 (gelu), got " +
+                                         std::to_string(activation));
     const auto xd = x.dimensions();
     if (xd.size() != 2) return ffi::Error::InvalidArgument("tw_matmul: x must be 2-D (M, K)");
     const bool bf16 = x.element_type() == ffi::DataType::BF16;
@@ -233,6 +238,7 @@ ffi::Error TwMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::Buffer<ffi::S
     TileGemmArgs args{&p, x.untyped_data(), values.untyped_data(), residue_values.untyped_data(),
                       bf16, m, bias, y.untyped_data(), y_bf16};
     args.stream = !y_bf16 && m * n * 4 >= kStreamBytes;
+    args.activation = static_cast<Activation>(activation);
     // Test hook: JAX_TW_POISON_OUTPUT=1 fills y with NaN first, so any entry the kernel fails to
     // write shows up in the results.
     if (const char* poison = std::getenv("JAX_TW_POISON_OUTPUT"); poison && poison[0] == '1')
@@ -257,17 +263,27 @@ ffi::Error TwMatmulV1(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S
                   residue_values, nullptr, *y, n, tile_size);
 }
 
+ffi::Error TwMatmulV3(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> columns,
+                      ffi::Buffer<ffi::S32> row_offsets, ffi::Buffer<ffi::S32> rows,
+                      ffi::AnyBuffer values, ffi::Buffer<ffi::S32> residue_rows,
+                      ffi::Buffer<ffi::S32> residue_cols, ffi::AnyBuffer residue_values,
+                      ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> y, int64_t n,
+                      int64_t tile_size, int64_t activation) {
+  if (bias.element_count() != 0 && bias.element_count() != n)
+    return ffi::Error::InvalidArgument("tw_matmul: bias must have n or 0 values");
+  return TwMatmul(pool, x, columns, row_offsets, rows, values, residue_rows, residue_cols,
+                  residue_values, bias.element_count() ? bias.typed_data() : nullptr, *y, n,
+                  tile_size, activation);
+}
+
 ffi::Error TwMatmulV2(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> columns,
                       ffi::Buffer<ffi::S32> row_offsets, ffi::Buffer<ffi::S32> rows,
                       ffi::AnyBuffer values, ffi::Buffer<ffi::S32> residue_rows,
                       ffi::Buffer<ffi::S32> residue_cols, ffi::AnyBuffer residue_values,
                       ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> y, int64_t n,
                       int64_t tile_size) {
-  if (bias.element_count() != 0 && bias.element_count() != n)
-    return ffi::Error::InvalidArgument("tw_matmul: bias must have n or 0 values");
-  return TwMatmul(pool, x, columns, row_offsets, rows, values, residue_rows, residue_cols,
-                  residue_values, bias.element_count() ? bias.typed_data() : nullptr, *y, n,
-                  tile_size);
+  return TwMatmulV3(pool, x, columns, row_offsets, rows, values, residue_rows, residue_cols,
+                    residue_values, bias, y, n, tile_size, 0);
 }
 
 }  // namespace
@@ -284,9 +300,19 @@ ffi::Error TwMatmulV2(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S
       .Arg<ffi::Buffer<ffi::S32>>() /* residue_cols (E,) */   \
       .Arg<ffi::AnyBuffer>()        /* residue_values (E,) */
 
-// Target jax_tw_tw_matmul_cpu_v2: x, columns, row_offsets, rows, values, residue_rows,
+// Target jax_tw_tw_matmul_cpu_v3: x, columns, row_offsets, rows, values, residue_rows,
 // residue_cols, residue_values, bias (f32, N or 0 values) -> y (M, N) in f32 or x's dtype;
-// attributes n, tile_size (int64).
+// attributes n, tile_size, activation (int64; Activation in tw_kernel.h, applied after the bias).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxTwTwMatmulCpuV3, jax_tw::TwMatmulV3,
+    ffi::Ffi::Bind() JAX_TW_TILE_ARGS
+        .Arg<ffi::Buffer<ffi::F32>>()  // bias (N,) or (0,)
+        .Ret<ffi::AnyBuffer>()         // y (M, N)
+        .Attr<int64_t>("n")
+        .Attr<int64_t>("tile_size")
+        .Attr<int64_t>("activation"));
+
+// Target jax_tw_tw_matmul_cpu_v2 (kept for modules exported before v3): v3 without activation.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxTwTwMatmulCpuV2, jax_tw::TwMatmulV2,
     ffi::Ffi::Bind() JAX_TW_TILE_ARGS
@@ -312,6 +338,8 @@ PYBIND11_MODULE(_cpu, m) {
         pybind11::capsule(reinterpret_cast<void*>(JaxTwTwMatmulCpu));
     d["jax_tw_tw_matmul_cpu_v2"] =
         pybind11::capsule(reinterpret_cast<void*>(JaxTwTwMatmulCpuV2));
+    d["jax_tw_tw_matmul_cpu_v3"] =
+        pybind11::capsule(reinterpret_cast<void*>(JaxTwTwMatmulCpuV3));
     return d;
   });
   m.def("isa", [] { return std::string(jax_tw::kKernel.isa); },

@@ -41,6 +41,14 @@
 
 namespace jax_tw {
 
+// The activation applied to y in the epilogue, after the bias (the values match the Python
+// side's ops.ACTIVATIONS and the custom call's `activation` attribute).
+enum class Activation : int64_t {
+  kNone = 0,
+  kRelu = 1,  // max(y, 0); NaN stays NaN
+  kGelu = 2,  // y / 2 * (1 + erf(y / sqrt(2))), erf within 5e-7 (the rational form XLA uses for f32)
+};
+
 struct TileGemmArgs {
   const PackedTilesView* p;
   const void* x;               // [m, k], f32 or bf16 (raw bits)
@@ -51,6 +59,7 @@ struct TileGemmArgs {
   const float* bias;           // [n], or nullptr for none
   void* y;                     // [m, n]
   bool y_bf16;                 // y's dtype: bf16 (x's), else f32
+  Activation activation = Activation::kNone;
   // Write y's f32 rows with non-temporal stores (an output too large to stay in cache).
   bool stream = false;
   // The micro-kernel reads x's rows in place instead of packed panels (Rows; f32 x, few kept

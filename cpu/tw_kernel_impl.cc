@@ -48,6 +48,45 @@ typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 inline vf Load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
+// erf(x) within 5e-7: x P(x^2) / Q(x^2) on [-4, 4] (+-1 in f32 beyond), the rational form of
+// XLA's CPU backend (Eigen's generic_fast_erf_float). NaN stays NaN.
+inline vf Erf(vf x) {
+  const vf four = vf{} + 4.f;
+  x = x > four ? four : x;
+  x = x < -four ? -four : x;
+  const vf x2 = x * x;
+  vf p = vf{} - 2.72614225801306e-10f;
+  for (float a : {2.77068142495902e-08f, -2.10102402082508e-06f, -5.69250639462346e-05f,
+                  -7.34990630326855e-04f, -2.95459980854025e-03f, -1.60960333262415e-02f})
+    p = p * x2 + a;
+  vf q = vf{} - 1.45660718464996e-05f;
+  for (float b : {-2.13374055278905e-04f, -1.68282697438203e-03f, -7.37332916720468e-03f,
+                  -1.42647390514189e-02f})
+    q = q * x2 + b;
+  return x * p / q;
+}
+
+inline vf Activate(vf v, Activation act) {
+  switch (act) {
+    case Activation::kRelu: return v < vf{} ? vf{} : v;
+    case Activation::kGelu: return 0.5f * v * (1.f + Erf(v * 0.70710678118654752f));
+    default: return v;
+  }
+}
+
+// The activation over s[0, len) in place.
+inline void ActivateRow(float* s, int64_t len, Activation act) {
+  if (act == Activation::kNone) return;
+  int64_t j = 0;
+  for (; j + VL <= len; j += VL) Store(s + j, Activate(Load(s + j), act));
+  if (j < len) {
+    float tail[VL] = {};
+    std::memcpy(tail, s + j, (len - j) * sizeof(float));
+    Store(tail, Activate(Load(tail), act));
+    std::memcpy(s + j, tail, (len - j) * sizeof(float));
+  }
+}
+
 // c[MR][NR] (+)= A[kept[q]][MR] * b[q][NR] over q < kc, b's rows ldb floats apart. A is one x
 // panel ([K][MR], lda unused) or, kInPlace (TileGemmArgs::direct_x), MR rows of an f32 x read in
 // place, lda floats apart.
@@ -545,30 +584,34 @@ inline void StoreBF16(uint16_t* dst, __m512 v, int64_t n) {
 }
 
 // y_row[0, len) = bias[0, len) (or 0) + the tile's row ci in its kept columns (SpanChunks).
-inline void ExpandRow(const SpanChunks& ch, const float* ci, const float* bias, float* y_row, bool stream) {
+inline void ExpandRow(const SpanChunks& ch, const float* ci, const float* bias, float* y_row, bool stream,
+                      Activation act) {
   float* base = y_row - ch.phase;  // 64-byte aligned
   const float* b = bias ? bias - ch.phase : nullptr;
   for (int64_t j = 0; j < ch.count; ++j) {
     const __mmask16 inside = ch.inside[j];
     __m512 v = _mm512_maskz_expandloadu_ps(ch.kept[j], ci + ch.offset[j]);
     if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(inside, b + 16 * j));
+    if (act != Activation::kNone) v = (__m512)Activate((vf)v, act);
     if (stream && inside == 0xffff) _mm512_stream_ps(base + 16 * j, v);
     else _mm512_mask_storeu_ps(base + 16 * j, inside, v);
   }
 }
 
 // The same for a bf16 y (chunks made with phase 0: chunk j is columns [16 j, 16 j + 16)).
-inline void ExpandRowBF16(const SpanChunks& ch, const float* ci, const float* bias, uint16_t* y_row, int64_t len) {
+inline void ExpandRowBF16(const SpanChunks& ch, const float* ci, const float* bias, uint16_t* y_row, int64_t len,
+                          Activation act) {
   for (int64_t j = 0; j < ch.count; ++j) {
     __m512 v = _mm512_maskz_expandloadu_ps(ch.kept[j], ci + ch.offset[j]);
     if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(ch.inside[j], bias + 16 * j));
+    if (act != Activation::kNone) v = (__m512)Activate((vf)v, act);
     StoreBF16(y_row + 16 * j, v, std::min<int64_t>(16, len - 16 * j));
   }
 }
 #endif
 
-// The epilogue of span t for rows [m0, m0 + rows): y = bias (or 0) + c (the tile's result,
-// rows x ldc, in the tile's kept columns) + residue, in y's dtype. c is unused without a tile.
+// The epilogue of span t for rows [m0, m0 + rows): y = activation(bias (or 0) + c (the tile's
+// result, rows x ldc, in the tile's kept columns) + residue), in y's dtype. c is unused without a tile.
 // Each row of the span is made in a buffer (one row in L1; every row of the span when the
 // residue has to be added first), then written to y whole, once.
 void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, const float* c,
@@ -596,7 +639,8 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
       for (int64_t j = 0; j < width; ++j) si[out[j] - lo] = ci[j];
     }
   };
-  auto store = [&](const float* si, int64_t i) {
+  auto store = [&](float* si, int64_t i) {
+    ActivateRow(si, len, args.activation);
     if (args.y_bf16) {
       uint16_t* yi = static_cast<uint16_t*>(args.y) + (m0 + i) * p.n + lo;
       int64_t j = 0;
@@ -622,13 +666,13 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
   } else if (c != nullptr && args.y_bf16) {  // straight from the tile's rows (SpanChunks)
     chunks.Make(0, len, out, width, lo);
     for (int64_t i = 0; i < rows; ++i)
-      ExpandRowBF16(chunks, c + i * ldc, bias, static_cast<uint16_t*>(args.y) + (m0 + i) * p.n + lo, len);
+      ExpandRowBF16(chunks, c + i * ldc, bias, static_cast<uint16_t*>(args.y) + (m0 + i) * p.n + lo, len, args.activation);
   } else if (c != nullptr) {
     for (int64_t i = 0; i < rows; ++i) {
       float* yi = static_cast<float*>(args.y) + (m0 + i) * p.n + lo;
       const int64_t phase = static_cast<int64_t>(reinterpret_cast<uintptr_t>(yi) % 64 / sizeof(float));
       if (phase != chunks.phase) chunks.Make(phase, len, out, width, lo);
-      ExpandRow(chunks, c + i * ldc, bias, yi, args.stream);
+      ExpandRow(chunks, c + i * ldc, bias, yi, args.stream, args.activation);
     }
 #endif
   } else {  // one row at a time through an L1 buffer

@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CPU_TARGET = "jax_tw_tw_matmul_cpu_v2"
-CPU_TARGET_V1 = "jax_tw_tw_matmul_cpu_v1"  # still registered, for modules exported before v2
+CPU_TARGET = "jax_tw_tw_matmul_cpu_v3"
+# Still registered, for modules exported before v3 (v2: no activation) and v2 (v1: no bias).
+CPU_TARGET_V2 = "jax_tw_tw_matmul_cpu_v2"
+CPU_TARGET_V1 = "jax_tw_tw_matmul_cpu_v1"
 CUDA_TARGET = "jax_tw_tw_matmul_cuda_v2"
 
 def _load(name: str, platform: str, why: str):
@@ -88,9 +90,10 @@ def fold_batch(call):
     return folded
 
 
-def cpu_tw_matmul(x2: jax.Array, p, bias: jax.Array | None, out_dtype) -> jax.Array:
-    """The host custom call: (M, K) x packed tiles (residue included) + bias (N,) f32 or None
-    -> (M, N) in ``out_dtype`` (x's dtype, or float32), accumulated in float32.
+def cpu_tw_matmul(x2: jax.Array, p, bias: jax.Array | None, out_dtype, activation: str | None = None) -> jax.Array:
+    """The host custom call: activation((M, K) x packed tiles (residue included) + bias (N,) f32
+    or None) -> (M, N) in ``out_dtype`` (x's dtype, or float32), accumulated in float32;
+    ``activation`` is a key of ``ops.ACTIVATIONS``.
 
     Under ``jax.shard_map`` the result carries x's varying manual axes (an ``ffi_call`` result
     would otherwise claim to be replicated, and a wrong ``out_specs=P()`` would silently return
@@ -103,10 +106,11 @@ def cpu_tw_matmul(x2: jax.Array, p, bias: jax.Array | None, out_dtype) -> jax.Ar
     axes = jax.typeof(x2).manual_axis_type.varying
     operands = make_varying(operands, axes)
     n, g = np.int64(p.n), np.int64(p.tile_size)
+    act = np.int64({None: 0, "relu": 1, "gelu": 2}[activation])  # ops.ACTIVATIONS
 
     def call(x2, *operands):
         return jax.ffi.ffi_call(CPU_TARGET, result_type(x2, (x2.shape[0], p.n), out_dtype),
-                                vmap_method="sequential")(x2, *operands, n=n, tile_size=g)
+                                vmap_method="sequential")(x2, *operands, n=n, tile_size=g, activation=act)
 
     return fold_batch(call)(*operands)
 

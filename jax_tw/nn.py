@@ -51,6 +51,9 @@ class TWDense(nn.Module):
       kernel_init: initializer for the (K, N) kernel.
       bias_init: initializer for the bias.
       tile_size: G, the number of kept output columns per tile (default 128).
+      activation: None, ``'relu'`` or ``'gelu'`` (exact, erf: ``nn.gelu(approximate=False)``),
+        applied to the output (see :func:`jax_tw.ops.activate`). Over packed tiles the host
+        kernel applies it as it writes the output, instead of a pass of XLA over it.
     """
 
     features: int
@@ -61,11 +64,13 @@ class TWDense(nn.Module):
     kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = initializers.zeros_init()
     tile_size: int = 128
+    activation: str | None = None
 
     @nn.compact
     def __call__(self, inputs: Any) -> Any:
-        """Applies ``inputs @ (kernel * mask) + bias`` along the last dimension of ``inputs``."""
+        """Applies ``activation(inputs @ (kernel * mask) + bias)`` along the last dimension of ``inputs``."""
         tile_size = patterns.check_tile_size(self.tile_size)
+        ops.check_activation(self.activation)
         k, n = jnp.shape(inputs)[-1], self.features
         packed = self.has_variable(packing.PACKED_COLLECTION, "tiles")
         if not packed:  # created before the bias, as in nn.Dense (params draw rngs in order)
@@ -83,13 +88,14 @@ class TWDense(nn.Module):
             inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        return y
+        return ops.activate(y, self.activation)
 
     def _packed(self, inputs: Any, bias: Any) -> Any:
         """Inference over packed tiles (the variables came from ``packing.pack_variables``)."""
         tiles = self.get_variable(packing.PACKED_COLLECTION, "tiles")
         where = "/".join(self.path) or type(self).__name__
-        return packed_dense(inputs, tiles, bias, self.features, self.dtype, where, self.precision)
+        return packed_dense(inputs, tiles, bias, self.features, self.dtype, where, self.precision,
+                            self.activation)
 
     def layer_mask(self, k: int) -> patterns.LayerMask:
         """Reads (or, when initialising, creates) this layer's ``tw_mask`` entry."""
@@ -111,13 +117,14 @@ class TWDense(nn.Module):
 
 
 def packed_dense(inputs: Any, tiles: Any, bias: Any, features: int, dtype: Any, where: str,
-                 precision: Any = None) -> Any:
-    """``inputs @ W + bias`` over the packed tiles of a (K, ``features``) kernel W, for a dense
+                 precision: Any = None, activation: str | None = None) -> Any:
+    """``activation(inputs @ W + bias)`` over the packed tiles of a (K, ``features``) kernel W, for a dense
     layer of dtype ``dtype`` (None: the promoted dtype of ``inputs``, the packed weights and
     ``bias``, as ``nn.Dense`` promotes its inputs, kernel and bias: a model whose params were
     cast to bfloat16 computes in bfloat16 packed or not): the packed path shared by :class:`TWDense`,
     :class:`jax_tw.nnx.TWLinear` and :mod:`jax_tw.intercept`. ``inputs`` is ``(..., K)``,
-    ``bias`` (features,) or None; ``precision`` is the layer's (see :func:`jax_tw.ops.tw_matmul`)."""
+    ``bias`` (features,) or None; ``precision`` and ``activation`` are the layer's (see
+    :func:`jax_tw.ops.tw_matmul`)."""
     k = jnp.shape(inputs)[-1]
     if not isinstance(tiles, packing.PackedTiles) or (tiles.k, tiles.n) != (k, features):
         got = (tiles.k, tiles.n) if isinstance(tiles, packing.PackedTiles) else type(tiles).__name__
@@ -126,4 +133,4 @@ def packed_dense(inputs: Any, tiles: Any, bias: Any, features: int, dtype: Any, 
     # The bias goes into tw_matmul, which adds it in float32 before the one rounding (fused into
     # the kernel on the cpu, cuda and pallas backends).
     return ops.tw_matmul(jnp.asarray(inputs).astype(tiles.dtype), tiles, bias,
-                         precision=precision).astype(out_dtype)
+                         precision=precision, activation=activation).astype(out_dtype)

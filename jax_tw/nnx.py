@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from jax_tw import nn as twnn
-from jax_tw import packing, patterns
+from jax_tw import ops, packing, patterns
 
 __all__ = ["TWLinear", "TWMask", "TWPacked", "masks", "set_masks", "pack", "load_packed"]
 
@@ -54,7 +54,8 @@ class TWPacked(nnx.Variable):
 class TWLinear(nnx.Linear):
     """``flax.nnx.Linear`` whose kernel carries a tile-wise mask.
 
-    Takes the arguments of ``nnx.Linear`` plus ``tile_size`` (G, default 128), and creates the
+    Takes the arguments of ``nnx.Linear`` plus ``tile_size`` (G, default 128) and ``activation``
+    (None, ``'relu'`` or ``'gelu'``, applied to the output as :class:`jax_tw.nn.TWDense` does), and creates the
     same params with the same values (the same random draws); unpruned it computes exactly what
     ``nnx.Linear`` does. The forward pass uses only kept weights: a pruned weight has no effect
     on the output, whatever its stored value.
@@ -68,9 +69,11 @@ class TWLinear(nnx.Linear):
     True
     """
 
-    def __init__(self, in_features: int, out_features: int, *, tile_size: int = 128, **kwargs: Any):
+    def __init__(self, in_features: int, out_features: int, *, tile_size: int = 128,
+                 activation: str | None = None, **kwargs: Any):
         super().__init__(in_features, out_features, **kwargs)
         self.tile_size = patterns.check_tile_size(tile_size)
+        self.activation = ops.check_activation(activation)
         mask = patterns.keep_all(in_features, out_features, self.tile_size)
         self.columns = TWMask(mask["columns"], tile_size=self.tile_size)
         self.rows = TWMask(mask["rows"], tile_size=self.tile_size)
@@ -78,11 +81,11 @@ class TWLinear(nnx.Linear):
         self.tiles = nnx.data(None)  # a TWPacked once packed (the kernel and masks are then None)
 
     def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
-        """``inputs @ (kernel * mask) + bias`` along the last dimension of ``inputs``."""
+        """``activation(inputs @ (kernel * mask) + bias)`` along the last dimension of ``inputs``."""
         bias = self.bias[...] if self.bias is not None else None
         if self.tiles is not None:
             return twnn.packed_dense(inputs, self.tiles.get_value(), bias, self.out_features,
-                                     self.dtype, type(self).__name__, self.precision)
+                                     self.dtype, type(self).__name__, self.precision, self.activation)
         mask = self.mask()
         kernel = self.kernel[...]
         kernel = jnp.where(patterns.dense_mask(mask), kernel, jnp.zeros((), kernel.dtype))
@@ -95,7 +98,7 @@ class TWLinear(nnx.Linear):
                              precision=self.precision, **dot_general_kwargs)
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        return y
+        return ops.activate(y, self.activation)
 
     def mask(self) -> patterns.LayerMask:
         """This layer's mask as a layer mask (with its ``tile_size`` marker)."""

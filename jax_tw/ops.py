@@ -1,11 +1,11 @@
-"""``tw_matmul``: ``x @ W + bias`` over packed tiles, with backends chosen per platform.
+"""``tw_matmul``: ``activation(x @ W + bias)`` over packed tiles, with backends chosen per platform.
 
 Backends:
 
 * ``'xla'``  the pure-XLA reference: gathers plus one batched ``dot_general`` over tiles padded
   to the deepest tile. Runs everywhere; every kernel is checked against it.
 * ``'cpu'``  the XLA FFI custom call of the ``jax_tw._cpu`` extension (host kernel; the bias,
-  a TEW residue and the cast to x's dtype are fused into it).
+  a TEW residue, the activation and the cast to x's dtype are fused into it).
 * ``'cuda'`` the XLA FFI custom call of the ``jax_tw._cuda`` extension (CUDA kernel; the bias is
   fused into it, and a TEW residue is added by XLA afterwards in float32).
 * ``'pallas'`` the Pallas kernel of :mod:`jax_tw.pallas` (bias fused, residue added by XLA): on
@@ -57,6 +57,28 @@ __all__ = ["tw_matmul", "available_backends", "backend_for", "export_checks", "e
 
 BACKENDS = ("xla", "cpu", "cuda", "pallas", "dense")
 
+# The activations tw_matmul applies after the bias (fused into the host kernel's epilogue; other
+# backends apply them in float32 before the one rounding to x's dtype), with the code the host
+# custom call takes (cpu/tw_kernel.h, Activation).
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
+
+
+def activate(y: jax.Array, activation: str | None) -> jax.Array:
+    """``activation`` (a key of ACTIVATIONS) of ``y``: ``'relu'`` is ``jax.nn.relu``, ``'gelu'``
+    the exact (erf) GELU, ``jax.nn.gelu(approximate=False)``."""
+    if activation == "relu":
+        return jax.nn.relu(y)
+    if activation == "gelu":
+        return jax.nn.gelu(y, approximate=False)
+    return y
+
+
+def check_activation(activation: Any) -> str | None:
+    """``activation`` if it is one tw_matmul applies, else ValueError naming the choices."""
+    if not (activation is None or isinstance(activation, str)) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    return activation
+
 
 def available_backends() -> tuple[str, ...]:
     """The backends this installation has (``'cpu'`` and ``'cuda'`` only where their extension
@@ -67,9 +89,9 @@ def available_backends() -> tuple[str, ...]:
 
 def export_checks() -> list:
     """The ``disabled_checks`` that ``jax.export.export`` needs for functions calling
-    :func:`tw_matmul`: it allows jax_tw's versioned custom-call targets (``*_v1``)."""
+    :func:`tw_matmul`: it allows jax_tw's versioned custom-call targets (``*_vN``)."""
     return [jax.export.DisabledSafetyCheck.custom_call(t)
-            for t in (_ffi.CPU_TARGET, _ffi.CPU_TARGET_V1, _ffi.CUDA_TARGET)]
+            for t in (_ffi.CPU_TARGET, _ffi.CPU_TARGET_V2, _ffi.CPU_TARGET_V1, _ffi.CUDA_TARGET)]
 
 
 def _platform_backend(platform: str, p: PackedTiles | None = None) -> str:
@@ -182,25 +204,25 @@ def _backward_xla(x2, p: PackedTiles, dy):
 
 # ----------------------------------------------------------------------------- custom_vjp
 
-def _forward(backend: str, exact: bool, x2, p: PackedTiles, bias):
-    """x2 @ W + bias in x2's dtype, accumulated in f32; bias is f32 (N,) or None. ``exact``:
+def _forward(backend: str, exact: bool, act: str | None, x2, p: PackedTiles, bias):
+    """act(x2 @ W + bias) in x2's dtype, accumulated in f32; bias is f32 (N,) or None. ``exact``:
     f32 products in IEEE f32 (Precision.HIGHEST), else as XLA's default precision (TF32 tensor
     cores on a GPU; the host kernel is always exact)."""
     if backend == "auto":
         return jax.lax.platform_dependent(
-            x2, p, bias, cpu=lambda *a: _forward(_platform_backend("cpu", p), exact, *a),
-            cuda=lambda *a: _forward(_platform_backend("cuda", p), exact, *a),
-            default=lambda *a: _forward("dense" if p.dense is not None else "xla", exact, *a))
+            x2, p, bias, cpu=lambda *a: _forward(_platform_backend("cpu", p), exact, act, *a),
+            cuda=lambda *a: _forward(_platform_backend("cuda", p), exact, act, *a),
+            default=lambda *a: _forward("dense" if p.dense is not None else "xla", exact, act, *a))
     precision = jax.lax.Precision.HIGHEST if exact else None
     if backend == "pallas":
         kernel = functools.partial(pallas.tw_matmul, precision=precision)
         return jax.lax.platform_dependent(  # compiled by Triton on a GPU, interpreted elsewhere
-            x2, p, bias, cuda=lambda *a: _bias_fused(functools.partial(kernel, interpret=False), *a),
-            default=lambda *a: _bias_fused(functools.partial(kernel, interpret=True), *a))
+            x2, p, bias, cuda=lambda *a: _bias_fused(functools.partial(kernel, interpret=False), act, *a),
+            default=lambda *a: _bias_fused(functools.partial(kernel, interpret=True), act, *a))
     if backend == "cuda":
-        return _bias_fused(functools.partial(_ffi.cuda_tw_matmul, exact_f32=exact), x2, p, bias)
-    if backend == "cpu":  # bias, residue and output dtype fused into the kernel
-        return _ffi.cpu_tw_matmul(x2, p, bias, x2.dtype)
+        return _bias_fused(functools.partial(_ffi.cuda_tw_matmul, exact_f32=exact), act, x2, p, bias)
+    if backend == "cpu":  # bias, residue, activation and output dtype fused into the kernel
+        return _ffi.cpu_tw_matmul(x2, p, bias, x2.dtype, activation=act)
     if backend == "dense":
         w = _dense_kernel(p)
         y = jax.lax.platform_dependent(  # XLA:CPU has no bf16 x bf16 -> f32 dot
@@ -211,16 +233,18 @@ def _forward(backend: str, exact: bool, x2, p: PackedTiles, bias):
         y = _forward_xla(x2, p, precision)
     if bias is not None:
         y = y + bias
-    return y.astype(x2.dtype)
+    return activate(y, act).astype(x2.dtype)
 
 
-def _bias_fused(kernel, x2, p: PackedTiles, bias):
+def _bias_fused(kernel, act, x2, p: PackedTiles, bias):
     """A GPU kernel ``kernel(x2, p, bias, out_dtype)`` that fuses the bias and writes x's dtype;
-    a TEW residue is added by XLA to its f32 output."""
+    a TEW residue and the activation are applied by XLA to its f32 output."""
     b = jnp.zeros((p.n,), jnp.float32) if bias is None else bias
-    if not np.shape(p.residue_rows)[0]:
+    residue = bool(np.shape(p.residue_rows)[0])
+    if not residue and act is None:
         return kernel(x2, p, b, x2.dtype)
-    return _add_residue(kernel(x2, p, b, jnp.float32), x2, p).astype(x2.dtype)
+    y = kernel(x2, p, b, jnp.float32)
+    return activate(_add_residue(y, x2, p) if residue else y, act).astype(x2.dtype)
 
 
 def _dense_kernel(p: PackedTiles) -> jax.Array:
@@ -240,10 +264,11 @@ def _dense_kernel(p: PackedTiles) -> jax.Array:
     return w
 
 
-def _make_matmul(backend: str, exact: bool):
+@functools.cache
+def _make_matmul(backend: str, exact: bool, act: str | None):
     @jax.custom_vjp
     def matmul(x2, p, bias):
-        return _forward(backend, exact, x2, p, bias)
+        return _forward(backend, exact, act, x2, p, bias)
 
     def fwd(x2, p, bias):
         # symbolic_zeros: every leaf is a CustomVJPPrimal telling whether it is differentiated.
@@ -255,13 +280,19 @@ def _make_matmul(backend: str, exact: bool):
                 "to its weights would not reach it. To train through packed tiles, pack with "
                 "keep_dense=False (or train the masked model and pack afterwards)")
         x2, p, bias = jax.tree.map(lambda leaf: leaf.value, (x2, p, bias))
-        return matmul(x2, p, bias), (x2, p, bias)
+        if act is None:
+            return matmul(x2, p, bias), (x2, p, bias, None)
+        # The product before the activation, kept for the activation's derivative.
+        z = _forward(backend, exact, None, x2, p, bias)
+        return activate(z.astype(jnp.float32), act).astype(x2.dtype), (x2, p, bias, z)
 
     def bwd(res, dy):
-        x2, p, bias = res
+        x2, p, bias, z = res
         if isinstance(dy, jax.custom_derivatives.SymbolicZero):
             dy = jnp.zeros(dy.shape, dy.dtype)
         dy = dy.astype(jnp.float32)
+        if act is not None:
+            dy = jax.vjp(lambda z: activate(z, act), z.astype(jnp.float32))[1](dy)[0]
         dx, dvalues, dres = _backward_xla(x2, p, dy)
         # Index arrays get float0 zeros; values, residue values and the dense cache real ones.
         dp = dataclasses.replace(
@@ -276,14 +307,11 @@ def _make_matmul(backend: str, exact: bool):
     return matmul
 
 
-_MATMULS = {(b, exact): _make_matmul(b, exact) for b in BACKENDS + ("auto",) for exact in (False, True)}
-
-
-@functools.partial(jax.jit, static_argnames=("name", "exact"))
-def _matmul(x2, packed, bias, *, name, exact):
+@functools.partial(jax.jit, static_argnames=("name", "exact", "activation"))
+def _matmul(x2, packed, bias, *, name, exact, activation):
     """Jitted, so an eager call dispatches one compiled computation (cached per shapes and
     static sizes) instead of each small op of the platform switch and the custom_vjp."""
-    return _MATMULS[name, exact](x2, packed, bias)
+    return _make_matmul(name, exact, activation)(x2, packed, bias)
 
 
 def exact_f32(precision: Any = None) -> bool:
@@ -308,14 +336,16 @@ def exact_f32(precision: Any = None) -> bool:
 
 
 def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | None = None,
-              precision: Any = None) -> jax.Array:
-    """``x @ unpack(packed) + bias`` over packed tiles.
+              precision: Any = None, activation: str | None = None) -> jax.Array:
+    """``activation(x @ unpack(packed) + bias)`` over packed tiles.
 
     ``x`` is ``(..., K)`` (leading dims are flattened into M), float32 or bfloat16 like the
     packed values; the result is ``(..., N)`` in the same dtype, accumulated in float32.
     ``precision`` is honoured as ``jnp.dot`` honours it: float32 products on a GPU run on TF32
     tensor cores by default, and in exact IEEE float32 only under ``Precision.HIGHEST`` (or
     with that as JAX's default matmul precision); the host kernel is always exact.
+    ``activation`` (None, ``'relu'`` or ``'gelu'``, see :func:`activate`) is applied in float32
+    after the bias, fused into the host kernel's epilogue (no pass of XLA over the output).
 
     >>> import numpy as np
     >>> from jax_tw import packing, patterns
@@ -339,6 +369,7 @@ def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | N
         raise ValueError(f"x dtype {x.dtype} must match the packed values' dtype {packed.dtype}")
     name = _choose(backend, packed)
     exact = exact_f32(precision)
+    activation = check_activation(activation)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, packed.k)
     # Under shard_map, replicated tiles meet a batch-sharded x: make them varying like x so the
@@ -351,5 +382,5 @@ def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | N
         if bias.shape != (packed.n,):
             raise ValueError(f"bias must have shape ({packed.n},), got {bias.shape}")
         [bias] = _ffi.make_varying([bias.astype(jnp.float32)], jax.typeof(x2).manual_axis_type.varying)
-    y = _matmul(x2, packed, bias, name=name, exact=exact)
+    y = _matmul(x2, packed, bias, name=name, exact=exact, activation=activation)
     return y.reshape(*lead, packed.n)

@@ -223,3 +223,21 @@ def test_nnx_bad_input_errors():
     grads = nnx.grad(lambda m: m(jnp.ones((2, 24))).sum())(model)
     with pytest.raises(ValueError, match="taylor_grads=grads"):
         optimizer.update(model, grads)
+
+
+@pytest.mark.parametrize("backend", runnable_backends(base=("xla",)))
+def test_nnx_activation_packed_or_not(backend, monkeypatch):
+    """TWLinear(activation='gelu') is gelu(nnx.Linear) bit for bit with the same params, and
+    packed it computes the same (fused into the host kernel's epilogue on 'cpu')."""
+    monkeypatch.setenv("JAX_TW_BACKEND", backend)
+    layer = twnnx.TWLinear(24, 40, tile_size=8, activation="gelu", rngs=nnx.Rngs(0))
+    layer.bias[...] = jax.random.normal(jax.random.key(2), (40,))
+    x = jax.random.normal(jax.random.key(0), (16, 24))
+    plain = nnx.Linear(24, 40, rngs=nnx.Rngs(0))
+    plain.bias[...] = layer.bias[...]
+    want = np.asarray(nnx.gelu(plain(x), approximate=False))
+    np.testing.assert_array_equal(np.asarray(layer(x)), want)
+    assert (want < 0).any()
+    np.testing.assert_allclose(np.asarray(twnnx.pack(layer)(x)), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        twnnx.TWLinear(24, 40, tile_size=8, activation="tanh", rngs=nnx.Rngs(0))

@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import pathlib
 import subprocess
 import sys
@@ -200,6 +201,25 @@ def test_host_target_v1_still_answers():
 
 
 @pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
+def test_host_target_v2_still_answers():
+    """Modules exported before v3 call jax_tw_tw_matmul_cpu_v2 (bias, no activation attribute):
+    it stays registered and computes x @ W + bias."""
+    _, _, p = _layer(24, 40, 8, 0.6, pattern=patterns.TEW(residue=0.1))
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(37, 24)), jnp.float32)
+    bias = rng.normal(size=40).astype(np.float32)
+    operands = [x] + [jnp.asarray(a) for a in (p.columns, p.row_offsets, p.rows, p.values,
+                                                p.residue_rows, p.residue_cols, p.residue_values, bias)]
+    y = jax.ffi.ffi_call(_ffi.CPU_TARGET_V2, jax.ShapeDtypeStruct((37, 40), jnp.float32))(
+        *operands, n=np.int64(40), tile_size=np.int64(8))
+    np.testing.assert_allclose(np.asarray(y, np.float64), _reference(x, packing.unpack(p)) + bias,
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="activation must be 0"):
+        jax.block_until_ready(jax.ffi.ffi_call(_ffi.CPU_TARGET, jax.ShapeDtypeStruct((37, 40), jnp.float32))(
+            *operands, n=np.int64(40), tile_size=np.int64(8), activation=np.int64(7)))
+
+
+@pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
 def test_host_kernel_refuses_corrupt_tiles_on_its_own():
     """Inside jit the Python checks cannot see the data: the C++ handler checks every index."""
     _, _, p = _layer(24, 40, 8, 0.6, pattern=patterns.TEW(residue=0.1))
@@ -242,6 +262,73 @@ def test_forward_matches_float64_reference(backend, lead, k, n, g, s, empty):
     want = _reference(x, packing.unpack(p), bias)
     # f32 rounding grows with the depth of the sums (XLA's own dot needs the same slack at K = 600).
     np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-5, atol=max(1e-5, 2e-7 * k))
+
+
+def _activate64(y, activation):
+    """The float64 reference of ops.activate."""
+    if activation == "relu":
+        return np.maximum(y, 0.0)
+    if activation == "gelu":
+        return 0.5 * y * np.vectorize(math.erfc, otypes=[np.float64])(-y / math.sqrt(2.0))
+    return y
+
+
+ACTIVATION_CASES = [  # (M, K, N, G, sparsity, pattern, empty tiles)
+    (1, 24, 40, 8, 0.6, patterns.TW2D(), False),  # M = 1 (few rows)
+    (7, 13, 29, 4, 0.5, patterns.TEW(residue=0.1), False),  # N not a multiple of G, a residue
+    (200, 48, 70, 16, 0.5, patterns.TW2D(), True),  # tiles with no kept rows
+    (300, 100, 90, 32, 0.5, patterns.TEW(residue=0.05), False),  # residue on many rows
+    (1100, 64, 1000, 64, 0.75, patterns.TW2D(), False),  # y above 4 MiB: streamed f32 stores
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+@pytest.mark.parametrize("m,k,n,g,s,pattern,empty", ACTIVATION_CASES)
+def test_activation_matches_float64_reference(backend, activation, dtype, m, k, n, g, s, pattern, empty):
+    """tw_matmul(..., activation=a) is a(x @ W + bias) on every backend (fused into the host
+    kernel's epilogue, in every one of its paths: few rows, tiles, residue, spans without a
+    kept row, streamed stores, bf16 output), within float32 (or one bf16 rounding) of float64."""
+    if backend == "pallas" and m > 300:
+        pytest.skip("Pallas interpret mode is slow")
+    _, _, p = _layer(k, n, g, s, dtype, seed=k + n, pattern=pattern, empty_tiles=empty)
+    rng = np.random.default_rng(m)
+    x = rng.normal(size=(m, k)).astype(dtype)
+    bias = rng.normal(size=(n,)).astype(np.float32)
+    y = jax.jit(lambda x, p, b: ops.tw_matmul(x, p, b, backend=backend, activation=activation))(x, p, bias)
+    assert y.shape == (m, n) and y.dtype == np.dtype(dtype)
+    want = _activate64(_reference(x, packing.unpack(p)) + bias, activation)
+    assert (want != 0).mean() > 0.3 and (want < 0).any() == (activation == "gelu")
+    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_activation_gradients_match_the_unfused_product(backend, activation):
+    """Gradients through a fused activation (to x, the packed values and the bias) equal those
+    of activate(x @ W + b) written out in jnp."""
+    _, _, p = _layer(24, 40, 8, 0.5, pattern=patterns.TEW(residue=0.1))
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(9, 24)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=40), jnp.float32)
+    fused = lambda x, v, b: jnp.sum(jnp.sin(ops.tw_matmul(
+        x, dataclasses.replace(p, values=v), b, backend=backend, activation=activation)))
+    plain = lambda x, v, b: jnp.sum(jnp.sin(ops.activate(
+        x @ ops._dense_kernel(dataclasses.replace(p, values=v)) + b, activation)))
+    got = jax.grad(fused, argnums=(0, 1, 2))(x, jnp.asarray(p.values), bias)
+    want = jax.grad(plain, argnums=(0, 1, 2))(x, jnp.asarray(p.values), bias)
+    for g, w in zip(got, want):
+        assert float(jnp.abs(w).max()) > 0
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_activation_must_be_a_known_name():
+    _, _, p = _layer(24, 40, 8, 0.5)
+    for bad in ("tanh", "GELU", 1, jax.nn.relu):
+        with pytest.raises(ValueError, match=r"activation must be one of \[None, 'relu', 'gelu'\], got"):
+            ops.tw_matmul(np.ones((2, 24), np.float32), p, activation=bad)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")

@@ -129,3 +129,40 @@ def test_packed_layer_fuses_bias_and_dtype_into_the_host_call(dtype, monkeypatch
     want = np.asarray(layer.apply(variables, x), np.float64)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(np.asarray(f(packed, x), np.float64), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_packed_layer_fuses_its_activation(backend, activation, dtype, monkeypatch):
+    """TWDense(activation=a) is a(nn.Dense) with the same params (bit for bit, masked); packed
+    and pruned it matches the masked layer, and on the host kernel the activation is part of
+    the custom call: nothing of it is left for XLA after the call."""
+    monkeypatch.setenv("JAX_TW_BACKEND", backend)
+    plain = {"relu": nn.relu, "gelu": lambda y: nn.gelu(y, approximate=False)}[activation]
+    layer = TWDense(40, tile_size=G, dtype=dtype, param_dtype=dtype, activation=activation)
+    x = jax.random.normal(jax.random.key(0), (16, 24), dtype)
+    variables = layer.init(jax.random.key(1), x)
+    variables["params"]["bias"] = jax.random.normal(jax.random.key(2), (40,), dtype)
+    dense = plain(nn.Dense(40, dtype=dtype, param_dtype=dtype).apply({"params": variables["params"]}, x))
+    np.testing.assert_array_equal(np.asarray(layer.apply(variables, x)), np.asarray(dense))
+    tx = prune.step(variables["tw_mask"], prune.one_shot(0.6), pattern=patterns.TW2D(), tile_size=G)
+    state = tx.init(variables["params"])
+    updates, state = tx.update(variables["params"], state, variables["params"])
+    variables = {"params": optax.apply_updates(variables["params"], updates), "tw_mask": prune.masks(state)}
+    packed = packing.pack_variables(variables)
+    f = jax.jit(lambda v, x: layer.apply(v, x))
+    want = np.asarray(layer.apply(variables, x), np.float64)
+    assert (want < 0).any() == (activation == "gelu") and (want > 0).mean() > 0.3
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(f(packed, x), np.float64), want, rtol=tol, atol=tol)
+    if backend == "cpu":
+        text = f.lower(packed, x).as_text()
+        ops_after = text.split(f"custom_call @{_ffi.CPU_TARGET}")[1]
+        assert not any(op in ops_after for op in ("stablehlo.maximum", "erf", "stablehlo.multiply")), ops_after
+
+
+def test_activation_errors_name_the_value():
+    x = jnp.ones((2, 6))
+    with pytest.raises(ValueError, match=r"activation must be one of \[None, 'relu', 'gelu'\], got 'swish'"):
+        TWDense(4, tile_size=2, activation="swish").init(jax.random.key(0), x)
