@@ -489,10 +489,9 @@ constexpr auto kWalk = WalkTable(std::make_integer_sequence<int, kMaxVectors>{})
 // (RowsPerItem). (Cutting K into ranges whose rows fit L2, and prefetching the row 8 weights
 // ahead, measured no faster.)
 inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, int64_t e0,
-                    int64_t e1, int64_t lo, float* s, int64_t lds) {
+                    int64_t e1, int64_t lo, float* s, int64_t lds, std::vector<float>& vbuf) {
   if (rows <= 0) return;
   const float* v = static_cast<const float*>(args.residue_values);
-  thread_local std::vector<float> vbuf;
   if (args.bf16) {
     vbuf.resize(e1 - e0);
     for (int64_t e = e0; e < e1; ++e) vbuf[e - e0] = LoadF32(args.residue_values, e, true);
@@ -610,13 +609,35 @@ inline void ExpandRowBF16(const SpanChunks& ch, const float* ci, const float* bi
 }
 #endif
 
+// Every buffer of a thread's work items, reused across calls: one thread_local object, looked up
+// once per work item (ThreadScratch) and handed down. In a shared library each use of a
+// thread_local is a call to __tls_get_addr, which glibc before 2.39 sends down its slow path in
+// every module once another was dlopen'ed: 18 look-ups per item took 4.5% of the samples of a
+// 384 x 384 layer at M = 4096 (BUILD_NOTES.md).
+struct Scratch {
+  AlignedBuffer span, panels, c, xt, accs, row;                // Epilogue, Rows, Few
+  AlignedBuffer amx_x2, amx_xt, amx_pairs, amx_ct, amx_c, amx_zeros;  // RowsAmx
+  std::vector<float> residue_values;                           // Residue (bf16)
+  std::vector<int64_t> amx_woff;
+#if defined(TW_ISA_AVX512)
+  SpanChunks chunks;
+#endif
+};
+
+// Not inlined: inlined, GCC may see that every caller passes this thread_local down and look it
+// up again at each use.
+__attribute__((noinline)) Scratch& ThreadScratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
 // The epilogue of span t for rows [m0, m0 + rows): y = activation(bias (or 0) + c (the tile's
 // result, rows x ldc, in the tile's kept columns) + residue), in y's dtype. c is unused without a tile.
 // Each row of the span is made in a buffer (one row in L1; every row of the span when the
 // residue has to be added first), then written to y whole, once.
 void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, const float* c,
-              int64_t ldc, const PanelRows& x) {
-  thread_local AlignedBuffer span_scratch;
+              int64_t ldc, const PanelRows& x, Scratch& scratch) {
+  AlignedBuffer& span_scratch = scratch.span;
   const PackedTilesView& p = *args.p;
   int64_t lo, hi;
   Span(p, t, &lo, &hi);
@@ -653,14 +674,14 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
     }
   };
 #if defined(TW_ISA_AVX512)
-  thread_local SpanChunks chunks_of_thread;
-  SpanChunks& chunks = chunks_of_thread;  // one look-up of the thread's copy, not one per use
+  SpanChunks& chunks = scratch.chunks;
   chunks.phase = -1;
 #endif
   if (residue) {  // every row of the span in the buffer, the residue added, then written
     float* s = span_scratch.Get(rows * len);
     for (int64_t i = 0; i < rows; ++i) make(s + i * len, i);
-    Residue(args, x, rows, e_begin - p.residue_cols, e_end - p.residue_cols, lo, s, len);
+    Residue(args, x, rows, e_begin - p.residue_cols, e_end - p.residue_cols, lo, s, len,
+            scratch.residue_values);
     for (int64_t i = 0; i < rows; ++i) store(s + i * len, i);
 #if defined(TW_ISA_AVX512)
   } else if (c != nullptr && args.y_bf16) {  // straight from the tile's rows (SpanChunks)
@@ -692,7 +713,8 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
 // L2: each block's columns of x are packed, then every tile's kept rows inside the block are
 // added to that tile's results (one buffer per tile), and the spans are written after the last.
 void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_begin, int64_t t_end) {
-  thread_local AlignedBuffer panel_scratch, cscratch;
+  Scratch& scratch = ThreadScratch();
+  AlignedBuffer &panel_scratch = scratch.panels, &cscratch = scratch.c;
   const PackedTilesView& p = *args.p;
   const int64_t rows = m_end - m_begin;
   const int64_t npanels = (rows + MR - 1) / MR;
@@ -702,9 +724,8 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
   PanelRows xs{nullptr, 0};
   float* xt = nullptr;
   if (p.e > 0) {  // the residue reads the rows feature-major
-    thread_local AlignedBuffer xt_scratch;
     xs.ldxt = (npanels * MR + VL - 1) / VL * VL;
-    xt = xt_scratch.Get(p.k * xs.ldxt);
+    xt = scratch.xt.Get(p.k * xs.ldxt);
     xs.xt = xt;
   }
   // Tile results: one buffer reused tile after tile, or with K blocks one per tile.
@@ -752,7 +773,7 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
       }
       // After the tile's last kept row, its span (no tile, or one with no kept rows: bias and
       // residue only).
-      if (last) Epilogue(args, tile, m_begin, rows, depth > 0 ? c : nullptr, gp, xs);
+      if (last) Epilogue(args, tile, m_begin, rows, depth > 0 ? c : nullptr, gp, xs, scratch);
       if (nblocks > 1) c += npanels * MR * gp;
     }
   }
@@ -761,14 +782,15 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
 // Few rows (M <= kSmallRows): no packing at all. Each kept weight row is read once, straight
 // from the packed values, and used for every row of the item (accumulators acc[m][G] in L1).
 void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end) {
-  thread_local AlignedBuffer accs, row;
+  Scratch& scratch = ThreadScratch();
+  AlignedBuffer &accs = scratch.accs, &row = scratch.row;
   const PackedTilesView& p = *args.p;
   const int64_t rows = m_end - m_begin;
   const XRows xs{&args, m_begin};
   const PanelRows xt{args.xt ? args.xt + m_begin : nullptr, args.ldxt};
   const int64_t depth = tile < p.t ? p.depth(tile) : 0;
   if (depth == 0) {
-    Epilogue(args, tile, m_begin, rows, nullptr, 0, xt);
+    Epilogue(args, tile, m_begin, rows, nullptr, 0, xt, scratch);
     return;
   }
   const int64_t width = p.width(tile), offset = p.row_offsets[tile];
@@ -787,7 +809,7 @@ void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end)
       for (int64_t j = 0; j < gp; j += VL) Store(ar + j, Load(ar + j) + a * Load(brow + j));
     }
   }
-  Epilogue(args, tile, m_begin, rows, acc, gp, xt);
+  Epilogue(args, tile, m_begin, rows, acc, gp, xt, scratch);
 }
 
 
@@ -1010,8 +1032,10 @@ struct TileConfig {
 // Rows [m_begin, m_end) of y, spans [t_begin, t_end), bf16 x on AMX: as Rows, K block by K
 // block (each tile's C^T kept between blocks), the rows of x transposed instead of packed.
 void RowsAmx(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_begin, int64_t t_end) {
-  thread_local AlignedBuffer x2_scratch, xt_scratch, pair_scratch, ct_scratch, c_scratch, zero_scratch;
-  thread_local std::vector<int64_t> woff;
+  Scratch& scratch = ThreadScratch();
+  AlignedBuffer &x2_scratch = scratch.amx_x2, &xt_scratch = scratch.amx_xt, &pair_scratch = scratch.amx_pairs,
+                &ct_scratch = scratch.amx_ct, &c_scratch = scratch.amx_c, &zero_scratch = scratch.amx_zeros;
+  std::vector<int64_t>& woff = scratch.amx_woff;
   static const TileConfig config;
   const PackedTilesView& p = *args.p;
   const int64_t rows = m_end - m_begin, ldt = (rows + 31) / 32 * 32, ngroups = ldt / 16;
@@ -1058,7 +1082,7 @@ void RowsAmx(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t
           ColumnsToRows(ct, ldt, ncg, c);
         }
       }
-      if (last) Epilogue(args, tile, m_begin, rows, depth > 0 ? c : nullptr, 16 * ncg, PanelRows{xt, ldt});
+      if (last) Epilogue(args, tile, m_begin, rows, depth > 0 ? c : nullptr, 16 * ncg, PanelRows{xt, ldt}, scratch);
       if (nblocks > 1) ct += ncg * 16 * ldt;
     }
   }
