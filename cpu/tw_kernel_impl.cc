@@ -679,7 +679,16 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
 #endif
   if (residue) {  // every row of the span in the buffer, the residue added, then written
     float* s = span_scratch.Get(rows * len);
+#if defined(TW_ISA_AVX512)
+    if (width > 0) {  // the tile's rows expanded into the buffer (SpanChunks), not scattered
+      chunks.Make(0, len, out, width, lo);
+      for (int64_t i = 0; i < rows; ++i) ExpandRow(chunks, c + i * ldc, bias, s + i * len, false, Activation::kNone);
+    } else {
+      for (int64_t i = 0; i < rows; ++i) make(s + i * len, i);
+    }
+#else
     for (int64_t i = 0; i < rows; ++i) make(s + i * len, i);
+#endif
     Residue(args, x, rows, e_begin - p.residue_cols, e_end - p.residue_cols, lo, s, len,
             scratch.residue_values);
     for (int64_t i = 0; i < rows; ++i) store(s + i * len, i);
