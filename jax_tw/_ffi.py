@@ -13,6 +13,8 @@ CPU_TARGET = "jax_tw_tw_matmul_cpu_v3"
 CPU_TARGET_V2 = "jax_tw_tw_matmul_cpu_v2"
 CPU_TARGET_V1 = "jax_tw_tw_matmul_cpu_v1"
 CUDA_TARGET = "jax_tw_tw_matmul_cuda_v2"
+# The host custom call's `activation` attribute per activation (Activation in cpu/tw_kernel.h).
+ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2}
 
 def _load(name: str, platform: str, why: str):
     """Imports the extension ``jax_tw.<name>`` and registers its FFI targets for ``platform``;
@@ -93,7 +95,7 @@ def fold_batch(call):
 def cpu_tw_matmul(x2: jax.Array, p, bias: jax.Array | None, out_dtype, activation: str | None = None) -> jax.Array:
     """The host custom call: activation((M, K) x packed tiles (residue included) + bias (N,) f32
     or None) -> (M, N) in ``out_dtype`` (x's dtype, or float32), accumulated in float32;
-    ``activation`` is a key of ``ops.ACTIVATIONS``.
+    ``activation`` is a key of ACTIVATION_CODES.
 
     Under ``jax.shard_map`` the result carries x's varying manual axes (an ``ffi_call`` result
     would otherwise claim to be replicated, and a wrong ``out_specs=P()`` would silently return
@@ -106,7 +108,7 @@ def cpu_tw_matmul(x2: jax.Array, p, bias: jax.Array | None, out_dtype, activatio
     axes = jax.typeof(x2).manual_axis_type.varying
     operands = make_varying(operands, axes)
     n, g = np.int64(p.n), np.int64(p.tile_size)
-    act = np.int64({None: 0, "relu": 1, "gelu": 2}[activation])  # ops.ACTIVATIONS
+    act = np.int64(ACTIVATION_CODES[activation])
 
     def call(x2, *operands):
         return jax.ffi.ffi_call(CPU_TARGET, result_type(x2, (x2.shape[0], p.n), out_dtype),

@@ -58,13 +58,12 @@ __all__ = ["tw_matmul", "available_backends", "backend_for", "export_checks", "e
 BACKENDS = ("xla", "cpu", "cuda", "pallas", "dense")
 
 # The activations tw_matmul applies after the bias (fused into the host kernel's epilogue; other
-# backends apply them in float32 before the one rounding to x's dtype), with the code the host
-# custom call takes (cpu/tw_kernel.h, Activation).
-ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
+# backends apply them in float32 before the one rounding to x's dtype).
+ACTIVATIONS = tuple(_ffi.ACTIVATION_CODES)
 
 
 def activate(y: jax.Array, activation: str | None) -> jax.Array:
-    """``activation`` (a key of ACTIVATIONS) of ``y``: ``'relu'`` is ``jax.nn.relu``, ``'gelu'``
+    """``activation`` (one of ACTIVATIONS) of ``y``: ``'relu'`` is ``jax.nn.relu``, ``'gelu'``
     the exact (erf) GELU, ``jax.nn.gelu(approximate=False)``."""
     if activation == "relu":
         return jax.nn.relu(y)
