@@ -1,7 +1,9 @@
 """Checks the host kernel of the instruction-set variant named by JAX_TW_ISA (set by
 test_ops.py before this process starts) against a float64 reference: few rows and blocks of
-rows, tiles with no kept rows, N not a multiple of G, a residue, a bias, f32 and bf16. Prints
-the variant that ran."""
+rows, tiles with no kept rows, N not a multiple of G, a residue, a bias, f32 and bf16, each
+activation. Prints the variant that ran."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,19 @@ import jax_tw._cpu
 from jax_tw import ops, packing, patterns
 from twcheck import packed_layer
 
+ACTS = (None, "relu", "gelu")
+
+
+def activate64(y, act):
+    if act == "relu":
+        return np.maximum(y, 0.0)
+    if act == "gelu":
+        return 0.5 * y * np.vectorize(math.erfc, otypes=[np.float64])(-y / math.sqrt(2.0))
+    return y
+
+
 rng = np.random.default_rng(0)
+case = 0
 for pattern in (patterns.TW2D(), patterns.TEW(residue=0.05), patterns.EW()):
     for m in (1, 7, 33, 200):
         for dtype in (np.float32, jnp.bfloat16):
@@ -18,16 +32,19 @@ for pattern in (patterns.TW2D(), patterns.TEW(residue=0.05), patterns.EW()):
                 _, _, p = packed_layer(k, n, g, 0.6, dtype, seed=m + k, pattern=pattern, empty_every=2)
                 x = rng.normal(size=(m, k)).astype(dtype)
                 bias = rng.normal(size=n).astype(np.float32)
-                y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu"), np.float64)
-                want = np.asarray(x, np.float64) @ np.asarray(packing.unpack(p), np.float64) + bias
+                act = ACTS[(case + case // 3) % 3]  # every activation meets every shape
+                case += 1
+                y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu", activation=act), np.float64)
+                want = activate64(np.asarray(x, np.float64) @ np.asarray(packing.unpack(p), np.float64) + bias, act)
                 tol = 1e-5 if dtype == np.float32 else 3e-2 * np.abs(want).max()
                 np.testing.assert_allclose(y, want, rtol=1e-5, atol=tol,
-                                           err_msg=f"{pattern} m={m} {np.dtype(dtype).name} {k}x{n} G={g}")
+                                           err_msg=f"{pattern} m={m} {np.dtype(dtype).name} {k}x{n} G={g} {act}")
 # An f32 output of 4 MB or more: written with non-temporal stores, rows at varying offsets.
 _, _, p = packed_layer(24, 1000, 16, 0.7, np.float32, seed=1, pattern=patterns.TW2D(), empty_every=2)
 x = rng.normal(size=(1100, 24)).astype(np.float32)
 bias = rng.normal(size=1000).astype(np.float32)
-y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu"), np.float64)
-np.testing.assert_allclose(y, np.asarray(x, np.float64) @ np.asarray(packing.unpack(p), np.float64) + bias,
-                           rtol=1e-5, atol=1e-5, err_msg="streamed output")
+for act in ACTS:
+    y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu", activation=act), np.float64)
+    want = activate64(np.asarray(x, np.float64) @ np.asarray(packing.unpack(p), np.float64) + bias, act)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=f"streamed output, {act}")
 print(jax_tw._cpu.isa())
