@@ -2,25 +2,15 @@
 test_ops.py before this process starts) against a float64 reference: few rows and blocks of
 rows, tiles with no kept rows, N not a multiple of G, a residue, a bias, f32 and bf16, each
 activation. Prints the variant that ran."""
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jax_tw._cpu
 from jax_tw import ops, packing, patterns
-from twcheck import packed_layer
+from twcheck import activate64, packed_layer
 
 ACTS = (None, "relu", "gelu")
-
-
-def activate64(y, act):
-    if act == "relu":
-        return np.maximum(y, 0.0)
-    if act == "gelu":
-        return 0.5 * y * np.vectorize(math.erfc, otypes=[np.float64])(-y / math.sqrt(2.0))
-    return y
 
 
 rng = np.random.default_rng(0)

@@ -1,5 +1,4 @@
 import dataclasses
-import math
 import pathlib
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 from jax_tw import _ffi, ops, packing, patterns
-from twcheck import packed_layer, reference as _reference, run_script_stages, runnable_backends
+from twcheck import activate64, packed_layer, reference as _reference, run_script_stages, runnable_backends
 
 BACKENDS = runnable_backends()
 
@@ -264,15 +263,6 @@ def test_forward_matches_float64_reference(backend, lead, k, n, g, s, empty):
     np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-5, atol=max(1e-5, 2e-7 * k))
 
 
-def _activate64(y, activation):
-    """The float64 reference of ops.activate."""
-    if activation == "relu":
-        return np.maximum(y, 0.0)
-    if activation == "gelu":
-        return 0.5 * y * np.vectorize(math.erfc, otypes=[np.float64])(-y / math.sqrt(2.0))
-    return y
-
-
 ACTIVATION_CASES = [  # (M, K, N, G, sparsity, pattern, empty tiles)
     (1, 24, 40, 8, 0.6, patterns.TW2D(), False),  # M = 1 (few rows)
     (7, 13, 29, 4, 0.5, patterns.TEW(residue=0.1), False),  # N not a multiple of G, a residue
@@ -298,7 +288,7 @@ def test_activation_matches_float64_reference(backend, activation, dtype, m, k, 
     bias = rng.normal(size=(n,)).astype(np.float32)
     y = jax.jit(lambda x, p, b: ops.tw_matmul(x, p, b, backend=backend, activation=activation))(x, p, bias)
     assert y.shape == (m, n) and y.dtype == np.dtype(dtype)
-    want = _activate64(_reference(x, packing.unpack(p)) + bias, activation)
+    want = activate64(_reference(x, packing.unpack(p)) + bias, activation)
     assert (want != 0).mean() > 0.3 and (want < 0).any() == (activation == "gelu")
     tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
     np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=tol, atol=tol * np.abs(want).max())

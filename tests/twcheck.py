@@ -1,6 +1,7 @@
 """Independent numpy references for the tests: mask expansion and pattern properties."""
 
 import dataclasses
+import math
 import pathlib
 import subprocess
 import sys
@@ -144,3 +145,12 @@ def reference(x, w_masked, bias=None):
     if bias is not None:
         y = y + np.asarray(bias, np.float64)
     return y.reshape(*np.shape(x)[:-1], w_masked.shape[1])
+
+
+def activate64(y, activation):
+    """The float64 reference of jax_tw.ops.activate: None, 'relu' or 'gelu' (exact, erfc)."""
+    if activation == "relu":
+        return np.maximum(y, 0.0)
+    if activation == "gelu":
+        return 0.5 * y * np.vectorize(math.erfc, otypes=[np.float64])(-y / math.sqrt(2.0))
+    return y
