@@ -582,10 +582,12 @@ inline void StoreBF16(uint16_t* dst, __m512 v, int64_t n) {
   }
 }
 
-// y_row[0, len) = bias[0, len) (or 0) + the tile's row ci in its kept columns (SpanChunks).
+// y_row[0, len) = act(bias[0, len) (or 0) + the tile's row ci in its kept columns (SpanChunks)).
+// With chunks made for y_row's phase, base is y_row's 64-byte line, as `stream` needs; a buffer
+// row (phase 0, no stream) need not be aligned.
 inline void ExpandRow(const SpanChunks& ch, const float* ci, const float* bias, float* y_row, bool stream,
                       Activation act) {
-  float* base = y_row - ch.phase;  // 64-byte aligned
+  float* base = y_row - ch.phase;
   const float* b = bias ? bias - ch.phase : nullptr;
   for (int64_t j = 0; j < ch.count; ++j) {
     const __mmask16 inside = ch.inside[j];
@@ -648,9 +650,20 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
   const int64_t width = t < p.t && c != nullptr ? p.width(t) : 0;
   const int32_t* out = width > 0 ? p.columns + t * p.g : nullptr;
   const float* bias = args.bias ? args.bias + lo : nullptr;
-  // Row i of the span: bias (or zero), then the tile's result (stores only: a read-modify-write
-  // of the row just filled stalls on store forwarding).
+#if defined(TW_ISA_AVX512)
+  SpanChunks& chunks = scratch.chunks;
+  chunks.phase = -1;
+#endif
+  // Row i of the span into a buffer: bias (or zero), then the tile's result (stores only: a
+  // read-modify-write of the row just filled stalls on store forwarding).
   auto make = [&](float* si, int64_t i) {
+#if defined(TW_ISA_AVX512)
+    if (width > 0) {  // masked expand-loads of the tile's row (SpanChunks, phase 0), no scatter
+      if (chunks.phase != 0) chunks.Make(0, len, out, width, lo);
+      ExpandRow(chunks, c + i * ldc, bias, si, false, Activation::kNone);
+      return;
+    }
+#endif
     if (bias) std::memcpy(si, bias, len * sizeof(float));
     else std::memset(si, 0, len * sizeof(float));
     const float* ci = width > 0 ? c + i * ldc : nullptr;
@@ -673,28 +686,15 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
       StoreRow(static_cast<float*>(args.y) + (m0 + i) * p.n + lo, si, len, args.stream);
     }
   };
-#if defined(TW_ISA_AVX512)
-  SpanChunks& chunks = scratch.chunks;
-  chunks.phase = -1;
-#endif
   if (residue) {  // every row of the span in the buffer, the residue added, then written
     float* s = span_scratch.Get(rows * len);
-#if defined(TW_ISA_AVX512)
-    if (width > 0) {  // the tile's rows expanded into the buffer (SpanChunks), not scattered
-      chunks.Make(0, len, out, width, lo);
-      for (int64_t i = 0; i < rows; ++i) ExpandRow(chunks, c + i * ldc, bias, s + i * len, false, Activation::kNone);
-    } else {
-      for (int64_t i = 0; i < rows; ++i) make(s + i * len, i);
-    }
-#else
     for (int64_t i = 0; i < rows; ++i) make(s + i * len, i);
-#endif
     Residue(args, x, rows, e_begin - p.residue_cols, e_end - p.residue_cols, lo, s, len,
             scratch.residue_values);
     for (int64_t i = 0; i < rows; ++i) store(s + i * len, i);
 #if defined(TW_ISA_AVX512)
   } else if (c != nullptr && args.y_bf16) {  // straight from the tile's rows (SpanChunks)
-    chunks.Make(0, len, out, width, lo);
+    if (chunks.phase != 0) chunks.Make(0, len, out, width, lo);
     for (int64_t i = 0; i < rows; ++i)
       ExpandRowBF16(chunks, c + i * ldc, bias, static_cast<uint16_t*>(args.y) + (m0 + i) * p.n + lo, len, args.activation);
   } else if (c != nullptr) {
