@@ -19,10 +19,11 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #if defined(JAX_TW_HAVE_AMX)
 #include <cpuid.h>
 #include <sys/syscall.h>
-#include <unistd.h>
 #endif
 
 #include "packed_tiles.h"
@@ -115,6 +116,35 @@ int64_t RowsPerItem(int64_t m, int64_t threads, bool residue, bool bf16) {
   return std::min(std::max(rows, 4 * mr), most / mr * mr);
 }
 
+// This CPU's L1 data cache: sets and ways (sysconf; 64 sets of 8 ways where it does not say).
+struct L1Cache {
+  int64_t sets, ways;
+};
+const L1Cache& L1() {
+  static const L1Cache l1 = [] {
+    const long size = sysconf(_SC_LEVEL1_DCACHE_SIZE), ways = sysconf(_SC_LEVEL1_DCACHE_ASSOC);
+    if (size <= 0 || ways <= 0 || size % (ways * 64) != 0) return L1Cache{64, 8};
+    return L1Cache{size / (ways * 64), ways};
+  }();
+  return l1;
+}
+
+// Whether an f32 layer with `kept` tile weights reads x's rows in place (TileGemmArgs::direct_x):
+// few kept weights per column of x (kDirectWeightsPerK), and the MR rows a micro-kernel reads at
+// each kept K index (K floats apart) fit the L1 set they fall in. At K = 3072 or 1024 all MR
+// rows' lines share one set: on a 12-way L1 (48 KB) in place was still 8-17% faster at 75-90%
+// TW-2D (3072 x 768, M = 2048), on an 8-way one (32 KB) packing was 9-22% faster, TEW 19%
+// (BUILD_NOTES.md).
+bool XInPlace(int64_t k, int64_t kept) {
+  if (kept > kDirectWeightsPerK * k) return false;
+  const L1Cache& l1 = L1();
+  std::vector<int64_t> rows(l1.sets, 0);
+  int64_t most = 0;
+  for (int64_t i = 0; i < kKernel.mr; ++i)
+    most = std::max(most, ++rows[i * k * static_cast<int64_t>(sizeof(float)) / 64 % l1.sets]);
+  return most <= l1.ways;
+}
+
 // A call with more than kSmallRows rows (see tw_kernel.h).
 std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   const PackedTilesView& p = *args.p;
@@ -142,7 +172,7 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   if (!args.bf16) {
     int64_t kept = 0;
     for (int64_t t = 0; t < p.t; ++t) kept += p.depth(t) * p.width(t);
-    args.direct_x = kept <= kDirectWeightsPerK * p.k;
+    args.direct_x = XInPlace(p.k, kept);
   }
   // Step 2: blocks of rows, every tile each. Threads share equal items best when there are at
   // least two per thread and a whole number per thread, so with too few blocks (M up to a few
@@ -345,4 +375,6 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("isa", [] { return std::string(jax_tw::kKernel.isa); },
         "The instruction set the tile micro-kernel was dispatched to.");
   m.attr("DIRECT_WEIGHTS_PER_K") = jax_tw::kDirectWeightsPerK;
+  m.def("x_in_place", &jax_tw::XInPlace, pybind11::arg("k"), pybind11::arg("kept"),
+        "Whether a many-rows f32 call with `kept` tile weights over K = k reads x in place.");
 }

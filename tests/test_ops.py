@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import pathlib
 import subprocess
 import sys
@@ -500,19 +501,24 @@ def _check_host_f32(p, m, seed):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
-@pytest.mark.parametrize("k", [200, 1000])
+@pytest.mark.parametrize("k", [200, 1000, 1024])
 @pytest.mark.parametrize("per_k", [0.3, 3.0])
 @pytest.mark.parametrize("pattern", [patterns.TW2D(), patterns.TEW(residue=0.05)])
 def test_host_f32_x_read_in_place_or_packed(k, per_k, pattern):
     """f32 layers with few kept tile weights per column of x (below _cpu.DIRECT_WEIGHTS_PER_K)
     are computed from x's rows in place (and a residue from x transposed straight from them),
     others from packed panels: both against the reference, with M = 100 (a last panel of 4
-    rows, always packed), K in one K block and in two, tiles with no kept rows."""
+    rows, always packed), K in one K block and in two, tiles with no kept rows. At K = 1024
+    a micro-kernel's 12 rows of x all fall in one set of the L1 data cache: read in place
+    only where it has at least 12 ways."""
     from jax_tw import _cpu
     n, g, m = int(per_k * _cpu.DIRECT_WEIGHTS_PER_K / 0.45) + 5, 32, 100
     _, _, p = _layer(k, n, g, 0.4, pattern=pattern, empty_tiles=True, seed=k)
     kept = round(p.density() * k * n) - np.shape(p.residue_rows)[0]  # tile weights
     assert (kept <= _cpu.DIRECT_WEIGHTS_PER_K * k) == (per_k < 1)
+    ways = os.sysconf("SC_LEVEL1_DCACHE_ASSOC") if "SC_LEVEL1_DCACHE_ASSOC" in os.sysconf_names else 0
+    in_place = per_k < 1 and (k != 1024 or ways >= 12)  # unknown: taken as 8 ways
+    assert _cpu.x_in_place(k, kept) == in_place
     _check_host_f32(p, m, seed=k)
 
 
