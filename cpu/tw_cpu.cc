@@ -50,7 +50,7 @@ bool AmxUsable() {
 }
 #endif
 
-// The widest variant this CPU runs; JAX_TW_ISA=generic|avx2|avx512 (read at import) asks for a
+// The widest variant this CPU runs; JAX_TW_ISA=generic|avx2|avx512|avx512-bf16 (read at import) asks for a
 // narrower one, so that tests can run every variant this machine supports.
 TileKernel ChooseKernel() {
   const char* want = std::getenv("JAX_TW_ISA");
@@ -61,6 +61,11 @@ TileKernel ChooseKernel() {
 #if defined(JAX_TW_HAVE_AMX)
   if (ask.empty() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && AmxUsable())
     return avx512_amx::Kernel();
+#endif
+#if defined(JAX_TW_HAVE_DPBF16)
+  if ((ask.empty() || ask == "avx512-bf16") && __builtin_cpu_supports("avx512bf16") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    return avx512_bf16::Kernel();
 #endif
   if (__builtin_cpu_supports("avx512f") && ask != "avx2") return avx512::Kernel();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2::Kernel();

@@ -28,10 +28,11 @@
 //     rows of x are also transposed feature-major (xt[q][i], a whole number of vectors per q),
 //     and each residue weight is one aligned load and FMA per vector of rows, in walks of up to
 //     15 vectors of rows.
-// bf16 x on CPUs with AMX (variant avx512-amx, RowsAmx in tw_kernel_impl.cc): step 1 copies each
-// tile's weights transposed into 16 x 32 bf16 AMX tiles, and step 2 transposes the item's rows of
-// x in 32-bit pairs of K indices, gathers each tile's pairs at its kept K indices and runs the
-// tile's GEMM on TDPBF16PS (f32 sums); the same epilogue writes the spans.
+// bf16 x on CPUs with AMX (variant avx512-amx) or AVX512-BF16 (variant avx512-bf16; RowsPairs in
+// tw_kernel_impl.cc): step 1 copies each tile's weights transposed into 16 x 32 bf16 blocks, and
+// step 2 transposes the item's rows of x in 32-bit pairs of K indices, gathers each tile's pairs
+// at its kept K indices and runs the tile's GEMM on TDPBF16PS or VDPBF16PS (f32 sums); the same
+// epilogue writes the spans.
 #pragma once
 
 #include <cstdint>
@@ -153,6 +154,7 @@ struct TileKernel {
 
 // One definition per instruction set: tw_kernel_impl.cc is compiled once per ISA.
 namespace avx512_amx { TileKernel Kernel(); }  // bf16 on AMX tiles, f32 as avx512
+namespace avx512_bf16 { TileKernel Kernel(); }  // bf16 by VDPBF16PS, f32 as avx512
 namespace avx512 { TileKernel Kernel(); }
 namespace avx2 { TileKernel Kernel(); }
 namespace generic { TileKernel Kernel(); }

@@ -21,6 +21,10 @@
 #define TW_NS avx512_amx
 #define TW_ISA_NAME "avx512-amx"
 constexpr int VL = 16, MR = 12;
+#elif defined(TW_ISA_AVX512) && defined(TW_DPBF16)
+#define TW_NS avx512_bf16
+#define TW_ISA_NAME "avx512-bf16"
+constexpr int VL = 16, MR = 12;
 #elif defined(TW_ISA_AVX512)
 #define TW_NS avx512
 #define TW_ISA_NAME "avx512"
@@ -33,6 +37,10 @@ constexpr int VL = 8, MR = 6;
 #define TW_NS generic
 #define TW_ISA_NAME "generic"
 constexpr int VL = 4, MR = 4;
+#endif
+// bf16 x in pairs of kept K indices (RowsPairs): on AMX tiles or by VDPBF16PS.
+#if defined(TW_AMX) || defined(TW_DPBF16)
+#define TW_PAIRS
 #endif
 
 namespace jax_tw {
@@ -572,7 +580,7 @@ inline void StoreBF16(uint16_t* dst, __m512 v, int64_t n) {
   if (n == 16) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), h);
   } else {
-#if defined(TW_AMX)
+#if defined(TW_PAIRS)
     _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << n) - 1), h);
 #else
     alignas(32) uint16_t tmp[16];
@@ -618,9 +626,9 @@ inline void ExpandRowBF16(const SpanChunks& ch, const float* ci, const float* bi
 // 384 x 384 layer at M = 4096 (BUILD_NOTES.md).
 struct Scratch {
   AlignedBuffer span, panels, c, xt, accs, row;                // Epilogue, Rows, Few
-  AlignedBuffer amx_x2, amx_xt, amx_pairs, amx_ct, amx_c, amx_zeros;  // RowsAmx
+  AlignedBuffer pair_x2, pair_xt, pair_b, pair_ct, pair_c, pair_zeros;  // RowsPairs
   std::vector<float> residue_values;                           // Residue (bf16)
-  std::vector<int64_t> amx_woff;
+  std::vector<int64_t> pair_woff;
 #if defined(TW_ISA_AVX512)
   SpanChunks chunks;
 #endif
@@ -822,21 +830,23 @@ void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end)
 }
 
 
-#if defined(TW_AMX)
+#if defined(TW_PAIRS)
 // ---------------------------------------------------------------------------------------------
 // bf16 on AMX (compiled into the "avx512-amx" variant; chosen when the CPU has AMX-BF16 and the
-// OS grants the tile data: tw_cpu.cc). Each tile's GEMM is run transposed, y^T = W^T x^T, by
-// TDPBF16PS on 16 x 16 f32 tiles C^T[j][i] (output column j, row i of the work item):
+// OS grants the tile data: tw_cpu.cc) or by AVX512-BF16's VDPBF16PS (the "avx512-bf16" variant,
+// CPUs with AVX512-BF16 but no AMX). Each tile's GEMM is run transposed, y^T = W^T x^T, on
+// f32 C^T[j][i] (output column j, row i of the work item): on AMX by TDPBF16PS on 16 x 16 tiles;
+// by VDPBF16PS 8 columns x 48 rows at a time (TileProductsDp), from the same operands:
 //  - A = W^T: 16 output columns x 32 kept K indices, bf16. The tile's weights in this layout
 //    (per K block, per 16 columns, per step of 32 kept rows: 1 KB) are made once per call, in
-//    parallel over tiles, like the f32 micro-panels (PackWeightsAmx).
+//    parallel over tiles, like the f32 micro-panels (PackWeightsPairs).
 //  - B = x^T in pairs: row p of a step holds, for 16 rows i of x, x[i][kept[2p]] and
 //    x[i][kept[2p + 1]] (the layout TDPBF16PS contracts in pairs). The work item's rows of x are
 //    transposed once per K block in 32-bit pairs of consecutive K indices (TransposePairs), so
 //    each such row is one word permute of two rows of that (BuildPairs).
 // The f32 C^T tiles are transposed into the tile's rows once the last K block is done, and the
-// same epilogue as f32 writes the span. TDPBF16PS multiplies bf16 exactly and adds in f32, but
-// treats denormal inputs as zero and flushes denormal results: bf16 values of x or W below
+// same epilogue as f32 writes the span. TDPBF16PS and VDPBF16PS multiply bf16 exactly and add in
+// f32, but treat denormal inputs as zero and flush denormal results: bf16 values of x or W below
 // 1.2e-38 in magnitude count as zero here, unlike in the avx512 variant.
 
 constexpr int64_t kSteps = 32;  // kept K indices per TDPBF16PS (16 pairs)
@@ -844,7 +854,7 @@ constexpr int64_t kSteps = 32;  // kept K indices per TDPBF16PS (16 pairs)
 inline int64_t ColumnGroups(const PackedTilesView& p, int64_t tile) { return (p.width(tile) + 15) / 16; }
 
 // Floats of a tile's A operands: per K block, ColumnGroups x steps x 1 KB.
-int64_t WeightSizeAmx(const PackedTilesView& p, int64_t tile) {
+int64_t WeightSizePairs(const PackedTilesView& p, int64_t tile) {
   int64_t nblocks, kbw, steps = 0;
   KBlocks(p.k, &nblocks, &kbw);
   const int32_t* kept = p.rows + p.row_offsets[tile];
@@ -859,7 +869,7 @@ int64_t WeightSizeAmx(const PackedTilesView& p, int64_t tile) {
 // w[block][jc][s][j][kk] = W^T: the bf16 weight of the tile's column 16 jc + j at its kept row
 // q0 + 32 s + kk of the block, zero past the tile's width and the block's kept rows. Each 1 KB
 // is one 16 x 16 transpose of 32-bit pairs (rows q and q + 1 of 16 columns).
-void PackWeightsAmx(const TileGemmArgs& args, int64_t tile, float* b) {
+void PackWeightsPairs(const TileGemmArgs& args, int64_t tile, float* b) {
   const PackedTilesView& p = *args.p;
   const uint16_t* values = static_cast<const uint16_t*>(args.values);
   const int64_t width = p.width(tile), ncg = ColumnGroups(p, tile), offset = p.row_offsets[tile];
@@ -955,6 +965,7 @@ void BuildPairs(const uint32_t* x2, int64_t ldx2, int64_t kb, const int32_t* kep
     }
 }
 
+#if defined(TW_AMX)
 // C^T (+)= A B over `steps` steps for every 16 x 16 block of the tile: ct[j][i], ldt floats per
 // output column. 2 x 2 blocks at a time (tiles 0-3), A in tiles 4-5, B in 6-7.
 void TileProducts(const uint16_t* w, int64_t ncg, int64_t steps, const uint32_t* b, int64_t ngroups,
@@ -1004,6 +1015,49 @@ void TileProducts(const uint16_t* w, int64_t ncg, int64_t steps, const uint32_t*
   }
 }
 
+#else
+// C^T (+)= A B as TileProducts, by VDPBF16PS: for 8 columns j and V vectors of 16 rows, over the
+// first npairs pairs of kept K indices (not the zero pairs that pad the last step), each pair
+// one vector of x's pairs (16 rows) and one weight pair per column, broadcast: 8V sums in
+// registers, 8 + V loads per 8V instructions.
+template <int V>
+void DpBlock(const uint32_t* w, int64_t steps, int64_t npairs, const uint32_t* b, int64_t ngroups, float* ct,
+             int64_t ldt, bool accumulate) {
+  __m512 acc[8][V];
+  for (int j = 0; j < 8; ++j)
+    for (int v = 0; v < V; ++v) acc[j][v] = accumulate ? _mm512_load_ps(ct + j * ldt + 16 * v) : _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint32_t* ws = w + s * 256;  // [j][pp]: column j's pair pp of step s
+    const uint32_t* bs = b + s * ngroups * 256;
+    const int64_t np = std::min<int64_t>(16, npairs - 16 * s);
+    for (int64_t pp = 0; pp < np; ++pp) {
+      __m512bh xv[V];
+      for (int v = 0; v < V; ++v) xv[v] = (__m512bh)_mm512_load_si512(bs + v * 256 + pp * 16);
+      for (int j = 0; j < 8; ++j) {
+        const __m512bh wj = (__m512bh)_mm512_set1_epi32(static_cast<int>(ws[j * 16 + pp]));
+        for (int v = 0; v < V; ++v) acc[j][v] = _mm512_dpbf16_ps(acc[j][v], xv[v], wj);
+      }
+    }
+  }
+  for (int j = 0; j < 8; ++j)
+    for (int v = 0; v < V; ++v) _mm512_store_ps(ct + j * ldt + 16 * v, acc[j][v]);
+}
+
+void TileProductsDp(const uint16_t* w, int64_t ncg, int64_t steps, int64_t npairs, const uint32_t* b,
+                    int64_t ngroups, float* ct, int64_t ldt, bool accumulate) {
+  const uint32_t* w32 = reinterpret_cast<const uint32_t*>(w);
+  for (int64_t jc = 0; jc < ncg; ++jc)
+    for (int64_t j0 = 0; j0 < 16; j0 += 8) {
+      const uint32_t* wj = w32 + jc * steps * 256 + j0 * 16;
+      float* cj = ct + (16 * jc + j0) * ldt;
+      int64_t gi = 0;
+      for (; gi + 3 <= ngroups; gi += 3) DpBlock<3>(wj, steps, npairs, b + gi * 256, ngroups, cj + 16 * gi, ldt, accumulate);
+      if (ngroups - gi == 2) DpBlock<2>(wj, steps, npairs, b + gi * 256, ngroups, cj + 16 * gi, ldt, accumulate);
+      if (ngroups - gi == 1) DpBlock<1>(wj, steps, npairs, b + gi * 256, ngroups, cj + 16 * gi, ldt, accumulate);
+    }
+}
+#endif
+
 // c[i][j] = ct[j][i] for the tile's ldt rows and 16 ncg columns (c: 16 ncg floats per row).
 void ColumnsToRows(const float* ct, int64_t ldt, int64_t ncg, float* c) {
   const int64_t ldc = 16 * ncg;
@@ -1016,6 +1070,7 @@ void ColumnsToRows(const float* ct, int64_t ldt, int64_t ncg, float* c) {
     }
 }
 
+#if defined(TW_AMX)
 // Loads the tile configuration for this thread, and releases the tile state however the scope
 // ends (Epilogue may throw: an exception must not leave a pool thread with live tiles).
 struct TileScope {
@@ -1037,15 +1092,18 @@ struct TileConfig {
     }
   }
 };
+#endif
 
-// Rows [m_begin, m_end) of y, spans [t_begin, t_end), bf16 x on AMX: as Rows, K block by K
+// Rows [m_begin, m_end) of y, spans [t_begin, t_end), bf16 x in pairs: as Rows, K block by K
 // block (each tile's C^T kept between blocks), the rows of x transposed instead of packed.
-void RowsAmx(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_begin, int64_t t_end) {
+void RowsPairs(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_begin, int64_t t_end) {
   Scratch& scratch = ThreadScratch();
-  AlignedBuffer &x2_scratch = scratch.amx_x2, &xt_scratch = scratch.amx_xt, &pair_scratch = scratch.amx_pairs,
-                &ct_scratch = scratch.amx_ct, &c_scratch = scratch.amx_c, &zero_scratch = scratch.amx_zeros;
-  std::vector<int64_t>& woff = scratch.amx_woff;
+  AlignedBuffer &x2_scratch = scratch.pair_x2, &xt_scratch = scratch.pair_xt, &pair_scratch = scratch.pair_b,
+                &ct_scratch = scratch.pair_ct, &c_scratch = scratch.pair_c, &zero_scratch = scratch.pair_zeros;
+  std::vector<int64_t>& woff = scratch.pair_woff;
+#if defined(TW_AMX)
   static const TileConfig config;
+#endif
   const PackedTilesView& p = *args.p;
   const int64_t rows = m_end - m_begin, ldt = (rows + 31) / 32 * 32, ngroups = ldt / 16;
   int64_t nblocks, kbw;
@@ -1067,7 +1125,9 @@ void RowsAmx(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t
   float* ctbuf = ct_scratch.Get(ctfloats);
   uint32_t* pairs = reinterpret_cast<uint32_t*>(pair_scratch.Get(maxsteps * ngroups * 256));
   float* c = nullptr;
+#if defined(TW_AMX)
   const TileScope tiles(&config);
+#endif
   for (int64_t kb = 0; kb < p.k; kb += kbw) {
     const int64_t kw = std::min(kbw, p.k - kb);
     const bool last = kb + kw == p.k;
@@ -1085,7 +1145,11 @@ void RowsAmx(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t
                             woff[tile - t_begin];
         woff[tile - t_begin] += steps * ncg * 512;
         BuildPairs(x2, ldt, kb, kept, q0, q1, zeros, pairs);
+#if defined(TW_AMX)
         TileProducts(w, ncg, steps, pairs, ngroups, ct, ldt, kb > 0);
+#else
+        TileProductsDp(w, ncg, steps, (q1 - q0 + 1) / 2, pairs, ngroups, ct, ldt, kb > 0);
+#endif
         if (last) {
           c = c_scratch.Get(ldt * 16 * ncg);
           ColumnsToRows(ct, ldt, ncg, c);
@@ -1097,24 +1161,24 @@ void RowsAmx(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t
   }
 }
 
-// The variant's entry points: bf16 on AMX, f32 as the avx512 variant.
+// The variant's entry points: bf16 in pairs, f32 as the avx512 variant.
 int64_t WeightSizeAny(const TileGemmArgs& args, int64_t tile) {
-  return args.bf16 ? WeightSizeAmx(*args.p, tile) : WeightSize(args, tile);
+  return args.bf16 ? WeightSizePairs(*args.p, tile) : WeightSize(args, tile);
 }
 void PackWeightsAny(const TileGemmArgs& args, int64_t tile, float* b) {
-  if (args.bf16) PackWeightsAmx(args, tile, b);
+  if (args.bf16) PackWeightsPairs(args, tile, b);
   else PackWeights(args, tile, b);
 }
 void RowsAny(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_begin, int64_t t_end) {
-  if (args.bf16) RowsAmx(args, m_begin, m_end, t_begin, t_end);
+  if (args.bf16) RowsPairs(args, m_begin, m_end, t_begin, t_end);
   else Rows(args, m_begin, m_end, t_begin, t_end);
 }
-#endif  // TW_AMX
+#endif  // TW_PAIRS
 
 }  // namespace
 
 TileKernel Kernel() {
-#if defined(TW_AMX)
+#if defined(TW_PAIRS)
   return TileKernel{TW_ISA_NAME, MR, 32, VL, WeightSizeAny, PackWeightsAny, RowsAny, Few};
 #else
   return TileKernel{TW_ISA_NAME, MR, MR, VL, WeightSize, PackWeights, Rows, Few};

@@ -168,13 +168,13 @@ def test_tiles_saved_without_a_schedule_load(tmp_path):
 
 
 @pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512-bf16"])
 def test_narrower_isa_variants_match_reference(isa):
     """The host kernel is compiled once per instruction set and the widest the CPU runs is
     chosen; JAX_TW_ISA asks for a narrower one, so every variant this machine can run is
     checked (tests/isa_check.py, in a fresh process: the choice is made at import)."""
     from jax_tw import _cpu
-    order = ["generic", "avx2", "avx512", "avx512-amx"]
+    order = ["generic", "avx2", "avx512", "avx512-bf16", "avx512-amx"]
     if order.index(isa) >= order.index(_cpu.isa()):
         pytest.skip(f"{isa} is not narrower than this machine's {_cpu.isa()} (run by every other test)")
     here = pathlib.Path(__file__).parent
@@ -854,8 +854,8 @@ def test_no_rows(backend):
 @pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
 @pytest.mark.parametrize("m", [33, 100, 517])
 def test_host_bf16_blocked_path_sums_in_f32(m):
-    """bf16 x on the blocked path (on AMX tiles where the CPU has them: _cpu.isa() is
-    avx512-amx) against a float64 reference, with an f32 output so that only the sums' own
+    """bf16 x on the blocked path (in pairs of kept K indices on AMX tiles or by VDPBF16PS where
+    the CPU has them: _cpu.isa() is avx512-amx or avx512-bf16) against a float64 reference, with an f32 output so that only the sums' own
     rounding shows: tile widths that are not whole 16-column groups (even and odd counts of
     them), kept rows per tile not whole 32-row steps (and odd), tiles with no kept rows, K in
     three blocks, rows not a multiple of 32, a residue and a bias."""
