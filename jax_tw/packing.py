@@ -144,13 +144,14 @@ DENSE_ABOVE = 0.75
 RESIDUE_COST = 2.9
 
 # What a bf16 tile weight costs, relative to an f32 one (against the dense dot in the same
-# dtype), where the host kernel runs bf16 on AMX tiles (``_ffi.cpu_isa() == 'avx512-amx'``) and
-# XLA's bf16 dot does not: `python -m jax_tw.bench --repeats 9 --backend cpu --dtype both`
-# (M = 2048, BERT-base shapes, 2-core AVX-512 + AMX machine, 2026-12-03) measured the bf16
-# kernel at 3.7-4.2x of the dense bf16 dot at 0% sparsity, where f32 ran at 0.92-1.03x. With a
-# quarter of the cost, bf16 TW layers run the tiles at any sparsity there; the residue is
-# summed in f32 either way and keeps RESIDUE_COST.
-AMX_BF16_TILE_COST = 0.25
+# dtype), where the host kernel runs bf16 in pairs of K indices and XLA's bf16 dot does not, per
+# kernel variant (``_ffi.cpu_isa()``); other variants count 1. `python -m jax_tw.bench --backend
+# cpu --dtype both` (M = 2048, BERT-base shapes) measured the bf16 kernel at 0% sparsity at
+# 3.7-4.2x of the dense bf16 dot on AMX tiles (2-core AVX-512 + AMX machine, 2026-12-03,
+# --repeats 9) and at 1.91-2.11x by VDPBF16PS (2-core AMD EPYC with AVX512-BF16, 2026-12-04,
+# --repeats 11, --dtype bfloat16), where f32 ran at 0.92-1.07x. bf16 TW layers then run the
+# tiles at any sparsity there; the residue is summed in f32 either way and keeps RESIDUE_COST.
+BF16_TILE_COSTS = {"avx512-amx": 0.25, "avx512-bf16": 0.5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,25 +163,27 @@ class FallbackRule:
     dense_above: float
     residue_cost: float
     source: str
-    # A bf16 tile weight's cost relative to f32's where this machine's host kernel runs bf16 on
-    # AMX (the "cpu" rule only: AMX_BF16_TILE_COST).
-    amx_bf16_tile_cost: float = 1.0
+    # A bf16 tile weight's cost relative to f32's per host kernel variant, (variant, cost) pairs
+    # (the "cpu" rule only: BF16_TILE_COSTS); variants not named cost 1.
+    bf16_tile_costs: tuple[tuple[str, float], ...] = ()
 
     def dense_is_faster(self, packed: "PackedTiles") -> bool:
-        amx = packed.dtype == jnp.bfloat16 and _ffi.cpu_isa() == "avx512-amx"
-        return packed.cost(self.residue_cost, self.amx_bf16_tile_cost if amx else 1.0) > self.dense_above
+        bf16 = packed.dtype == jnp.bfloat16
+        tile_cost = dict(self.bf16_tile_costs).get(_ffi.cpu_isa(), 1.0) if bf16 else 1.0
+        return packed.cost(self.residue_cost, tile_cost) > self.dense_above
 
 
 # One rule per platform. Neither depends on M: on the CPU, few rows (M <= 32) run a
 # path that reads the packed values directly, measured at 0.8-2.6x of dense for M = 1 at 50-75%
 # sparsity; bf16 without AMX measured about as fast as f32 (BUILD_NOTES.md). Where the host
-# kernel runs bf16 on AMX tiles, the "cpu" rule counts bf16 tiles at AMX_BF16_TILE_COST. Pack
+# kernel runs bf16 in pairs (AMX or VDPBF16PS), the "cpu" rule counts bf16 tiles at
+# BF16_TILE_COSTS. Pack
 # decides on the machine it runs on: tiles packed there and run on a machine without AMX keep
 # low-sparsity bf16 layers on the tiles, at about the dense dot's speed. On a GPU nothing is
 # measured yet.
 FALLBACK_RULES = {
     "cpu": FallbackRule(DENSE_ABOVE, RESIDUE_COST, "measured on the host kernel (see DENSE_ABOVE, "
-                        "RESIDUE_COST and AMX_BF16_TILE_COST)", AMX_BF16_TILE_COST),
+                        "RESIDUE_COST and BF16_TILE_COSTS)", tuple(BF16_TILE_COSTS.items())),
     # A guess, until a GPU run measures it. The sm80 tile kernel on an H200 was estimated (from
     # a read of its code, not a run) at about 1.0-1.8x of dense at 75% sparsity: tiles would
     # break even at a density of about 0.25-0.45. The residue is added by XLA after the call, a

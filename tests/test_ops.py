@@ -790,18 +790,20 @@ def test_dense_fallback_counts_the_residue_cost():
         assert ("cpu" in p.dense_on) == dense and "cuda" in p.dense_on  # the GPU adds a residue in XLA
 
 
-def test_fallback_counts_bf16_tiles_at_the_amx_cost():
-    """Where the host kernel runs bf16 on AMX tiles (``_ffi.cpu_isa()`` 'avx512-amx'), a bf16
-    tile weight costs AMX_BF16_TILE_COST of an f32 one: a 10%-sparse TW-2D layer keeps the dense
-    dot in f32 but runs the tiles in bf16 (on other machines both keep the dense dot). The
-    residue costs the same in both: a 60% EW layer keeps the dense dot in bf16 too."""
-    amx = _ffi.cpu_isa() == "avx512-amx"
+def test_fallback_counts_bf16_tiles_at_the_variants_cost():
+    """Where the host kernel runs bf16 in pairs (``_ffi.cpu_isa()`` 'avx512-amx' or
+    'avx512-bf16'), a bf16 tile weight costs BF16_TILE_COSTS of an f32 one: a 10%-sparse TW-2D
+    layer keeps the dense dot in f32 but runs the tiles in bf16 (on other machines both keep the
+    dense dot). The residue costs the same in both: a 60% EW layer keeps the dense dot in bf16
+    too."""
+    assert set(packing.BF16_TILE_COSTS) == {"avx512-amx", "avx512-bf16"}
+    paired = _ffi.cpu_isa() in ("avx512-amx", "avx512-bf16")
     w, mask, _ = _layer(64, 96, 16, 0.1)
     x = np.random.default_rng(3).normal(size=(40, 64)).astype(np.float32)
     f = jax.jit(lambda x, p: ops.tw_matmul(x, p))
     for dtype in (np.float32, jnp.bfloat16):
         p = packing.pack(w.astype(dtype), mask, 16)
-        tiles = dtype != np.float32 and amx
+        tiles = dtype != np.float32 and paired
         assert ("cpu" in p.dense_on) == (not tiles) and "cuda" in p.dense_on, (dtype, p.dense_on)
         hlo = f.trace(x.astype(dtype), p).lower(lowering_platforms=("cpu",)).as_text()
         assert (_ffi.CPU_TARGET in hlo) == (tiles and _ffi.cpu_available())
