@@ -50,8 +50,8 @@ bool AmxUsable() {
 }
 #endif
 
-// The widest variant this CPU runs; JAX_TW_ISA=generic|avx2|avx512|avx512-bf16 (read at import) asks for a
-// narrower one, so that tests can run every variant this machine supports.
+// The widest variant this CPU runs; JAX_TW_ISA=generic|avx2|avx512|avx512-bf16 (read at import)
+// asks for a narrower one, so that tests can run every variant this machine supports.
 TileKernel ChooseKernel() {
   const char* want = std::getenv("JAX_TW_ISA");
   const std::string ask = want ? want : "";

@@ -1051,7 +1051,8 @@ void TileProductsDp(const uint16_t* w, int64_t ncg, int64_t steps, int64_t npair
       const uint32_t* wj = w32 + jc * steps * 256 + j0 * 16;
       float* cj = ct + (16 * jc + j0) * ldt;
       int64_t gi = 0;
-      for (; gi + 3 <= ngroups; gi += 3) DpBlock<3>(wj, steps, npairs, b + gi * 256, ngroups, cj + 16 * gi, ldt, accumulate);
+      for (; gi + 3 <= ngroups; gi += 3)
+        DpBlock<3>(wj, steps, npairs, b + gi * 256, ngroups, cj + 16 * gi, ldt, accumulate);
       if (ngroups - gi == 2) DpBlock<2>(wj, steps, npairs, b + gi * 256, ngroups, cj + 16 * gi, ldt, accumulate);
       if (ngroups - gi == 1) DpBlock<1>(wj, steps, npairs, b + gi * 256, ngroups, cj + 16 * gi, ldt, accumulate);
     }

@@ -54,7 +54,8 @@ def cpu_import_error() -> str:
 
 def cpu_isa() -> str | None:
     """The instruction-set variant the host kernel dispatched to ('generic', 'avx2', 'avx512',
-    'avx512-amx': bf16 on AMX tiles), or None without the CPU module."""
+    'avx512-bf16': bf16 by VDPBF16PS, 'avx512-amx': bf16 on AMX tiles), or None without the CPU
+    module."""
     return _cpu.isa() if _cpu is not None else None
 
 
