@@ -326,12 +326,6 @@ struct PanelRows {
   const float* xt;
   int64_t ldxt;
 };
-// x[m0 + i][q], straight from x (the few-rows GEMM).
-struct XRows {
-  const TileGemmArgs* args;
-  int64_t m0;
-  float At(int64_t i, int64_t q) const { return LoadF32(args->x, (m0 + i) * args->p->k + q, args->bf16); }
-};
 
 #if defined(TW_ISA_AVX512)
 // r[0..16) transposed in place: r[j] lane i = r[i] lane j (before).
@@ -796,34 +790,78 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
   }
 }
 
-// Few rows (M <= kSmallRows): no packing at all. Each kept weight row is read once, straight
-// from the packed values, and used for every row of the item (accumulators acc[m][G] in L1).
+// c[i][0, NR) = sum over q < depth of x[i][kept[q]] * w[q][0, NR), for the R rows of x at x0 (K
+// floats or bf16 apart), w's rows ldw floats apart: R x NV sums in registers, as Micro.
+template <int R, class T>
+void FewMicro(int64_t depth, const T* __restrict x0, int64_t k, const int32_t* __restrict kept,
+              const float* __restrict w, int64_t ldw, float* __restrict c, int64_t ldc) {
+  vf acc[R][NV] = {};
+  for (int64_t q = 0; q < depth; ++q) {
+    vf bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Load(w + q * ldw + v * VL);
+    const T* a = x0 + kept[q];
+    for (int i = 0; i < R; ++i) {
+      const float ai = ToF32(a[i * k]);
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) Store(c + i * ldc + v * VL, acc[i][v]);
+}
+
+template <class T>
+using FewMicroFn = decltype(&FewMicro<1, T>);
+template <class T, int... R>
+constexpr std::array<FewMicroFn<T>, sizeof...(R)> FewMicroTable(std::integer_sequence<int, R...>) {
+  return {&FewMicro<R + 1, T>...};
+}
+// kFewMicro<T>[r - 1]: FewMicro<r, T>.
+template <class T>
+constexpr auto kFewMicro = FewMicroTable<T>(std::make_integer_sequence<int, MR>{});
+
+// Few rows (M <= kSmallRows): no packing of x. The tile's weights are read in place from the
+// packed values (f32, G a multiple of NR) or else converted once per item into f32 rows of whole
+// micro-tiles; each block of up to MR rows and NR columns sums over the kept rows in registers
+// (FewMicro), reading x's rows in place. (Summing into a row buffer in L1 instead, a load and a
+// store per FMA, was 1.4-2.2x slower at M = 8-32 on a CPU that stores one vector per cycle.)
 void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end) {
   Scratch& scratch = ThreadScratch();
   AlignedBuffer &accs = scratch.accs, &row = scratch.row;
   const PackedTilesView& p = *args.p;
   const int64_t rows = m_end - m_begin;
-  const XRows xs{&args, m_begin};
   const PanelRows xt{args.xt ? args.xt + m_begin : nullptr, args.ldxt};
   const int64_t depth = tile < p.t ? p.depth(tile) : 0;
   if (depth == 0) {
     Epilogue(args, tile, m_begin, rows, nullptr, 0, xt, scratch);
     return;
   }
-  const int64_t width = p.width(tile), offset = p.row_offsets[tile];
-  const int64_t gp = (width + VL - 1) / VL * VL;
+  const int64_t width = p.width(tile), offset = p.row_offsets[tile], gp = PaddedWidth(p, tile);
+  const float* w;
+  int64_t ldw;
+  if (WeightsInPlace(args)) {  // whole micro-tiles fit each row of G
+    w = static_cast<const float*>(args.values) + offset * p.g;
+    ldw = p.g;
+  } else {
+    float* b = row.Get(depth * gp);
+    for (int64_t q = 0; q < depth; ++q) {
+      const int64_t src = (offset + q) * p.g;
+      for (int64_t j = 0; j < width; ++j) b[q * gp + j] = LoadF32(args.values, src + j, args.bf16);
+      std::fill(b + q * gp + width, b + (q + 1) * gp, 0.f);
+    }
+    w = b;
+    ldw = gp;
+  }
   float* acc = accs.Get(rows * gp);
-  float* brow = row.Get(gp);
-  std::fill(acc, acc + rows * gp, 0.f);
-  std::fill(brow, brow + gp, 0.f);
-  for (int64_t q = 0; q < depth; ++q) {
-    const int64_t src = (offset + q) * p.g;
-    for (int64_t j = 0; j < width; ++j) brow[j] = LoadF32(args.values, src + j, args.bf16);
-    const int64_t kq = p.rows[offset + q];
-    for (int64_t i = 0; i < rows; ++i) {
-      const float a = xs.At(i, kq);
-      float* ar = acc + i * gp;
-      for (int64_t j = 0; j < gp; j += VL) Store(ar + j, Load(ar + j) + a * Load(brow + j));
+  const int32_t* kept = p.rows + offset;
+  for (int64_t i0 = 0; i0 < rows; i0 += MR) {
+    const int64_t r = std::min<int64_t>(MR, rows - i0), first = (m_begin + i0) * p.k;
+    for (int64_t jp = 0; jp < width; jp += NR) {
+      if (args.bf16)
+        kFewMicro<uint16_t>[r - 1](depth, static_cast<const uint16_t*>(args.x) + first, p.k, kept, w + jp, ldw,
+                                   acc + i0 * gp + jp, gp);
+      else
+        kFewMicro<float>[r - 1](depth, static_cast<const float*>(args.x) + first, p.k, kept, w + jp, ldw,
+                                acc + i0 * gp + jp, gp);
     }
   }
   Epilogue(args, tile, m_begin, rows, acc, gp, xt, scratch);
