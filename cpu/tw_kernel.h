@@ -12,7 +12,9 @@
 // stores (y is never read).
 //
 // Calls with M <= kSmallRows (Few): work items are (tile, group of rows); each reads the packed
-// values directly (no copies) for its rows of x; a residue reads x feature-major, transposed
+// values directly (f32 with G a multiple of the micro-tile width; else one f32 copy of the tile
+// per item) and x's rows in place, summing blocks of rows x columns in registers; a residue
+// reads x feature-major, transposed
 // once per call (TransposeFew, tw_cpu.cc), with the walks of the many-rows path. Otherwise (Rows):
 //  1. each tile's weights are copied into f32 micro-panels (contiguous KC x NR blocks), in
 //     parallel over tiles;
