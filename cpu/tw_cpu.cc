@@ -143,10 +143,13 @@ const L1Cache& L1() {
 bool XInPlace(int64_t k, int64_t kept) {
   if (kept > kDirectWeightsPerK * k) return false;
   const L1Cache& l1 = L1();
-  std::vector<int64_t> rows(l1.sets, 0);
+  auto set = [&](int64_t i) { return i * k * static_cast<int64_t>(sizeof(float)) / 64 % l1.sets; };
   int64_t most = 0;
-  for (int64_t i = 0; i < kKernel.mr; ++i)
-    most = std::max(most, ++rows[i * k * static_cast<int64_t>(sizeof(float)) / 64 % l1.sets]);
+  for (int64_t i = 0; i < kKernel.mr; ++i) {
+    int64_t same = 0;
+    for (int64_t j = 0; j < kKernel.mr; ++j) same += set(j) == set(i);
+    most = std::max(most, same);
+  }
   return most <= l1.ways;
 }
 

@@ -95,30 +95,31 @@ inline void ActivateRow(float* s, int64_t len, Activation act) {
   }
 }
 
-// c[MR][NR] (+)= A[kept[q]][MR] * b[q][NR] over q < kc, b's rows ldb floats apart. A is one x
-// panel ([K][MR], lda unused) or, kInPlace (TileGemmArgs::direct_x), MR rows of an f32 x read in
-// place, lda floats apart.
-template <bool kInPlace>
-inline void Micro(int64_t kc, const float* __restrict a0, int64_t lda, const int32_t* __restrict kept,
+inline float ToF32(float v) { return v; }
+inline float ToF32(uint16_t bits) { return LoadF32(&bits, 0, true); }
+
+// c[R][NR] (+)= A[kept[q]][R] * b[q][NR] over q < kc, b's rows ldb floats apart. A is one x
+// panel ([K][MR], lda unused) or, kInPlace, R rows of x (f32 or bf16) read in place, lda values
+// apart: the many-rows path's x with few kept weights (TileGemmArgs::direct_x, R = MR) and the
+// few-rows path (any R up to MR).
+template <bool kInPlace, int R = MR, class T = float>
+inline void Micro(int64_t kc, const T* __restrict a0, int64_t lda, const int32_t* __restrict kept,
                   const float* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc, bool accumulate) {
-  vf acc[MR][NV];
-  for (int i = 0; i < MR; ++i)
+  vf acc[R][NV];
+  for (int i = 0; i < R; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = accumulate ? Load(c + i * ldc + v * VL) : vf{};
   for (int64_t q = 0; q < kc; ++q) {
-    const float* a = a0 + static_cast<int64_t>(kept[q]) * (kInPlace ? 1 : MR);
+    const T* a = a0 + static_cast<int64_t>(kept[q]) * (kInPlace ? 1 : MR);
     vf bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = Load(b + q * ldb + v * VL);
-    for (int i = 0; i < MR; ++i) {
-      const float ai = a[kInPlace ? i * lda : i];  // scalar * vector: a broadcast folded into the FMA
+    for (int i = 0; i < R; ++i) {
+      const float ai = ToF32(a[kInPlace ? i * lda : i]);  // scalar * vector: a broadcast folded into the FMA
       for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
     }
   }
-  for (int i = 0; i < MR; ++i)
+  for (int i = 0; i < R; ++i)
     for (int v = 0; v < NV; ++v) Store(c + i * ldc + v * VL, acc[i][v]);
 }
-
-inline float ToF32(float v) { return v; }
-inline float ToF32(uint16_t bits) { return LoadF32(&bits, 0, true); }
 
 // One panel: panel[q][i] = x[m0 + i][q], zero for rows past m. Blocks of 16 columns go through
 // a small transpose buffer so that both the reads (row runs) and the writes (panel rows) are
@@ -301,11 +302,22 @@ void PackWeights(const TileGemmArgs& args, int64_t tile, float* b) {
     for (int64_t q = 0; q < depth; ++q) {
       const int64_t src = (offset + q) * p.g + jp;
       float* dst = bp + q * NR;
+      // Plain loops, not memcpy: rows of at most NR values, where a library call costs more
+      // than the copy (the few-rows path copies per work item).
       if (args.bf16) {
         const uint16_t* v = static_cast<const uint16_t*>(args.values) + src;
-        for (int64_t j = 0; j < w; ++j) dst[j] = LoadF32(v, j, true);
+        for (int64_t j = 0; j < w; ++j) dst[j] = ToF32(v[j]);
       } else {
-        std::memcpy(dst, static_cast<const float*>(args.values) + src, w * sizeof(float));
+        const float* v = static_cast<const float*>(args.values) + src;
+#if defined(TW_ISA_AVX512)
+        for (int i = 0; i < NV; ++i) {  // the whole micro-tile row, zero past w: masked loads
+          const int64_t n = std::clamp<int64_t>(w - 16 * i, 0, 16);
+          _mm512_storeu_ps(dst + 16 * i, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), v + 16 * i));
+        }
+        continue;
+#else
+        for (int64_t j = 0; j < w; ++j) dst[j] = v[j];
+#endif
       }
       for (int64_t j = w; j < NR; ++j) dst[j] = 0.f;
     }
@@ -619,7 +631,7 @@ inline void ExpandRowBF16(const SpanChunks& ch, const float* ci, const float* bi
 // every module once another was dlopen'ed: 18 look-ups per item took 4.5% of the samples of a
 // 384 x 384 layer at M = 4096 (BUILD_NOTES.md).
 struct Scratch {
-  AlignedBuffer span, panels, c, xt, accs, row;                // Epilogue, Rows, Few
+  AlignedBuffer span, panels, c, xt, accs, few_weights;        // Epilogue, Rows, Few
   AlignedBuffer pair_x2, pair_xt, pair_b, pair_ct, pair_c, pair_zeros;  // RowsPairs
   std::vector<float> residue_values;                           // Residue (bf16)
   std::vector<int64_t> pair_woff;
@@ -790,43 +802,24 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
   }
 }
 
-// c[i][0, NR) = sum over q < depth of x[i][kept[q]] * w[q][0, NR), for the R rows of x at x0 (K
-// floats or bf16 apart), w's rows ldw floats apart: R x NV sums in registers, as Micro.
-template <int R, class T>
-void FewMicro(int64_t depth, const T* __restrict x0, int64_t k, const int32_t* __restrict kept,
-              const float* __restrict w, int64_t ldw, float* __restrict c, int64_t ldc) {
-  vf acc[R][NV] = {};
-  for (int64_t q = 0; q < depth; ++q) {
-    vf bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = Load(w + q * ldw + v * VL);
-    const T* a = x0 + kept[q];
-    for (int i = 0; i < R; ++i) {
-      const float ai = ToF32(a[i * k]);
-      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
-    }
-  }
-  for (int i = 0; i < R; ++i)
-    for (int v = 0; v < NV; ++v) Store(c + i * ldc + v * VL, acc[i][v]);
-}
-
+// kFewMicro<T>[r - 1]: Micro<true, r, T>, for the few-rows path's r rows of x in place.
 template <class T>
-using FewMicroFn = decltype(&FewMicro<1, T>);
+using FewMicroFn = decltype(&Micro<true, 1, T>);
 template <class T, int... R>
 constexpr std::array<FewMicroFn<T>, sizeof...(R)> FewMicroTable(std::integer_sequence<int, R...>) {
-  return {&FewMicro<R + 1, T>...};
+  return {&Micro<true, R + 1, T>...};
 }
-// kFewMicro<T>[r - 1]: FewMicro<r, T>.
 template <class T>
 constexpr auto kFewMicro = FewMicroTable<T>(std::make_integer_sequence<int, MR>{});
 
 // Few rows (M <= kSmallRows): no packing of x. The tile's weights are read in place from the
-// packed values (f32, G a multiple of NR) or else converted once per item into f32 rows of whole
-// micro-tiles; each block of up to MR rows and NR columns sums over the kept rows in registers
-// (FewMicro), reading x's rows in place. (Summing into a row buffer in L1 instead, a load and a
+// packed values (f32, G a multiple of NR) or else copied once per item into micro-panels
+// (PackWeights); each block of up to MR rows and NR columns sums over the kept rows in registers
+// (Micro), reading x's rows in place. (Summing into a row buffer in L1 instead, a load and a
 // store per FMA, was 1.4-2.2x slower at M = 8-32 on a CPU that stores one vector per cycle.)
 void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end) {
   Scratch& scratch = ThreadScratch();
-  AlignedBuffer &accs = scratch.accs, &row = scratch.row;
+  AlignedBuffer &accs = scratch.accs, &weights = scratch.few_weights;
   const PackedTilesView& p = *args.p;
   const int64_t rows = m_end - m_begin;
   const PanelRows xt{args.xt ? args.xt + m_begin : nullptr, args.ldxt};
@@ -836,32 +829,24 @@ void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end)
     return;
   }
   const int64_t width = p.width(tile), offset = p.row_offsets[tile], gp = PaddedWidth(p, tile);
-  const float* w;
-  int64_t ldw;
-  if (WeightsInPlace(args)) {  // whole micro-tiles fit each row of G
-    w = static_cast<const float*>(args.values) + offset * p.g;
-    ldw = p.g;
-  } else {
-    float* b = row.Get(depth * gp);
-    for (int64_t q = 0; q < depth; ++q) {
-      const int64_t src = (offset + q) * p.g;
-      for (int64_t j = 0; j < width; ++j) b[q * gp + j] = LoadF32(args.values, src + j, args.bf16);
-      std::fill(b + q * gp + width, b + (q + 1) * gp, 0.f);
-    }
-    w = b;
-    ldw = gp;
-  }
+  // Micro-panel jp's row q at w + panel(jp) + q * ldb, as in Rows.
+  const bool wip = WeightsInPlace(args);
+  float* panels = wip ? nullptr : weights.Get(gp * depth);
+  if (!wip) PackWeights(args, tile, panels);
+  const float* w = wip ? static_cast<const float*>(args.values) + offset * p.g : panels;
+  const int64_t ldb = wip ? p.g : NR;
   float* acc = accs.Get(rows * gp);
   const int32_t* kept = p.rows + offset;
   for (int64_t i0 = 0; i0 < rows; i0 += MR) {
     const int64_t r = std::min<int64_t>(MR, rows - i0), first = (m_begin + i0) * p.k;
     for (int64_t jp = 0; jp < width; jp += NR) {
+      const float* b = w + (wip ? jp : (jp / NR) * depth * NR);
       if (args.bf16)
-        kFewMicro<uint16_t>[r - 1](depth, static_cast<const uint16_t*>(args.x) + first, p.k, kept, w + jp, ldw,
-                                   acc + i0 * gp + jp, gp);
+        kFewMicro<uint16_t>[r - 1](depth, static_cast<const uint16_t*>(args.x) + first, p.k, kept, b, ldb,
+                                   acc + i0 * gp + jp, gp, false);
       else
-        kFewMicro<float>[r - 1](depth, static_cast<const float*>(args.x) + first, p.k, kept, w + jp, ldw,
-                                acc + i0 * gp + jp, gp);
+        kFewMicro<float>[r - 1](depth, static_cast<const float*>(args.x) + first, p.k, kept, b, ldb,
+                                acc + i0 * gp + jp, gp, false);
     }
   }
   Epilogue(args, tile, m_begin, rows, acc, gp, xt, scratch);
@@ -1088,11 +1073,11 @@ void TileProductsDp(const uint16_t* w, int64_t ncg, int64_t steps, int64_t npair
     for (int64_t j0 = 0; j0 < 16; j0 += 8) {
       const uint32_t* wj = w32 + jc * steps * 256 + j0 * 16;
       float* cj = ct + (16 * jc + j0) * ldt;
-      int64_t gi = 0;
-      for (; gi + 3 <= ngroups; gi += 3)
-        DpBlock<3>(wj, steps, npairs, b + gi * 256, ngroups, cj + 16 * gi, ldt, accumulate);
-      if (ngroups - gi == 2) DpBlock<2>(wj, steps, npairs, b + gi * 256, ngroups, cj + 16 * gi, ldt, accumulate);
-      if (ngroups - gi == 1) DpBlock<1>(wj, steps, npairs, b + gi * 256, ngroups, cj + 16 * gi, ldt, accumulate);
+      for (int64_t gi = 0; gi < ngroups; gi += 3) {
+        const int64_t v = std::min<int64_t>(3, ngroups - gi);
+        (v == 3 ? DpBlock<3> : v == 2 ? DpBlock<2> : DpBlock<1>)(wj, steps, npairs, b + gi * 256, ngroups,
+                                                                 cj + 16 * gi, ldt, accumulate);
+      }
     }
 }
 #endif

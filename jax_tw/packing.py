@@ -175,11 +175,11 @@ class FallbackRule:
 
 # One rule per platform. Neither depends on M: on the CPU, few rows (M <= 32) run a
 # path that reads the packed values directly, measured at 0.8-2.6x of dense for M = 1 at 50-75%
-# sparsity; bf16 without AMX measured about as fast as f32 (BUILD_NOTES.md). Where the host
-# kernel runs bf16 in pairs (AMX or VDPBF16PS), the "cpu" rule counts bf16 tiles at
-# BF16_TILE_COSTS. Pack
-# decides on the machine it runs on: tiles packed there and run on a machine without AMX keep
-# low-sparsity bf16 layers on the tiles, at about the dense dot's speed. On a GPU nothing is
+# sparsity; bf16 on the other variants measured about as fast as f32 (BUILD_NOTES.md). Where the
+# host kernel runs bf16 in pairs (AMX or VDPBF16PS), the "cpu" rule counts bf16 tiles at
+# BF16_TILE_COSTS. Pack decides on the machine it runs on: tiles packed there and run on a
+# machine without those variants keep low-sparsity bf16 layers on the tiles, at about the dense
+# dot's speed. On a GPU nothing is
 # measured yet.
 FALLBACK_RULES = {
     "cpu": FallbackRule(DENSE_ABOVE, RESIDUE_COST, "measured on the host kernel (see DENSE_ABOVE, "

@@ -8,7 +8,7 @@ import numpy as np
 
 import jax_tw._cpu
 from jax_tw import ops, packing, patterns
-from twcheck import activate64, packed_layer
+from twcheck import activate64, packed_layer, reference
 
 ACTS = (None, "relu", "gelu")
 
@@ -25,7 +25,7 @@ for pattern in (patterns.TW2D(), patterns.TEW(residue=0.05), patterns.EW()):
                 act = ACTS[(case + case // 3) % 3]  # every activation meets every shape
                 case += 1
                 y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu", activation=act), np.float64)
-                want = activate64(np.asarray(x, np.float64) @ np.asarray(packing.unpack(p), np.float64) + bias, act)
+                want = activate64(reference(x, packing.unpack(p), bias), act)
                 tol = 1e-5 if dtype == np.float32 else 3e-2 * np.abs(want).max()
                 np.testing.assert_allclose(y, want, rtol=1e-5, atol=tol,
                                            err_msg=f"{pattern} m={m} {np.dtype(dtype).name} {k}x{n} G={g} {act}")
@@ -35,6 +35,6 @@ x = rng.normal(size=(1100, 24)).astype(np.float32)
 bias = rng.normal(size=1000).astype(np.float32)
 for act in ACTS:
     y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu", activation=act), np.float64)
-    want = activate64(np.asarray(x, np.float64) @ np.asarray(packing.unpack(p), np.float64) + bias, act)
+    want = activate64(reference(x, packing.unpack(p), bias), act)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=f"streamed output, {act}")
 print(jax_tw._cpu.isa())
