@@ -14,7 +14,9 @@ same masked kernel as a ``jax.experimental.sparse`` BCOO matrix (``x @ W`` as
 
 For every shape, dtype and sparsity, the dense dot and the TW call are timed *interleaved* (dense,
 TW, dense, TW, ...) so that a noisy machine slows both alike; the table reports the medians and
-their ratio (dense time / TW time), and the fraction of the ideal speedup ``1 / (1 - s)``.
+their ratio (dense time / TW time), and the fraction of the ideal speedup ``1 / (1 - s)``. A
+sample is several calls queued back to back (``--inner``; on a CPU by default as many as make
+every sample last about as long as the others: ``time_interleaved``).
 Masks are TW-2D from random magnitudes, G = 128 unless ``--tile-size`` says otherwise.
 """
 
@@ -37,28 +39,40 @@ BERT_BASE = [(768, 768), (768, 3072), (3072, 768)]
 BERT_LARGE = [(1024, 1024), (1024, 4096), (4096, 1024)]
 
 
-def time_interleaved(calls, repeats: int, inner: int = 1) -> list[float]:
+def time_interleaved(calls, repeats: int, inner: int | None = 1, span: float = 0.02) -> list[float]:
     """Medians (seconds per call) of each ``f(*args)`` in ``calls``, timed interleaved (one
     sample of each in turn) after one warm-up call each. Each sample times ``inner`` calls
-    queued back to back (on a GPU one call can be shorter than its dispatch from Python)."""
+    queued back to back (on a GPU one call can be shorter than its dispatch from Python).
+
+    ``inner=None``: for each call as many as fill ``span`` seconds or the slowest call, whichever
+    is longer (its fastest of three single calls decides), so that every sample lasts about as
+    long. On a 2-core virtual machine a call of a few milliseconds or less, timed alone, often
+    waits a millisecond or two for its second core (BUILD_NOTES.md, "Timing short calls"); a
+    sample that lasts as long as the others pays that wait no more than they do."""
     for f, args in calls:
         jax.block_until_ready(f(*args))
 
-    def sample(f, args):
+    def sample(f, args, n):
         t = time.perf_counter()
-        for _ in range(inner):
+        for _ in range(n):
             out = f(*args)
         jax.block_until_ready(out)
-        return (time.perf_counter() - t) / inner
+        return (time.perf_counter() - t) / n
 
+    if inner is None:
+        single = [min(sample(f, args, 1) for _ in range(3)) for f, args in calls]
+        longest = max(span, *single)
+        inners = [max(1, min(1000, round(longest / t))) for t in single]
+    else:
+        inners = [inner] * len(calls)
     times = [[] for _ in calls]
     for _ in range(repeats):
-        for ts, (f, args) in zip(times, calls):
-            ts.append(sample(f, args))
+        for ts, (f, args), n in zip(times, calls, inners):
+            ts.append(sample(f, args, n))
     return [float(np.median(ts)) for ts in times]
 
 
-def time_pair(f_dense, f_tw, args_dense, args_tw, repeats: int, inner: int = 1) -> tuple[float, float]:
+def time_pair(f_dense, f_tw, args_dense, args_tw, repeats: int, inner: int | None = 1) -> tuple[float, float]:
     """:func:`time_interleaved` of two calls: (dense median, TW median)."""
     t_dense, t_tw = time_interleaved([(f_dense, args_dense), (f_tw, args_tw)], repeats, inner)
     return t_dense, t_tw
@@ -72,7 +86,7 @@ def bcoo_matmul(x, w_t):
 
 
 def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backend: str | None,
-        seed: int = 0, pattern: str = "tw2d", inner: int = 1, residue: float | None = None,
+        seed: int = 0, pattern: str = "tw2d", inner: int | None = 1, residue: float | None = None,
         peers: bool = False, progress=None) -> list[dict[str, Any]]:
     """Times every (shape, dtype, sparsity); returns one row dict per measurement and backend.
 
@@ -80,7 +94,8 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
     run) or None (automatic). ``pattern`` (a :func:`jax_tw.patterns.get` name) makes the
     masks; EW/VW/BW masks pack into an element-wise residue only, which measures the residue
     path. ``residue`` sets a TEW pattern's residue fraction; ``peers`` adds a ``'bcoo'`` row
-    (:func:`bcoo_matmul`) to every measurement. ``progress`` is called with each row as it
+    (:func:`bcoo_matmul`) to every measurement. ``inner``: calls per timed sample, or None
+    (:func:`time_interleaved`). ``progress`` is called with each row as it
     is made. A contender that raises or computes a wrong product is not timed: its row has
     ``'error'`` (and NaN times)."""
     make_masks = patterns.get(pattern, **({} if residue is None else {"residue": residue}))
@@ -213,7 +228,8 @@ def main(argv=None) -> list[dict[str, Any]]:
                     help="xla, cpu, cuda, pallas or dense, or a comma-separated list of them, each "
                          "its own column (default: automatic)")
     ap.add_argument("--inner", type=int, default=None,
-                    help="calls per timed sample (default: 1 on a CPU, 20 on a GPU)")
+                    help="calls per timed sample (default: on a GPU 20; on a CPU, per call, as "
+                         "many as last 20 ms or as long as the slowest call: see time_interleaved)")
     ap.add_argument("--json", help="write the rows to this JSON file")
     ap.add_argument("--plot", help="draw speedup vs sparsity to this PNG")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and repeats (smoke test)")
@@ -226,7 +242,7 @@ def main(argv=None) -> list[dict[str, Any]]:
     m, repeats = args.m, args.repeats
     if args.quick:
         shapes, m, repeats, sparsities = [(96, 160)], 64, 3, [0.0, 0.5, 0.9]
-    inner = args.inner or (20 if jax.default_backend() == "gpu" else 1)
+    inner = args.inner or (20 if jax.default_backend() == "gpu" else None)
     rows = run(shapes, m, dtypes, sparsities, args.tile_size, repeats, args.backend,
                pattern=args.pattern, inner=inner, residue=args.residue, peers=args.peers,
                progress=lambda r: print(format_row(r), file=sys.stderr, flush=True))

@@ -3,6 +3,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -735,6 +736,31 @@ def test_bench_quick_prints_ratios(tmp_path, capsys):
     import json
     assert json.loads(out_json.read_text()) == rows
     assert out_png.stat().st_size > 1000
+
+
+def test_bench_inner_none_makes_every_sample_last_alike():
+    """inner=None queues each call as many times as fill the span (or the slowest call), so a
+    fast call's samples last about as long as a slow one's; the medians stay per call."""
+    from jax_tw import bench
+    counts = {"fast": 0, "slow": 0}
+
+    def call(name, seconds):
+        def f():
+            counts[name] += 1
+            time.sleep(seconds)
+            return np.float32(seconds)
+        return f
+
+    fast, slow = bench.time_interleaved([(call("fast", 0.001), ()), (call("slow", 0.008), ())],
+                                        repeats=3, inner=None, span=0.016)
+    # 1 warm-up + 3 single calls each, then 3 samples: slow 2 calls each (16 ms), fast 16 or
+    # fewer (sleep overshoots 1 ms) but several.
+    assert counts["slow"] == 1 + 3 + 3 * 2
+    assert 1 + 3 + 3 * 4 <= counts["fast"] <= 1 + 3 + 3 * 16
+    assert 0.001 <= fast < 0.004 and 0.008 <= slow < 0.016
+    counts.update(fast=0, slow=0)
+    bench.time_interleaved([(call("fast", 0.001), ()), (call("slow", 0.008), ())], repeats=3, inner=1)
+    assert counts == {"fast": 4, "slow": 4}
 
 
 def test_bench_peers_and_residue(capsys):
