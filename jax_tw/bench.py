@@ -45,10 +45,11 @@ def time_interleaved(calls, repeats: int, inner: int | None = 1, span: float = 0
     queued back to back (on a GPU one call can be shorter than its dispatch from Python).
 
     ``inner=None``: for each call as many as fill ``span`` seconds or the slowest call, whichever
-    is longer (its fastest of three single calls decides), so that every sample lasts about as
-    long. On a 2-core virtual machine a call of a few milliseconds or less, timed alone, often
-    waits a millisecond or two for its second core (BUILD_NOTES.md, "Timing short calls"); a
-    sample that lasts as long as the others pays that wait no more than they do."""
+    is longer, but at most ``5 * span`` (a slow peer such as BCOO does not stretch the others'
+    samples); the fastest of three single calls gives each call's time. So every sample lasts
+    about as long. On a 2-core virtual machine a call of a few milliseconds or less, timed
+    alone, often waits a millisecond or two for its second core (BUILD_NOTES.md, "Timing short
+    calls"); a sample that lasts as long as the others pays that wait no more than they do."""
     for f, args in calls:
         jax.block_until_ready(f(*args))
 
@@ -61,7 +62,7 @@ def time_interleaved(calls, repeats: int, inner: int | None = 1, span: float = 0
 
     if inner is None:
         single = [min(sample(f, args, 1) for _ in range(3)) for f, args in calls]
-        longest = max(span, *single)
+        longest = max(span, min(max(single), 5 * span))
         inners = [max(1, min(1000, round(longest / t))) for t in single]
     else:
         inners = [inner] * len(calls)

@@ -758,6 +758,13 @@ def test_bench_inner_none_makes_every_sample_last_alike():
     assert counts["slow"] == 1 + 3 + 3 * 2
     assert 1 + 3 + 3 * 4 <= counts["fast"] <= 1 + 3 + 3 * 16
     assert 0.001 <= fast < 0.004 and 0.008 <= slow < 0.016
+    # A call slower than 5 spans (a slow peer) does not stretch the others' samples: fast fills
+    # 5 spans (20 ms: 19 calls or fewer), not the slow call's 30 ms.
+    counts.update(fast=0, slow=0)
+    bench.time_interleaved([(call("fast", 0.001), ()), (call("slow", 0.03), ())],
+                           repeats=3, inner=None, span=0.004)
+    assert counts["slow"] == 1 + 3 + 3 * 1
+    assert 1 + 3 + 3 * 8 <= counts["fast"] <= 1 + 3 + 3 * 20
     counts.update(fast=0, slow=0)
     bench.time_interleaved([(call("fast", 0.001), ()), (call("slow", 0.008), ())], repeats=3, inner=1)
     assert counts == {"fast": 4, "slow": 4}
