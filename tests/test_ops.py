@@ -3,7 +3,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -738,35 +737,37 @@ def test_bench_quick_prints_ratios(tmp_path, capsys):
     assert out_png.stat().st_size > 1000
 
 
-def test_bench_inner_none_makes_every_sample_last_alike():
-    """inner=None queues each call as many times as fill the span (or the slowest call), so a
-    fast call's samples last about as long as a slow one's; the medians stay per call."""
+def test_bench_inner_none_makes_every_sample_last_alike(monkeypatch):
+    """inner=None queues each call as many times as fill the span (or the slowest call, up to 5
+    spans), so a fast call's samples last about as long as a slow one's; the medians stay per
+    call. The calls advance a fake clock, so the counts are exact."""
     from jax_tw import bench
-    counts = {"fast": 0, "slow": 0}
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    counts = {}
 
     def call(name, seconds):
         def f():
-            counts[name] += 1
-            time.sleep(seconds)
+            counts[name] = counts.get(name, 0) + 1
+            clock[0] += seconds
             return np.float32(seconds)
         return f
 
-    fast, slow = bench.time_interleaved([(call("fast", 0.001), ()), (call("slow", 0.008), ())],
-                                        repeats=3, inner=None, span=0.016)
-    # 1 warm-up + 3 single calls each, then 3 samples: slow 2 calls each (16 ms), fast 16 or
-    # fewer (sleep overshoots 1 ms) but several.
-    assert counts["slow"] == 1 + 3 + 3 * 2
-    assert 1 + 3 + 3 * 4 <= counts["fast"] <= 1 + 3 + 3 * 16
-    assert 0.001 <= fast < 0.004 and 0.008 <= slow < 0.016
+    def run(slow_seconds, span, inner):
+        counts.clear()
+        return bench.time_interleaved([(call("fast", 0.001), ()), (call("slow", slow_seconds), ())],
+                                      repeats=3, inner=inner, span=span)
+
+    # 1 warm-up + 3 single calls each, then 3 samples: slow 2 calls each (16 ms), fast 16.
+    fast, slow = run(0.008, span=0.016, inner=None)
+    assert counts == {"fast": 1 + 3 + 3 * 16, "slow": 1 + 3 + 3 * 2}
+    assert fast == pytest.approx(0.001) and slow == pytest.approx(0.008)
     # A call slower than 5 spans (a slow peer) does not stretch the others' samples: fast fills
-    # 5 spans (20 ms: 19 calls or fewer), not the slow call's 30 ms.
-    counts.update(fast=0, slow=0)
-    bench.time_interleaved([(call("fast", 0.001), ()), (call("slow", 0.03), ())],
-                           repeats=3, inner=None, span=0.004)
-    assert counts["slow"] == 1 + 3 + 3 * 1
-    assert 1 + 3 + 3 * 8 <= counts["fast"] <= 1 + 3 + 3 * 20
-    counts.update(fast=0, slow=0)
-    bench.time_interleaved([(call("fast", 0.001), ()), (call("slow", 0.008), ())], repeats=3, inner=1)
+    # 5 spans (20 ms), not the slow call's 30 ms.
+    fast, slow = run(0.03, span=0.004, inner=None)
+    assert counts == {"fast": 1 + 3 + 3 * 20, "slow": 1 + 3 + 3 * 1}
+    assert fast == pytest.approx(0.001) and slow == pytest.approx(0.03)
+    run(0.008, span=0.016, inner=1)
     assert counts == {"fast": 4, "slow": 4}
 
 
