@@ -179,8 +179,7 @@ class FallbackRule:
 # host kernel runs bf16 in pairs (AMX or VDPBF16PS), the "cpu" rule counts bf16 tiles at
 # BF16_TILE_COSTS. Pack decides on the machine it runs on: tiles packed there and run on a
 # machine without those variants keep low-sparsity bf16 layers on the tiles, at about the dense
-# dot's speed. On a GPU nothing is
-# measured yet.
+# dot's speed. On a GPU nothing is measured yet.
 FALLBACK_RULES = {
     "cpu": FallbackRule(DENSE_ABOVE, RESIDUE_COST, "measured on the host kernel (see DENSE_ABOVE, "
                         "RESIDUE_COST and BF16_TILE_COSTS)", tuple(BF16_TILE_COSTS.items())),

@@ -831,7 +831,7 @@ def test_fallback_counts_bf16_tiles_at_the_variants_cost():
     dense dot). The residue costs the same in both: a 60% EW layer keeps the dense dot in bf16
     too."""
     assert set(packing.BF16_TILE_COSTS) == {"avx512-amx", "avx512-bf16"}
-    paired = _ffi.cpu_isa() in ("avx512-amx", "avx512-bf16")
+    paired = _ffi.cpu_isa() in packing.BF16_TILE_COSTS
     w, mask, _ = _layer(64, 96, 16, 0.1)
     x = np.random.default_rng(3).normal(size=(40, 64)).astype(np.float32)
     f = jax.jit(lambda x, p: ops.tw_matmul(x, p))
@@ -891,10 +891,11 @@ def test_no_rows(backend):
 @pytest.mark.parametrize("m", [33, 100, 517])
 def test_host_bf16_blocked_path_sums_in_f32(m):
     """bf16 x on the blocked path (in pairs of kept K indices on AMX tiles or by VDPBF16PS where
-    the CPU has them: _cpu.isa() is avx512-amx or avx512-bf16) against a float64 reference, with an f32 output so that only the sums' own
-    rounding shows: tile widths that are not whole 16-column groups (even and odd counts of
-    them), kept rows per tile not whole 32-row steps (and odd), tiles with no kept rows, K in
-    three blocks, rows not a multiple of 32, a residue and a bias."""
+    the CPU has them: _cpu.isa() is avx512-amx or avx512-bf16) against a float64 reference,
+    with an f32 output so that only the sums' own rounding shows: tile widths that are not
+    whole 16-column groups (even and odd counts of them), kept rows per tile not whole 32-row
+    steps (and odd), tiles with no kept rows, K in three blocks, rows not a multiple of 32, a
+    residue and a bias."""
     rng = np.random.default_rng(m)
     for pattern in (patterns.TW2D(), patterns.TEW(residue=0.05)):
         for k, n, g in ((40, 70, 16), (1700, 200, 48), (768, 300, 64), (97, 33, 8), (200, 90, 48)):
