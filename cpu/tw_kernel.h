@@ -12,8 +12,9 @@
 // stores (y is never read).
 //
 // Calls with M <= kSmallRows (Few): work items are (tile, group of rows); each reads the packed
-// values directly (f32 with G a multiple of the micro-tile width; else one f32 copy of the tile
-// per item) and x's rows in place, summing blocks of rows x columns in registers; a residue
+// values directly (G a multiple of the micro-tile width: f32, or bf16 widened as loaded in
+// items of at most one micro-kernel's rows; else one f32 copy of the tile per item) and x's rows
+// in place, summing blocks of rows x columns in registers; a residue
 // reads x feature-major, transposed
 // once per call (TransposeFew, tw_cpu.cc), with the walks of the many-rows path. Otherwise (Rows):
 //  1. each tile's weights are copied into f32 micro-panels (contiguous KC x NR blocks), in

@@ -54,6 +54,17 @@ constexpr int64_t KC = 256;      // depth of a block (B micro-panel KC x NR in L
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 
 inline vf Load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+// VL bf16 values (raw bits) as f32: widened and shifted into the high half of each lane.
+inline vf Load(const uint16_t* p) {
+  typedef uint16_t vh __attribute__((vector_size(VL * sizeof(uint16_t))));
+  typedef uint32_t vu __attribute__((vector_size(VL * sizeof(uint32_t))));
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  const vu u = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
 inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
 // erf(x) within 5e-7: x P(x^2) / Q(x^2) on [-4, 4] (+-1 in f32 beyond), the rational form of
@@ -98,13 +109,14 @@ inline void ActivateRow(float* s, int64_t len, Activation act) {
 inline float ToF32(float v) { return v; }
 inline float ToF32(uint16_t bits) { return LoadF32(&bits, 0, true); }
 
-// c[R][NR] (+)= A[kept[q]][R] * b[q][NR] over q < kc, b's rows ldb floats apart. A is one x
-// panel ([K][MR], lda unused) or, kInPlace, R rows of x (f32 or bf16) read in place, lda values
+// c[R][NR] (+)= A[kept[q]][R] * b[q][NR] over q < kc, b's rows ldb values apart (f32, or bf16
+// widened as they are loaded: the few-rows path reads bf16 weights in place). A is one x panel
+// ([K][MR], lda unused) or, kInPlace, R rows of x (f32 or bf16) read in place, lda values
 // apart: the many-rows path's x with few kept weights (TileGemmArgs::direct_x, R = MR) and the
 // few-rows path (any R up to MR).
-template <bool kInPlace, int R = MR, class T = float>
+template <bool kInPlace, int R = MR, class T = float, class WT = float>
 inline void Micro(int64_t kc, const T* __restrict a0, int64_t lda, const int32_t* __restrict kept,
-                  const float* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc, bool accumulate) {
+                  const WT* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc, bool accumulate) {
   vf acc[R][NV];
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = accumulate ? Load(c + i * ldc + v * VL) : vf{};
@@ -306,6 +318,10 @@ void PackWeights(const TileGemmArgs& args, int64_t tile, float* b) {
       // than the copy (the few-rows path copies per work item).
       if (args.bf16) {
         const uint16_t* v = static_cast<const uint16_t*>(args.values) + src;
+        if (w == NR) {  // a whole micro-tile row: widened a vector at a time
+          for (int i = 0; i < NV; ++i) Store(dst + i * VL, Load(v + i * VL));
+          continue;
+        }
         for (int64_t j = 0; j < w; ++j) dst[j] = ToF32(v[j]);
       } else {
         const float* v = static_cast<const float*>(args.values) + src;
@@ -802,24 +818,44 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
   }
 }
 
-// kFewMicro<T>[r - 1]: Micro<true, r, T>, for the few-rows path's r rows of x in place.
-template <class T>
-using FewMicroFn = decltype(&Micro<true, 1, T>);
-template <class T, int... R>
-constexpr std::array<FewMicroFn<T>, sizeof...(R)> FewMicroTable(std::integer_sequence<int, R...>) {
-  return {&Micro<true, R + 1, T>...};
+// kFewMicro<T, WT>[r - 1]: Micro<true, r, T, WT>, for the few-rows path's r rows of x in place.
+template <class T, class WT>
+using FewMicroFn = decltype(&Micro<true, 1, T, WT>);
+template <class T, class WT, int... R>
+constexpr std::array<FewMicroFn<T, WT>, sizeof...(R)> FewMicroTable(std::integer_sequence<int, R...>) {
+  return {&Micro<true, R + 1, T, WT>...};
 }
-template <class T>
-constexpr auto kFewMicro = FewMicroTable<T>(std::make_integer_sequence<int, MR>{});
+template <class T, class WT>
+constexpr auto kFewMicro = FewMicroTable<T, WT>(std::make_integer_sequence<int, MR>{});
+
+// The tile's blocks of up to MR rows (x's rows [m_begin, m_begin + rows), T) and NR columns
+// into acc (rows x gp): micro-panel jp's row q at w + jp + q * ldb in the packed values (ldb =
+// g), or at w + (jp / NR) * depth * NR + q * NR in a copy (ldb = NR, PackWeights).
+template <class T, class WT>
+void FewBlocks(const TileGemmArgs& args, int64_t m_begin, int64_t rows, int64_t tile, const WT* w, int64_t ldb,
+               float* acc, int64_t gp) {
+  const PackedTilesView& p = *args.p;
+  const int64_t depth = p.depth(tile), width = p.width(tile);
+  const int32_t* kept = p.rows + p.row_offsets[tile];
+  for (int64_t i0 = 0; i0 < rows; i0 += MR) {
+    const int64_t r = std::min<int64_t>(MR, rows - i0);
+    const T* a = static_cast<const T*>(args.x) + (m_begin + i0) * p.k;
+    for (int64_t jp = 0; jp < width; jp += NR)
+      kFewMicro<T, WT>[r - 1](depth, a, p.k, kept, w + (ldb == NR ? (jp / NR) * depth * NR : jp), ldb,
+                              acc + i0 * gp + jp, gp, false);
+  }
+}
 
 // Few rows (M <= kSmallRows): no packing of x. The tile's weights are read in place from the
-// packed values (f32, G a multiple of NR) or else copied once per item into micro-panels
-// (PackWeights); each block of up to MR rows and NR columns sums over the kept rows in registers
-// (Micro), reading x's rows in place. (Summing into a row buffer in L1 instead, a load and a
-// store per FMA, was 1.4-2.2x slower at M = 8-32 on a CPU that stores one vector per cycle.)
+// packed values when G is a multiple of NR (f32; bf16 widened as they are loaded, when the item
+// has at most MR rows: more would widen them once per block of rows), else copied once per item
+// into f32 micro-panels (PackWeights); each block of up to MR rows and NR columns sums over the
+// kept rows in registers (Micro), reading x's rows in place. (Summing into a row buffer in L1
+// instead, a load and a store per FMA, was 1.4-2.2x slower at M = 8-32 on a CPU that stores one
+// vector per cycle. Widening bf16 x into an f32 copy once per call was 1.1-1.4x slower at
+// M = 16-32, BUILD_NOTES.md.)
 void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end) {
   Scratch& scratch = ThreadScratch();
-  AlignedBuffer &accs = scratch.accs, &weights = scratch.few_weights;
   const PackedTilesView& p = *args.p;
   const int64_t rows = m_end - m_begin;
   const PanelRows xt{args.xt ? args.xt + m_begin : nullptr, args.ldxt};
@@ -828,26 +864,19 @@ void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end)
     Epilogue(args, tile, m_begin, rows, nullptr, 0, xt, scratch);
     return;
   }
-  const int64_t width = p.width(tile), offset = p.row_offsets[tile], gp = PaddedWidth(p, tile);
-  // Micro-panel jp's row q at w + panel(jp) + q * ldb, as in Rows.
-  const bool wip = WeightsInPlace(args);
-  float* panels = wip ? nullptr : weights.Get(gp * depth);
-  if (!wip) PackWeights(args, tile, panels);
-  const float* w = wip ? static_cast<const float*>(args.values) + offset * p.g : panels;
-  const int64_t ldb = wip ? p.g : NR;
-  float* acc = accs.Get(rows * gp);
-  const int32_t* kept = p.rows + offset;
-  for (int64_t i0 = 0; i0 < rows; i0 += MR) {
-    const int64_t r = std::min<int64_t>(MR, rows - i0), first = (m_begin + i0) * p.k;
-    for (int64_t jp = 0; jp < width; jp += NR) {
-      const float* b = w + (wip ? jp : (jp / NR) * depth * NR);
-      if (args.bf16)
-        kFewMicro<uint16_t>[r - 1](depth, static_cast<const uint16_t*>(args.x) + first, p.k, kept, b, ldb,
-                                   acc + i0 * gp + jp, gp, false);
-      else
-        kFewMicro<float>[r - 1](depth, static_cast<const float*>(args.x) + first, p.k, kept, b, ldb,
-                                acc + i0 * gp + jp, gp, false);
-    }
+  const int64_t gp = PaddedWidth(p, tile);
+  float* acc = scratch.accs.Get(rows * gp);
+  if (p.g % NR == 0 && (!args.bf16 || rows <= MR)) {  // in place (ldb = g; g == NR reads the same either way)
+    const int64_t at = p.row_offsets[tile] * p.g;
+    if (args.bf16)
+      FewBlocks<uint16_t>(args, m_begin, rows, tile, static_cast<const uint16_t*>(args.values) + at, p.g, acc, gp);
+    else
+      FewBlocks<float>(args, m_begin, rows, tile, static_cast<const float*>(args.values) + at, p.g, acc, gp);
+  } else {
+    float* panels = scratch.few_weights.Get(gp * depth);
+    PackWeights(args, tile, panels);
+    if (args.bf16) FewBlocks<uint16_t>(args, m_begin, rows, tile, static_cast<const float*>(panels), NR, acc, gp);
+    else FewBlocks<float>(args, m_begin, rows, tile, static_cast<const float*>(panels), NR, acc, gp);
   }
   Epilogue(args, tile, m_begin, rows, acc, gp, xt, scratch);
 }

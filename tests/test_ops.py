@@ -536,6 +536,27 @@ def test_host_f32_weights_read_in_place_or_copied(g, n_tiles):
     _check_host_f32(p, 100, seed=g)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
+@pytest.mark.parametrize("g", [32, 48, 128])
+@pytest.mark.parametrize("m", [1, 12, 13, 32])
+@pytest.mark.parametrize("pattern", [patterns.TW2D(), patterns.TEW(residue=0.05)])
+def test_host_bf16_few_rows_weights_in_place_or_copied(g, m, pattern):
+    """bf16 calls with few rows (M <= 32) read the tile weights in place, widened as they are
+    loaded (G a multiple of the micro-tile width, and at most 12 rows per work item: M = 1 and
+    12 here), or from an f32 copy (G = 48 on AVX-512, or 13 and 32 rows in one item: 12 tiles
+    leave one group of rows): against the float64 reference, with a partial last tile, tiles
+    with no kept rows and a residue."""
+    k, n = 300, 12 * g + g // 2 + 3
+    _, _, p = _layer(k, n, g, 0.5, jnp.bfloat16, empty_tiles=True, seed=g + m, pattern=pattern)
+    rng = np.random.default_rng(m)
+    x = rng.normal(size=(m, k)).astype(jnp.bfloat16)
+    bias = rng.normal(size=n).astype(np.float32)
+    y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu"), np.float64)
+    want = _reference(x, np.asarray(packing.unpack(p), np.float32), bias)
+    # bf16 output: one rounding (2^-9 relative) of an f32 sum
+    np.testing.assert_allclose(y, want, rtol=2.0 ** -8, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- transforms
 
 @pytest.mark.parametrize("backend", BACKENDS)
