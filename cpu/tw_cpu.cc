@@ -2,9 +2,9 @@
 //
 //   y[M, N] = x[M, K] @ W + bias, W given as packed tiles with their residue (packed_tiles.h),
 //   y in f32 or x's dtype.
-// Work runs on XLA's intra-op thread pool (see tw_kernel.h): the tiles' weights are copied in
-// parallel over tiles where the GEMM does not read them in place, then blocks of rows compute
-// every tile and write every span of y.
+// Work runs on XLA's intra-op thread pool (see tw_kernel.h): the tiles' weights are copied where
+// the GEMM does not read them in place (in parallel over tiles, or by the one work item that
+// uses each), then blocks of rows compute every tile and write every span of y.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -153,37 +153,32 @@ bool XInPlace(int64_t k, int64_t kept) {
   return most <= l1.ways;
 }
 
+// Tiles [t_begin, t_end)'s weights in the layout their GEMM reads (TileKernel::weight_size),
+// each copy on its own 64-byte line, into `buffer`; weight_offsets[t] (t in the range) is where
+// tile t's starts, from the returned (aligned) base. Nothing for f32 weights read in place.
+float* CopyWeights(const TileGemmArgs& args, int64_t t_begin, int64_t t_end, std::vector<float>& buffer,
+                   int64_t* weight_offsets, int64_t* total) {
+  int64_t at = 0;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    weight_offsets[t] = at;
+    at += (kKernel.weight_size(args, t) + 15) / 16 * 16;
+  }
+  buffer.resize(at + 16);
+  const auto addr = reinterpret_cast<uintptr_t>(buffer.data());
+  *total = at;
+  return buffer.data() + ((64 - addr % 64) % 64) / sizeof(float);
+}
+
 // A call with more than kSmallRows rows (see tw_kernel.h).
 std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   const PackedTilesView& p = *args.p;
-  // Step 1: every tile's weights into the layout its GEMM reads (TileKernel::weight_size), each
-  // copy on its own 64-byte line; nothing for f32 weights read in place. The
-  // buffer is reused across calls by this thread; workers see it through plain pointers (a
-  // thread_local named inside a worker would be the worker's own).
-  thread_local std::vector<float> weight_buffer;
-  thread_local std::vector<int64_t> offsets_buffer;
-  offsets_buffer.assign(p.t + 1, 0);
-  int64_t* weight_offsets = offsets_buffer.data();
-  for (int64_t t = 0; t < p.t; ++t)
-    weight_offsets[t + 1] = weight_offsets[t] + (kKernel.weight_size(args, t) + 15) / 16 * 16;
-  weight_buffer.resize(weight_offsets[p.t] + 16);
-  const auto addr = reinterpret_cast<uintptr_t>(weight_buffer.data());
-  float* weights = weight_buffer.data() + ((64 - addr % 64) % 64) / sizeof(float);
-  if (weight_offsets[p.t] > 0) {  // else every tile's weights are read in place (no copy)
-    std::string err = ParallelFor(pool, p.t, [&](int64_t t) {
-      kKernel.pack_weights(args, t, weights + weight_offsets[t]);
-    });
-    if (!err.empty()) return err;
-  }
-  args.weights = weights;
-  args.weight_offsets = weight_offsets;
   if (!args.bf16) {
     int64_t kept = 0;
     for (int64_t t = 0; t < p.t; ++t) kept += p.depth(t) * p.width(t);
     args.direct_x = XInPlace(p.k, kept);
   }
-  // Step 2: blocks of rows, every tile each. Threads share equal items best when there are at
-  // least two per thread and a whole number per thread, so with too few blocks (M up to a few
+  // Work items: blocks of rows, every tile each. Threads share equal items best when there are
+  // at least two per thread and a whole number per thread, so with too few blocks (M up to a few
   // hundred) the spans are split into ranges too: each range's item packs its rows of x again,
   // cheap next to an idle thread (M = 64 at 768 x 3072: 2.21 -> 1.83 ms, BUILD_NOTES.md).
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
@@ -192,10 +187,43 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   int64_t groups = 1;
   while (groups < spans && (blocks * groups < 2 * threads || blocks * groups % threads != 0))
     ++groups;
+  // Step 1: the tiles' weights copied into the layout their GEMM reads. With several blocks of
+  // rows, once for the call, in parallel over tiles, before any item runs. With one block each
+  // tile belongs to one item, which copies its own tiles just before it needs them: no pass of
+  // its own to wait for. The buffers are reused across calls by each thread; workers see the
+  // calling thread's through plain pointers (a thread_local named inside a worker is its own).
+  thread_local std::vector<float> weight_buffer;
+  thread_local std::vector<int64_t> offsets_buffer;
+  offsets_buffer.assign(p.t + 1, 0);
+  int64_t* weight_offsets = offsets_buffer.data();
+  int64_t total = 0;
+  float* weights = CopyWeights(args, 0, p.t, weight_buffer, weight_offsets, &total);
+  const bool per_item = blocks == 1 && total > 0;
+  if (total > 0 && !per_item) {
+    std::string err = ParallelFor(pool, p.t, [&](int64_t t) {
+      kKernel.pack_weights(args, t, weights + weight_offsets[t]);
+    });
+    if (!err.empty()) return err;
+  }
+  args.weights = weights;
+  args.weight_offsets = weight_offsets;
+  // Step 2: the items.
   return ParallelFor(pool, blocks * groups, [&](int64_t item) {
-    const int64_t b = item / groups, g = item % groups;
-    kKernel.rows(args, b * rows, std::min(args.m, (b + 1) * rows), g * spans / groups,
-                 (g + 1) * spans / groups);
+    const int64_t b = item / groups, g = item % groups, t0 = g * spans / groups, t1 = (g + 1) * spans / groups;
+    if (!per_item) {
+      kKernel.rows(args, b * rows, std::min(args.m, (b + 1) * rows), t0, t1);
+      return;
+    }
+    thread_local std::vector<float> own_buffer;
+    thread_local std::vector<int64_t> own_offsets;
+    own_offsets.resize(p.t + 1);
+    TileGemmArgs own = args;
+    int64_t size;
+    float* w = CopyWeights(args, t0, std::min(t1, p.t), own_buffer, own_offsets.data(), &size);
+    for (int64_t t = t0; t < std::min(t1, p.t); ++t) kKernel.pack_weights(args, t, w + own_offsets[t]);
+    own.weights = w;
+    own.weight_offsets = own_offsets.data();
+    kKernel.rows(own, b * rows, std::min(args.m, (b + 1) * rows), t0, t1);
   });
 }
 

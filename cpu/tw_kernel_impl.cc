@@ -890,8 +890,8 @@ void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end)
 // f32 C^T[j][i] (output column j, row i of the work item): on AMX by TDPBF16PS on 16 x 16 tiles;
 // by VDPBF16PS 8 columns x 48 rows at a time (TileProductsDp), from the same operands:
 //  - A = W^T: 16 output columns x 32 kept K indices, bf16. The tile's weights in this layout
-//    (per K block, per 16 columns, per step of 32 kept rows: 1 KB) are made once per call, in
-//    parallel over tiles, like the f32 micro-panels (PackWeightsPairs).
+//    (per K block, per 16 columns, per step of 32 kept rows: 1 KB) are made once per call, like
+//    the f32 micro-panels (PackWeightsPairs; step 1 in tw_kernel.h).
 //  - B = x^T in pairs: row p of a step holds, for 16 rows i of x, x[i][kept[2p]] and
 //    x[i][kept[2p + 1]] (the layout TDPBF16PS contracts in pairs). The work item's rows of x are
 //    transposed once per K block in 32-bit pairs of consecutive K indices (TransposePairs), so

@@ -557,6 +557,29 @@ def test_host_bf16_few_rows_weights_in_place_or_copied(g, m, pattern):
     np.testing.assert_allclose(y, want, rtol=2.0 ** -8, atol=1e-4)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
+@pytest.mark.parametrize("g", [32, 48, 128])
+@pytest.mark.parametrize("m", [40, 300])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_host_weights_copied_per_item_or_per_call(g, m, dtype):
+    """Calls with more than 32 rows copy the tile weights into the layout their GEMM reads
+    (bf16 on every CPU; f32 where G is not a multiple of the micro-tile width): each work item
+    its own tiles when the call has one block of rows (M = 40), else once for the call
+    (M = 300): against the float64 reference, with K = 1700 in three K blocks, a partial last
+    tile and tiles with no kept rows."""
+    k, n = 1700, 12 * g + g // 2 + 3
+    _, _, p = _layer(k, n, g, 0.5, dtype, empty_tiles=True, seed=g + m)
+    rng = np.random.default_rng(m)
+    x = rng.normal(size=(m, k)).astype(dtype)
+    bias = rng.normal(size=n).astype(np.float32)
+    y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu"), np.float64)
+    want = _reference(x, np.asarray(packing.unpack(p), np.float32), bias)
+    if dtype == np.float32:
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-7 * k)
+    else:  # one rounding of an f32 sum to bf16 (2^-9 relative)
+        np.testing.assert_allclose(y, want, rtol=2.0 ** -8, atol=1e-3)
+
+
 # ----------------------------------------------------------------------------- transforms
 
 @pytest.mark.parametrize("backend", BACKENDS)
