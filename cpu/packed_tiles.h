@@ -32,6 +32,16 @@
 #include <climits>
 #include <string>
 
+// IndicesHold runs on every host call: on x86-64 it is also compiled for AVX-512 and AVX2, and
+// the widest this CPU runs is chosen when the library loads (function multiversioning). At
+// M = 1, TEW 75% + 5%, that made the call 1.09-1.14x faster than the SSE2 build alone
+// (BUILD_NOTES.md).
+#if defined(__x86_64__) && !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__))
+#define JAX_TW_WIDEST_VECTORS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define JAX_TW_WIDEST_VECTORS
+#endif
+
 namespace jax_tw {
 
 struct PackedTilesView {
@@ -94,7 +104,7 @@ struct PackedTilesView {
     return FirstBadIndex();
   }
 
-  bool IndicesHold() const {
+  JAX_TW_WIDEST_VECTORS bool IndicesHold() const {
     // v in [0, bound) in 32-bit compares (SSE2 has no 64-bit ones); a bound past the int32
     // range is clamped to it, which would refuse only the index 2^31 - 1.
     const auto below = [](int32_t v, int64_t bound) {

@@ -95,6 +95,36 @@ def test_corrupt_packed_tiles_raise_clear_errors(name, corrupt, match, shape, tm
             jax.block_until_ready(ops.tw_matmul(np.ones((2, 24), np.float32), bad, backend="cpu"))
 
 
+@pytest.fixture(scope="module")
+def long_layer():
+    """Packed tiles with tens of thousands of kept rows, and a residue of every other row of
+    the pruned columns (sorted by column, then row)."""
+    _, _, p = _layer(3000, 400, 16, 0.5)
+    cols = np.setdiff1d(np.arange(p.n), np.asarray(p.columns))
+    res_c, res_r = (a.ravel().astype(np.int32) for a in np.meshgrid(cols, np.arange(0, p.k, 2), indexing="ij"))
+    values = np.random.default_rng(1).normal(size=len(res_r)).astype(np.float32)
+    return dataclasses.replace(p, residue_rows=res_r, residue_cols=res_c, residue_values=values)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
+@pytest.mark.parametrize("where", [0, 16, 4099, -1])
+@pytest.mark.parametrize("array", ["residue_rows", "residue_cols", "rows"])
+def test_host_kernel_finds_one_bad_index_in_long_arrays(long_layer, array, where):
+    """The host kernel's index checks run in vector passes (a clone per instruction set): one
+    bad index at the start, inside the vector body or at the end of tens of thousands of
+    indices is still refused, named, and the call fails instead of reading out of bounds."""
+    p = long_layer
+    x = np.random.default_rng(0).normal(size=(3, 3000)).astype(np.float32)
+    want = _reference(x, packing.unpack(p))
+    np.testing.assert_allclose(ops.tw_matmul(x, p, backend="cpu"), want, rtol=1e-4, atol=1e-3)
+    good = np.asarray(getattr(p, array))
+    assert len(good) > 4100
+    bad = good.copy()
+    bad[where] = p.k + 7 if array != "residue_cols" else p.n + 7
+    with pytest.raises(Exception, match="corrupt packed tiles: .*out of"):
+        jax.block_until_ready(ops.tw_matmul(x, dataclasses.replace(p, **{array: bad}), backend="cpu"))
+
+
 def test_call_reads_no_array_data(monkeypatch):
     """An eager call checks shapes and dtypes only: the tiles' data never comes to the host."""
     _, _, p = _layer(24, 40, 8, 0.6)
