@@ -36,7 +36,7 @@
 // the widest this CPU runs is chosen when the library loads (function multiversioning). At
 // M = 1, TEW 75% + 5%, that made the call 1.09-1.14x faster than the SSE2 build alone
 // (BUILD_NOTES.md).
-#if defined(__x86_64__) && !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && !defined(__CUDACC__) && !defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11
 #define JAX_TW_WIDEST_VECTORS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define JAX_TW_WIDEST_VECTORS
