@@ -852,8 +852,8 @@ void FewBlocks(const TileGemmArgs& args, int64_t m_begin, int64_t rows, int64_t 
 // into f32 micro-panels (PackWeights); each block of up to MR rows and NR columns sums over the
 // kept rows in registers (Micro), reading x's rows in place. (Summing into a row buffer in L1
 // instead, a load and a store per FMA, was 1.4-2.2x slower at M = 8-32 on a CPU that stores one
-// vector per cycle. Widening bf16 x into an f32 copy once per call was 1.1-1.4x slower at
-// M = 16-32, BUILD_NOTES.md.)
+// vector per cycle. Widening bf16 x into f32 first, once per call or once per item, ran at
+// 0.75-1.06x and 0.94-1.04x the speed of this at M = 16-32: BUILD_NOTES.md.)
 void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end) {
   Scratch& scratch = ThreadScratch();
   const PackedTilesView& p = *args.p;
