@@ -153,10 +153,10 @@ bool XInPlace(int64_t k, int64_t kept) {
   return most <= l1.ways;
 }
 
-// Tiles [t_begin, t_end)'s weights in the layout their GEMM reads (TileKernel::weight_size),
-// each copy on its own 64-byte line, into `buffer`; weight_offsets[t] (t in the range) is where
-// tile t's starts, from the returned (aligned) base. Nothing for f32 weights read in place.
-float* CopyWeights(const TileGemmArgs& args, int64_t t_begin, int64_t t_end, std::vector<float>& buffer,
+// Room in `buffer` for tiles [t_begin, t_end)'s weights in the layout their GEMM reads
+// (TileKernel::weight_size), each copy on its own 64-byte line: tile t's starts at the returned
+// (aligned) base + weight_offsets[t]; *total floats in all (0: f32 weights read in place).
+float* WeightSlots(const TileGemmArgs& args, int64_t t_begin, int64_t t_end, std::vector<float>& buffer,
                    int64_t* weight_offsets, int64_t* total) {
   int64_t at = 0;
   for (int64_t t = t_begin; t < t_end; ++t) {
@@ -197,7 +197,7 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   offsets_buffer.assign(p.t + 1, 0);
   int64_t* weight_offsets = offsets_buffer.data();
   int64_t total = 0;
-  float* weights = CopyWeights(args, 0, p.t, weight_buffer, weight_offsets, &total);
+  float* weights = WeightSlots(args, 0, p.t, weight_buffer, weight_offsets, &total);
   const bool per_item = blocks == 1 && total > 0;
   if (total > 0 && !per_item) {
     std::string err = ParallelFor(pool, p.t, [&](int64_t t) {
@@ -219,7 +219,7 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
     own_offsets.resize(p.t + 1);
     TileGemmArgs own = args;
     int64_t size;
-    float* w = CopyWeights(args, t0, std::min(t1, p.t), own_buffer, own_offsets.data(), &size);
+    float* w = WeightSlots(args, t0, std::min(t1, p.t), own_buffer, own_offsets.data(), &size);
     for (int64_t t = t0; t < std::min(t1, p.t); ++t) kKernel.pack_weights(args, t, w + own_offsets[t]);
     own.weights = w;
     own.weight_offsets = own_offsets.data();

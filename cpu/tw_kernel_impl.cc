@@ -829,11 +829,11 @@ template <class T, class WT>
 constexpr auto kFewMicro = FewMicroTable<T, WT>(std::make_integer_sequence<int, MR>{});
 
 // The tile's blocks of up to MR rows (x's rows [m_begin, m_begin + rows), T) and NR columns
-// into acc (rows x gp): micro-panel jp's row q at w + jp + q * ldb in the packed values (ldb =
-// g), or at w + (jp / NR) * depth * NR + q * NR in a copy (ldb = NR, PackWeights).
+// into acc (rows x gp): micro-panel j's row q at w + j * stride + q * ldb. In the packed values
+// ldb = g and stride = NR; in a copy (PackWeights) ldb = NR and stride = depth * NR.
 template <class T, class WT>
 void FewBlocks(const TileGemmArgs& args, int64_t m_begin, int64_t rows, int64_t tile, const WT* w, int64_t ldb,
-               float* acc, int64_t gp) {
+               int64_t stride, float* acc, int64_t gp) {
   const PackedTilesView& p = *args.p;
   const int64_t depth = p.depth(tile), width = p.width(tile);
   const int32_t* kept = p.rows + p.row_offsets[tile];
@@ -841,8 +841,7 @@ void FewBlocks(const TileGemmArgs& args, int64_t m_begin, int64_t rows, int64_t 
     const int64_t r = std::min<int64_t>(MR, rows - i0);
     const T* a = static_cast<const T*>(args.x) + (m_begin + i0) * p.k;
     for (int64_t jp = 0; jp < width; jp += NR)
-      kFewMicro<T, WT>[r - 1](depth, a, p.k, kept, w + (ldb == NR ? (jp / NR) * depth * NR : jp), ldb,
-                              acc + i0 * gp + jp, gp, false);
+      kFewMicro<T, WT>[r - 1](depth, a, p.k, kept, w + (jp / NR) * stride, ldb, acc + i0 * gp + jp, gp, false);
   }
 }
 
@@ -866,17 +865,18 @@ void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end)
   }
   const int64_t gp = PaddedWidth(p, tile);
   float* acc = scratch.accs.Get(rows * gp);
-  if (p.g % NR == 0 && (!args.bf16 || rows <= MR)) {  // in place (ldb = g; g == NR reads the same either way)
+  if (p.g % NR == 0 && (!args.bf16 || rows <= MR)) {  // in place
     const int64_t at = p.row_offsets[tile] * p.g;
     if (args.bf16)
-      FewBlocks<uint16_t>(args, m_begin, rows, tile, static_cast<const uint16_t*>(args.values) + at, p.g, acc, gp);
+      FewBlocks<uint16_t>(args, m_begin, rows, tile, static_cast<const uint16_t*>(args.values) + at, p.g, NR, acc,
+                          gp);
     else
-      FewBlocks<float>(args, m_begin, rows, tile, static_cast<const float*>(args.values) + at, p.g, acc, gp);
+      FewBlocks<float>(args, m_begin, rows, tile, static_cast<const float*>(args.values) + at, p.g, NR, acc, gp);
   } else {
     float* panels = scratch.few_weights.Get(gp * depth);
     PackWeights(args, tile, panels);
-    if (args.bf16) FewBlocks<uint16_t>(args, m_begin, rows, tile, static_cast<const float*>(panels), NR, acc, gp);
-    else FewBlocks<float>(args, m_begin, rows, tile, static_cast<const float*>(panels), NR, acc, gp);
+    if (args.bf16) FewBlocks<uint16_t>(args, m_begin, rows, tile, panels, NR, depth * NR, acc, gp);
+    else FewBlocks<float>(args, m_begin, rows, tile, panels, NR, depth * NR, acc, gp);
   }
   Epilogue(args, tile, m_begin, rows, acc, gp, xt, scratch);
 }
