@@ -265,6 +265,15 @@ std::string FewRows(ffi::ThreadPool& pool, TileGemmArgs& args) {
   });
 }
 
+// Whether a call takes the few-rows path (FewRows) rather than the blocked one (TileGemm): up to
+// kSmallRows rows, but bf16 with a residue on the pair kernels (mr_bf16 > mr: VDPBF16PS, AMX)
+// only below kPairResidueRows.
+bool FewRowsPath(const TileGemmArgs& args) {
+  if (args.m > kSmallRows) return false;
+  const bool pairs = args.bf16 && kKernel.mr_bf16 > kKernel.mr;
+  return !(pairs && args.p->e > 0 && args.m >= kPairResidueRows);
+}
+
 // y = activation(x @ W + bias) (bias: n f32 values, or none; activation: Activation in
 // tw_kernel.h) in y's dtype (f32, or x's).
 ffi::Error TwMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::Buffer<ffi::S32>& columns,
@@ -313,7 +322,7 @@ ffi::Error TwMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::Buffer<ffi::S
     if (const char* poison = std::getenv("JAX_TW_POISON_OUTPUT"); poison && poison[0] == '1')
       std::memset(args.y, 0xff, m * n * (y_bf16 ? 2 : 4));  // all-ones bits: a NaN in both dtypes
     if (m == 0) return ffi::Error::Success();
-    std::string err = m <= kSmallRows ? FewRows(pool, args) : TileGemm(pool, args);
+    std::string err = FewRowsPath(args) ? FewRows(pool, args) : TileGemm(pool, args);
     if (!err.empty()) return ffi::Error::Internal("tw_matmul: " + err);
     return ffi::Error::Success();
   } catch (const std::exception& e) {

@@ -128,6 +128,13 @@ constexpr int64_t kResidueRowsPerItem = 96;
 constexpr int64_t kKBlock = 768;
 // Up to this many rows of x, packing x and copying the weights cost more than they save.
 constexpr int64_t kSmallRows = 32;
+// But bf16 layers with a residue take the blocked path from this many rows on where it runs on
+// VDPBF16PS or AMX: the few-rows path's groups of rows are then at least a vector each, so its
+// items copy their weights. Measured on AVX512-BF16 (BUILD_NOTES.md), the blocked path's speed
+// over the few-rows path's, TEW 75% (and EW 90%): 1.14-1.39x at M = 16 but one case 0.93x,
+// 1.34x at M = 20, 1.41-1.54x at M = 24, 2.2x at M = 32 with 12.5% residue; 0.63-0.97x at
+// M = 4-12.
+constexpr int64_t kPairResidueRows = 20;
 // f32 layers with at most this many kept tile weights per column of x (row of W) read x in
 // place, unpacked (TileGemmArgs::direct_x): packing costs K per row of x, the tiles' GEMMs about
 // (kept weights) per row, and unpacked A costs the micro-kernel a little (the 12 values of a
