@@ -191,22 +191,25 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   // rows, once for the call, in parallel over tiles, before any item runs. With one block each
   // tile belongs to one item, which copies its own tiles just before it needs them: no pass of
   // its own to wait for. The buffers are reused across calls by each thread; workers see the
-  // calling thread's through plain pointers (a thread_local named inside a worker is its own).
-  thread_local std::vector<float> weight_buffer;
-  thread_local std::vector<int64_t> offsets_buffer;
-  offsets_buffer.assign(p.t + 1, 0);
-  int64_t* weight_offsets = offsets_buffer.data();
-  int64_t total = 0;
-  float* weights = WeightSlots(args, 0, p.t, weight_buffer, weight_offsets, &total);
-  const bool per_item = blocks == 1 && total > 0;
-  if (total > 0 && !per_item) {
-    std::string err = ParallelFor(pool, p.t, [&](int64_t t) {
-      kKernel.pack_weights(args, t, weights + weight_offsets[t]);
-    });
-    if (!err.empty()) return err;
+  // calling thread's through plain pointers (a thread_local named inside a worker is its own,
+  // as the items' are).
+  const bool per_item = blocks == 1;
+  if (!per_item) {
+    thread_local std::vector<float> weight_buffer;
+    thread_local std::vector<int64_t> offsets_buffer;
+    offsets_buffer.resize(p.t + 1);
+    int64_t* offsets = offsets_buffer.data();
+    int64_t total;
+    float* weights = WeightSlots(args, 0, p.t, weight_buffer, offsets, &total);
+    if (total > 0) {
+      std::string err = ParallelFor(pool, p.t, [&](int64_t t) {
+        kKernel.pack_weights(args, t, weights + offsets[t]);
+      });
+      if (!err.empty()) return err;
+    }
+    args.weights = weights;
+    args.weight_offsets = offsets;
   }
-  args.weights = weights;
-  args.weight_offsets = weight_offsets;
   // Step 2: the items.
   return ParallelFor(pool, blocks * groups, [&](int64_t item) {
     const int64_t b = item / groups, g = item % groups, t0 = g * spans / groups, t1 = (g + 1) * spans / groups;
@@ -217,10 +220,12 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
     thread_local std::vector<float> own_buffer;
     thread_local std::vector<int64_t> own_offsets;
     own_offsets.resize(p.t + 1);
-    TileGemmArgs own = args;
+    const int64_t t_end = std::min(t1, p.t);
     int64_t size;
-    float* w = WeightSlots(args, t0, std::min(t1, p.t), own_buffer, own_offsets.data(), &size);
-    for (int64_t t = t0; t < std::min(t1, p.t); ++t) kKernel.pack_weights(args, t, w + own_offsets[t]);
+    float* w = WeightSlots(args, t0, t_end, own_buffer, own_offsets.data(), &size);
+    if (size > 0)  // else f32 weights read in place
+      for (int64_t t = t0; t < t_end; ++t) kKernel.pack_weights(args, t, w + own_offsets[t]);
+    TileGemmArgs own = args;
     own.weights = w;
     own.weight_offsets = own_offsets.data();
     kKernel.rows(own, b * rows, std::min(args.m, (b + 1) * rows), t0, t1);
