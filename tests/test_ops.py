@@ -519,15 +519,19 @@ def test_large_f32_output_is_fully_written(poisoned):
                 np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=f"{pattern} G={g}")
 
 
-def _check_host_f32(p, m, seed):
-    """The host call on a random f32 x (M rows) and bias against the float64 reference."""
+def _check_host(p, m, seed, atol_bf16=1e-4):
+    """The host call on a random x (M rows, the tiles' dtype) and bias against the float64
+    reference. A bf16 result is one rounding of an f32 sum (2^-9 relative)."""
     k, n = p.k, p.n
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(m, k)).astype(np.float32)
+    x = rng.normal(size=(m, k)).astype(p.dtype)
     bias = rng.normal(size=n).astype(np.float32)
     y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu"), np.float64)
     want = _reference(x, np.asarray(packing.unpack(p), np.float32), bias)
-    np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-7 * k)
+    if p.dtype == np.float32:
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-7 * k)
+    else:
+        np.testing.assert_allclose(y, want, rtol=2.0 ** -8, atol=atol_bf16)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
@@ -549,7 +553,7 @@ def test_host_f32_x_read_in_place_or_packed(k, per_k, pattern):
     ways = os.sysconf("SC_LEVEL1_DCACHE_ASSOC") if "SC_LEVEL1_DCACHE_ASSOC" in os.sysconf_names else 0
     in_place = per_k < 1 and (k != 1024 or ways >= 12)  # unknown: taken as 8 ways
     assert _cpu.x_in_place(k, kept) == in_place
-    _check_host_f32(p, m, seed=k)
+    _check_host(p, m, seed=k)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
@@ -563,7 +567,7 @@ def test_host_f32_weights_read_in_place_or_copied(g, n_tiles):
     packed (G = 128 with 12 tiles: more than _cpu.DIRECT_WEIGHTS_PER_K kept weights per K)."""
     k, n = 1700, n_tiles * g + g // 2 + 3
     _, _, p = _layer(k, n, g, 0.5, empty_tiles=True, seed=g + n_tiles)
-    _check_host_f32(p, 100, seed=g)
+    _check_host(p, 100, seed=g)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
@@ -578,15 +582,9 @@ def test_host_bf16_few_rows_weights_in_place_or_copied(g, m, pattern):
     residue from M = 20 on, CPUs with AVX512-BF16 or AMX take the blocked path instead, its rows
     padded to 32. All against the float64 reference, with a partial last tile and tiles with no
     kept rows."""
-    k, n = 300, 12 * g + g // 2 + 3
-    _, _, p = _layer(k, n, g, 0.5, jnp.bfloat16, empty_tiles=True, seed=g + m, pattern=pattern)
-    rng = np.random.default_rng(m)
-    x = rng.normal(size=(m, k)).astype(jnp.bfloat16)
-    bias = rng.normal(size=n).astype(np.float32)
-    y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu"), np.float64)
-    want = _reference(x, np.asarray(packing.unpack(p), np.float32), bias)
-    # bf16 output: one rounding (2^-9 relative) of an f32 sum
-    np.testing.assert_allclose(y, want, rtol=2.0 ** -8, atol=1e-4)
+    n = 12 * g + g // 2 + 3
+    _, _, p = _layer(300, n, g, 0.5, jnp.bfloat16, empty_tiles=True, seed=g + m, pattern=pattern)
+    _check_host(p, m, seed=m)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
@@ -599,17 +597,8 @@ def test_host_weights_copied_per_item_or_per_call(g, m, dtype):
     its own tiles when the call has one block of rows (M = 40), else once for the call
     (M = 300): against the float64 reference, with K = 1700 in three K blocks, a partial last
     tile and tiles with no kept rows."""
-    k, n = 1700, 12 * g + g // 2 + 3
-    _, _, p = _layer(k, n, g, 0.5, dtype, empty_tiles=True, seed=g + m)
-    rng = np.random.default_rng(m)
-    x = rng.normal(size=(m, k)).astype(dtype)
-    bias = rng.normal(size=n).astype(np.float32)
-    y = np.asarray(ops.tw_matmul(x, p, bias, backend="cpu"), np.float64)
-    want = _reference(x, np.asarray(packing.unpack(p), np.float32), bias)
-    if dtype == np.float32:
-        np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-7 * k)
-    else:  # one rounding of an f32 sum to bf16 (2^-9 relative)
-        np.testing.assert_allclose(y, want, rtol=2.0 ** -8, atol=1e-3)
+    _, _, p = _layer(1700, 12 * g + g // 2 + 3, g, 0.5, dtype, empty_tiles=True, seed=g + m)
+    _check_host(p, m, seed=m, atol_bf16=1e-3)
 
 
 # ----------------------------------------------------------------------------- transforms
