@@ -19,7 +19,8 @@
 // once per call (TransposeFew, tw_cpu.cc), with the walks of the many-rows path. Otherwise (Rows):
 //  1. each tile's weights are copied into f32 micro-panels (contiguous KC x NR blocks), in
 //     parallel over tiles (or, with one block of rows, by the one item that uses the tile, just
-//     before it does: at M = 33-128 that saved a pass over the pool, bf16 1.1-1.5x);
+//     before it does: no pass over the pool of its own; bf16 at M = 33-64 1.1-1.9x, on
+//     768 x 3072 0.89-1.44x by process, BUILD_NOTES.md);
 //  2. work items are blocks of rows of x (and, when there are too few blocks to keep every
 //     thread busy, ranges of tiles); each packs its rows into panels
 //     (panel[q][i] = x[m0 + i][q], f32, zero past M: the MR values a micro-kernel needs at depth
