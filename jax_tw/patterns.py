@@ -51,6 +51,7 @@ tiles fixed while rows are pruned, which is what lets gradual pruning keep the t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, ClassVar, NamedTuple, Sequence
 
@@ -467,14 +468,26 @@ class Pattern:
                              "one call ranks layers of one tile size")
         [tile_size] = sizes
         ctx = _Context(tile_size, per_layer, float(min_keep))
-        kept = [dense_mask(m, tile_size) for m in previous]
-        normed = [_normalise(s, k) for s, k in zip(scores, kept)]
-        sparsity = jnp.asarray(sparsity, jnp.float32)
-        final_sparsity = jnp.maximum(jnp.asarray(final_sparsity, jnp.float32), sparsity)
-        return self._masks(normed, previous, kept, sparsity, final_sparsity, ctx)
+        self._check(scores, final_sparsity, ctx)
+        return _compute_masks(self, ctx, scores, previous, sparsity, final_sparsity)
+
+    def _check(self, scores, final_sparsity, ctx) -> None:
+        """Checks of the inputs a pattern needs beyond the common ones (before tracing)."""
 
     def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx) -> list[LayerMask]:
         raise NotImplementedError
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _compute_masks(pattern, ctx, scores, previous, sparsity, final_sparsity) -> list[LayerMask]:
+    """The masks as one compiled computation per pattern, tile size and shapes (the sparsities are
+    traced, so a schedule does not recompile). Run op by op, its hundreds of small ops would
+    each compile on their first call: pruning BERT-base eagerly took minutes."""
+    kept = [dense_mask(m, ctx.tile_size) for m in previous]
+    normed = [_normalise(s, k) for s, k in zip(scores, kept)]
+    sparsity = jnp.asarray(sparsity, jnp.float32)
+    final_sparsity = jnp.maximum(jnp.asarray(final_sparsity, jnp.float32), sparsity)
+    return pattern._masks(normed, previous, kept, sparsity, final_sparsity, ctx)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -591,11 +604,14 @@ class TEW(Pattern):
         if not 0.0 <= self.column_share <= 1.0:
             raise ValueError(f"column_share must be in [0, 1], got {self.column_share!r}")
 
-    def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
+    def _check(self, scores, final_sparsity, ctx):
         _check_element_count(self, scores, ctx)  # the residue ranks single weights
-        if _is_concrete(final_sparsity) and float(final_sparsity) + self.residue >= 1.0:
+        # In float32, as the masks compute it: 0.9 + 0.1 passes (0.9 is below 0.9 in float32).
+        if _is_concrete(final_sparsity) and float(np.float32(final_sparsity)) + self.residue >= 1.0:
             raise ValueError(
                 f"TEW needs sparsity + residue < 1, got {float(final_sparsity)!r} + {self.residue!r}")
+
+    def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
         tiles = _tile_wise(scores, previous, jnp.minimum(sparsity + self.residue, 0.999),
                            jnp.minimum(final_sparsity + self.residue, 0.999), self.column_share, ctx)
         sizes = [s.size for s in scores]
@@ -628,8 +644,10 @@ class EW(Pattern):
 
     name: ClassVar[str] = "ew"
 
-    def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
+    def _check(self, scores, final_sparsity, ctx):
         _check_element_count(self, scores, ctx)
+
+    def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
         groups = []
         for s, k in zip(scores, kept):
             protected = _top(s.reshape(-1), ~k.reshape(-1), math.ceil(ctx.min_keep * s.size))
@@ -656,8 +674,10 @@ class VW(Pattern):
     def __post_init__(self):
         check_positive_int(self.vector_size, "vector_size")
 
-    def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
+    def _check(self, scores, final_sparsity, ctx):
         _check_element_count(self, scores, ctx)
+
+    def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
         v = self.vector_size
         keys, layouts = [], []
         for s, k in zip(scores, kept):

@@ -191,6 +191,29 @@ def test_determinism_eager_and_jit_and_tie_order():
     np.testing.assert_array_equal(np.asarray(m["rows"]).sum(axis=1), [0, 0, 16, 16])
 
 
+@pytest.mark.parametrize("pattern", [patterns.TW2D(), patterns.TEW(residue=0.1), patterns.EW()],
+                         ids=lambda p: p.name)
+def test_eager_call_compiles_once_per_shape_and_matches_op_by_op(pattern):
+    """An eager call runs as one compiled computation: new scores and sparsities reuse it, a new
+    shape compiles it once. Op by op, each of its hundreds of small ops compiled on its own for
+    every new shape (about 5-12 s per layer shape). The results are those of the ops run one by
+    one (``jax.disable_jit``)."""
+    rng = np.random.default_rng(3)
+    shapes = [(29, 45), (45, 19)]
+    compiled = patterns._compute_masks._cache_size
+    before = compiled()
+    for sparsity in (0.3, 0.6):
+        scores = [rng.random(s).astype(np.float32) for s in shapes]
+        got = pattern(scores, sparsity, tile_size=8)
+        with jax.disable_jit():
+            want = pattern(scores, sparsity, tile_size=8)
+        for a, b in zip(got, want):
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+        assert compiled() == before + 1
+
+
 def test_min_keep_floor_prevents_emptying_a_layer():
     # Layer A: uniform scores. Layer B: a third of its columns at 0, the rest at 1.5 (mean 1).
     # Ranked globally at 75%, A's vectors all rank below B's kept ones and A is emptied.
