@@ -346,13 +346,17 @@ def _prune_lowest(scores: Array, lengths: Array, forced: Array, protected: Array
                   target: _Count) -> Array:
     """Prunes the lowest-scoring vectors until their total length is nearest ``target``.
 
-    All arguments are 1-D over vectors (``target`` is a weight count). ``forced`` vectors
+    All arguments are 1-D over vectors (``target`` is a weight count; ``lengths`` None: every
+    vector is one weight, as when ranking single weights). ``forced`` vectors
     are always pruned, ``protected`` ones never (forced wins). Equal scores: lower index first.
     Returns the boolean pruned vector.
     """
     n = scores.shape[0]
     protected = protected & ~forced
     key = jnp.where(forced, -jnp.inf, jnp.where(protected, jnp.inf, scores.astype(jnp.float32)))
+    if lengths is None:  # single weights: the nearest count is the target itself, no sort needed
+        p = jnp.clip(jnp.minimum(_small(_count(target)), n), jnp.sum(forced), n - jnp.sum(protected))
+        return _first_in_order(key, p)
     order = jnp.argsort(key, stable=True)
     cum = _prefix_counts(jnp.concatenate([jnp.zeros((1,), jnp.int32), lengths[order].astype(jnp.int32)]))
     p = jnp.argmin(_distance(cum, _count(target)))  # the scalar target broadcasts
@@ -365,14 +369,15 @@ def _select(groups: Sequence[tuple], targets: Sequence[Array], total_target: Arr
     """Runs :func:`_prune_lowest` per layer, or once over all layers' vectors concatenated.
 
     ``groups[i]`` = (scores, lengths, forced, protected) of layer i, arrays of any shape (flattened
-    in C order, which fixes the tie order).
+    in C order, which fixes the tie order); ``lengths`` None where the vectors are single weights
+    (then in every group).
     """
     shapes = [g[0].shape for g in groups]
-    flat = [tuple(a.reshape(-1) for a in g) for g in groups]
+    flat = [tuple(None if a is None else a.reshape(-1) for a in g) for g in groups]
     if per_layer:
         out = [_prune_lowest(*g, t) for g, t in zip(flat, targets)]
     else:
-        cat = [jnp.concatenate(parts) for parts in zip(*flat)]
+        cat = [None if parts[0] is None else jnp.concatenate(parts) for parts in zip(*flat)]
         pruned = _prune_lowest(*cat, total_target)
         sizes = np.cumsum([g[0].shape[0] for g in flat])[:-1]
         out = jnp.split(pruned, sizes)
@@ -385,9 +390,33 @@ def _top(scores: Array, excluded: Array, count: int, axis: int = -1) -> Array:
     count = min(count, n)
     if count <= 0:
         return jnp.zeros(scores.shape, bool)
-    key = jnp.where(excluded, jnp.inf, -scores.astype(jnp.float32))
-    rank = jnp.argsort(jnp.argsort(key, axis=axis, stable=True), axis=axis, stable=True)
-    return (rank < count) & ~excluded
+    key = jnp.moveaxis(jnp.where(excluded, jnp.inf, -scores.astype(jnp.float32)), axis, -1)
+    first = jax.vmap(_first_in_order, (0, None))(key.reshape(-1, n), jnp.int32(count))
+    return jnp.moveaxis(first.reshape(key.shape), -1, axis) & ~excluded
+
+
+def _first_in_order(key: Array, count: Array) -> Array:
+    """Marks the first ``count`` entries of the 1-D ``key`` in stable ascending order, the
+    entries ``jnp.argsort(key, stable=True)[:count]``, without sorting.
+
+    A bitwise search finds the ``count``-th smallest key (32 passes that each count the keys
+    below a bound); the keys below it are taken, and of the keys equal to it the first ones in
+    index order. ``-0.0`` ties with ``0.0``, as in the sort. On a 2-core CPU, TEW's masks for
+    MiniLM-L6's 10.6M weights took 0.3 s this way and 3.7 s with the sort.
+    """
+    key = jnp.where(key == 0, 0.0, key.astype(jnp.float32))
+    bits = jax.lax.bitcast_convert_type(key, jnp.uint32)
+    # Flip the sign bit of non-negative keys and every bit of negative ones: unsigned order.
+    u = bits ^ jnp.where(bits >> 31 == 1, jnp.uint32(0xFFFFFFFF), jnp.uint32(0x80000000))
+    count = jnp.asarray(count, jnp.int32)
+
+    def step(i, bound):  # the largest bound with fewer than count keys below it
+        wider = bound | jax.lax.shift_left(jnp.uint32(1), jnp.asarray(31 - i, jnp.uint32))
+        return jnp.where(jnp.sum(u < wider, dtype=jnp.int32) < count, wider, bound)
+
+    kth = jax.lax.fori_loop(0, 32, step, jnp.uint32(0))
+    below, ties = u < kth, u == kth
+    return below | (ties & (jnp.cumsum(ties, dtype=jnp.int32) <= count - jnp.sum(below, dtype=jnp.int32)))
 
 
 def _normalise(scores: Array, kept: Array) -> Array:
@@ -619,7 +648,7 @@ class TEW(Pattern):
         for s, m, k in zip(scores, tiles, kept):
             candidate = ~expand(m["columns"], m["rows"], ctx.tile_size) & k
             # Give back the best candidates = prune all but them; non-candidates count as pruned.
-            groups.append((s, jnp.ones(s.shape, jnp.int32), ~candidate, jnp.zeros(s.shape, bool)))
+            groups.append((s, None, ~candidate, jnp.zeros(s.shape, bool)))
         give_back = [_target(self.residue, z) for z in sizes]
         not_given = _select(groups, [z - r for z, r in zip(sizes, give_back)],
                             sum(sizes) - _target(self.residue, sum(sizes)), ctx.per_layer)
@@ -651,7 +680,7 @@ class EW(Pattern):
         groups = []
         for s, k in zip(scores, kept):
             protected = _top(s.reshape(-1), ~k.reshape(-1), math.ceil(ctx.min_keep * s.size))
-            groups.append((s, jnp.ones(s.shape, jnp.int32), ~k, protected.reshape(s.shape)))
+            groups.append((s, None, ~k, protected.reshape(s.shape)))
         sizes = [s.size for s in scores]
         pruned = _select(groups, [_target(sparsity, z) for z in sizes],
                          _target(sparsity, sum(sizes)), ctx.per_layer)

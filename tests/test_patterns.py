@@ -372,6 +372,27 @@ def test_weight_counts_past_two_to_the_31():
     assert np.abs(np.asarray(prefix.approx, np.float64) - exact).max() < 2 ** 31
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_first_in_order_is_the_stable_sort_prefix(seed):
+    """Single weights are ranked without a sort: the marked entries are exactly the first
+    ``count`` of ``argsort(key, stable=True)``, with ties (few distinct values), infinities,
+    -0.0 next to 0.0, negative keys, and counts 0, 1, all and in between."""
+    rng = np.random.default_rng(seed)
+    n = 1000
+    key = rng.integers(-4, 5, n).astype(np.float32) * rng.choice([1.0, 0.25], n).astype(np.float32)
+    key[rng.random(n) < 0.05] = -np.inf
+    key[rng.random(n) < 0.05] = np.inf
+    key[rng.random(n) < 0.05] = -0.0
+    key[: n // 2] += rng.random(n // 2).astype(np.float32) * (seed % 2)  # distinct values too
+    order = np.asarray(jnp.argsort(jnp.asarray(key), stable=True))
+    first = jax.jit(patterns._first_in_order)
+    below = int((key < 0).sum())
+    for count in (0, 1, 7, 333, below, below + int((key == 0).sum()) // 2, n - 1, n):
+        want = np.zeros(n, bool)
+        want[order[:count]] = True
+        np.testing.assert_array_equal(np.asarray(first(key, count)), want, err_msg=str(count))
+
+
 def test_sparsity_rounding_to_one_in_float32_is_refused():
     with pytest.raises(ValueError, match="which is 1.0 in float32"):
         patterns.TW2D()([np.ones((4, 4), np.float32)], 0.99999999, tile_size=2)
