@@ -509,6 +509,36 @@ constexpr std::array<WalkFn, sizeof...(N)> WalkTable(std::integer_sequence<int, 
 // kWalk[nv - 1]: Walk<nv>.
 constexpr auto kWalk = WalkTable(std::make_integer_sequence<int, kMaxVectors>{});
 
+#if defined(TW_ISA_AVX512)
+// Walk for one row of x (ldxt floats between its K values): per column, a dot product of its
+// weights with x gathered at their K indices, 16 at a time. A walk of vectors would load a
+// whole vector of x per weight for one useful lane. Needs k * ldxt < 2**31 (32-bit gathers).
+void WalkOne(const float* xt, int64_t ldxt, const int32_t* cols, const int32_t* kr, const float* v,
+             int64_t e0, int64_t e1, int64_t lo, float* s) {
+  const __m512i ld = _mm512_set1_epi32(static_cast<int32_t>(ldxt));
+  for (int64_t begin = e0, end; begin < e1; begin = end) {
+    const int32_t col = cols[begin];
+    for (end = begin + 1; end + 8 <= e1 && cols[end + 7] == col;) end += 8;
+    while (end < e1 && cols[end] == col) ++end;
+    __m512 acc = _mm512_setzero_ps();
+    int64_t e = begin;
+    for (; e + 16 <= end; e += 16) {
+      __m512i idx = _mm512_loadu_si512(kr + e);
+      if (ldxt != 1) idx = _mm512_mullo_epi32(idx, ld);
+      acc = _mm512_fmadd_ps(_mm512_i32gather_ps(idx, xt, 4), _mm512_loadu_ps(v + e), acc);
+    }
+    if (e < end) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (end - e)) - 1);
+      __m512i idx = _mm512_maskz_loadu_epi32(m, kr + e);
+      if (ldxt != 1) idx = _mm512_mullo_epi32(idx, ld);
+      const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, xt, 4);
+      acc = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(m, v + e), acc);
+    }
+    s[col - lo] += _mm512_reduce_add_ps(acc);
+  }
+}
+#endif
+
 // Adds residue weights [e0, e1) (sorted by column, then row) times rows of x to their columns
 // of the span buffer s (rows x lds, column lo first). The rows go in as few walks over the
 // span's weights as there can be, of equal width, each at most kResidueBlock rows: per weight,
@@ -527,6 +557,12 @@ inline void Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, 
     for (int64_t e = e0; e < e1; ++e) vbuf[e - e0] = LoadF32(args.residue_values, e, true);
     v = vbuf.data() - e0;
   }
+#if defined(TW_ISA_AVX512)
+  if (rows == 1 && args.p->k * x.ldxt < (int64_t{1} << 31)) {
+    WalkOne(x.xt, x.ldxt, args.p->residue_cols, args.p->residue_rows, v, e0, e1, lo, s);
+    return;
+  }
+#endif
   const int64_t vectors = (rows + VL - 1) / VL, walks = (vectors + kMaxVectors - 1) / kMaxVectors;
   const int64_t width = (vectors + walks - 1) / walks * VL;  // rows per walk
   for (int64_t r0 = 0; r0 < rows; r0 += width) {

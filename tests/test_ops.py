@@ -392,7 +392,7 @@ def test_forward_with_residue(backend, pattern):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
-@pytest.mark.parametrize("m", [1, 30, 70, 1100, 2100, 3000])
+@pytest.mark.parametrize("m", [1, 30, 49, 70, 97, 1100, 2100, 3000])
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_host_residue_covers_every_row_block(m, dtype):
     """The host kernel's residue covers a work item's rows in walks of up to 15 vectors, of
@@ -400,7 +400,9 @@ def test_host_residue_covers_every_row_block(m, dtype):
     to one walk (120 rows on AVX2). On AVX2 these give items of 24, 72, 120 and 192 rows (one
     walk, one, one of 15 vectors, two of 12); each M's last item is shorter, its last vector
     partial. M = 1 and 30 take the few-rows path: x transposed once per call, each item's walk
-    starting at its first row. Against a float64 reference."""
+    starting at its first row. M = 49 and 97 end in an item of one row (items of 48 rows on
+    AVX-512, 24 on AVX2, 96 for bf16 in pairs), whose residue, like M = 1's, gathers x at the
+    weights' K indices (WalkOne) from the item's padded transpose. Against a float64 reference."""
     rng = np.random.default_rng(13)
     _, _, p = _layer(40, 56, 8, 0.7, dtype, pattern=patterns.TEW(residue=0.08))
     assert np.shape(p.residue_rows)[0] > 0
