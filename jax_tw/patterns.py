@@ -510,8 +510,9 @@ class Pattern:
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _compute_masks(pattern, ctx, scores, previous, sparsity, final_sparsity) -> list[LayerMask]:
     """The masks as one compiled computation per pattern, tile size and shapes (the sparsities are
-    traced, so a schedule does not recompile). Run op by op, its hundreds of small ops would
-    each compile on their first call: pruning BERT-base eagerly took minutes."""
+    traced, so a schedule does not recompile). Run op by op, its hundreds of small ops each
+    compiled on their first call for every new layer shape: 4.5-12.5 s per shape on a 2-core
+    CPU (BUILD_NOTES.md, "Pruning speed")."""
     kept = [dense_mask(m, ctx.tile_size) for m in previous]
     normed = [_normalise(s, k) for s, k in zip(scores, kept)]
     sparsity = jnp.asarray(sparsity, jnp.float32)
