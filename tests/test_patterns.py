@@ -196,8 +196,8 @@ def test_determinism_eager_and_jit_and_tie_order():
 def test_eager_call_compiles_once_per_shape_and_matches_op_by_op(pattern):
     """An eager call runs as one compiled computation: new scores and sparsities reuse it, a new
     shape compiles it once. Op by op, each of its hundreds of small ops compiled on its own for
-    every new shape (4.5-12.5 s per layer shape on a 2-core CPU). The results are those of the ops run one by
-    one (``jax.disable_jit``)."""
+    every new shape (4.5-12.5 s per layer shape on a 2-core CPU). The results are those of the
+    ops run one by one (``jax.disable_jit``)."""
     rng = np.random.default_rng(3)
     shapes = [(29, 45), (45, 19)]
     compiled = patterns._compute_masks._cache_size
