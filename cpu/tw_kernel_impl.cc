@@ -112,7 +112,7 @@ inline float ToF32(uint16_t bits) { return LoadF32(&bits, 0, true); }
 
 // The bf16 value *p as f32 in every lane: with AVX512BW a 16-bit broadcast from memory shifted
 // into the high halves, with no trip through a general register. Micro uses it where the
-// weights are bf16 too (read in place, few rows: 1.03-1.17x at M = 8-32); with f32 weights the
+// weights are bf16 too (read in place, few rows: 1.00-1.17x at M = 8-32); with f32 weights the
 // scalar route measured as fast or faster (0.90-1.01x this way).
 inline vf Broadcast(const uint16_t* p) {
 #if defined(TW_ISA_AVX512) && defined(__AVX512BW__)
