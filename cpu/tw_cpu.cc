@@ -251,13 +251,17 @@ void TransposeFew(TileGemmArgs& args) {
 // A call with at most kSmallRows rows: work items are (span, group of rows), enough of them to
 // give every thread several even when the layer has few tiles. bf16 groups have at most a
 // micro-kernel's rows, so that their weights are read in place (Few; M = 13-32 on 768 x 3072 at
-// 75%: 1.09-1.22x). With a residue, each group is
-// at least a vector of rows: every group walks its span's residue weights once, so groups of 2
-// rows (M = 16, an EW layer's one span) read its indices 8 times where 2 would do.
+// 75%: 1.09-1.22x). So do f32 groups without a residue where the micro-kernel has 12 rows
+// (AVX-512; M = 13-32 on 768 x 3072 at 75%: 1.15-1.34x, other BERT shapes 0.97-1.03x; not with a
+// residue, which every group walks: 0.87x at M = 24; nor on AVX2's 6 rows: 0.94-1.25x). With a
+// residue, each group is at least a vector of rows: every group walks its span's residue weights
+// once, so groups of 2 rows (M = 16, an EW layer's one span) read its indices 8 times where 2
+// would do.
 std::string FewRows(ffi::ThreadPool& pool, TileGemmArgs& args) {
   const int64_t spans = Spans(*args.p), m = args.m;
   int64_t groups = std::min(m, (4 * std::max<int64_t>(pool.num_threads(), 1) + spans - 1) / spans);
-  if (args.bf16) groups = std::max(groups, (m + kKernel.mr - 1) / kKernel.mr);
+  if (args.bf16 || (args.p->e == 0 && kKernel.mr >= 12))
+    groups = std::max(groups, (m + kKernel.mr - 1) / kKernel.mr);
   if (args.p->e > 0) {
     groups = std::min(groups, (m + kKernel.vl - 1) / kKernel.vl);
     TransposeFew(args);

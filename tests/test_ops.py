@@ -576,16 +576,17 @@ def test_host_f32_weights_read_in_place_or_copied(g, n_tiles):
 @pytest.mark.parametrize("g", [32, 48, 128])
 @pytest.mark.parametrize("m", [1, 12, 13, 20, 32])
 @pytest.mark.parametrize("pattern", [patterns.TW2D(), patterns.TEW(residue=0.05)])
-def test_host_bf16_few_rows_weights_in_place_or_copied(g, m, pattern):
-    """bf16 calls with few rows (M <= 32) read the tile weights in place, widened as they are
-    loaded (G a multiple of the micro-tile width, and at most 12 rows per work item: TW-2D
-    splits M into such groups), or from an f32 copy (G = 48 on AVX-512, or items of more than
-    12 rows: with a residue, groups of rows are at least a vector, 13 rows at M = 13). With a
-    residue from M = 20 on, CPUs with AVX512-BF16 or AMX take the blocked path instead, its rows
-    padded to 32. All against the float64 reference, with a partial last tile and tiles with no
-    kept rows."""
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_host_few_rows_weights_in_place_or_copied(g, m, pattern, dtype):
+    """Calls with few rows (M <= 32) read the tile weights in place (bf16 widened as they are
+    loaded; G a multiple of the micro-tile width, and for bf16 at most 12 rows per work item:
+    TW-2D splits M into such groups, as f32 without a residue does on AVX-512), or from an f32
+    copy (G = 48 on AVX-512, or bf16 items of more than 12 rows: with a residue, groups of rows
+    are at least a vector, 13 rows at M = 13). With a residue from M = 20 on, bf16 on CPUs with
+    AVX512-BF16 or AMX takes the blocked path instead, its rows padded to 32. All against the
+    float64 reference, with a partial last tile and tiles with no kept rows."""
     n = 12 * g + g // 2 + 3
-    _, _, p = _layer(300, n, g, 0.5, jnp.bfloat16, empty_tiles=True, seed=g + m, pattern=pattern)
+    _, _, p = _layer(300, n, g, 0.5, dtype, empty_tiles=True, seed=g + m, pattern=pattern)
     _check_host(p, m, seed=m)
 
 
