@@ -55,8 +55,17 @@ constexpr int64_t KC = 256;      // depth of a block (B micro-panel KC x NR in L
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 
 inline vf Load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-// VL bf16 values (raw bits) as f32: widened and shifted into the high half of each lane.
+// VL bf16 values (raw bits) as f32: widened and shifted into the high half of each lane. On
+// AVX-512 one VPMOVZXWD from memory: the generic form compiled to two 256-bit widenings and an
+// insert (bf16 few rows, weights in place: 1.10-1.44x at M = 1, 0.96-1.03x at M = 32).
 inline vf Load(const uint16_t* p) {
+#if defined(TW_ISA_AVX512)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+  vf v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+#else
   typedef uint16_t vh __attribute__((vector_size(VL * sizeof(uint16_t))));
   typedef uint32_t vu __attribute__((vector_size(VL * sizeof(uint32_t))));
   vh h;
@@ -65,6 +74,7 @@ inline vf Load(const uint16_t* p) {
   vf v;
   std::memcpy(&v, &u, sizeof v);
   return v;
+#endif
 }
 inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
