@@ -151,13 +151,13 @@ inline void Micro(int64_t kc, const T* __restrict a0, int64_t lda, const int32_t
     vf bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = Load(b + q * ldb + v * VL);
     for (int i = 0; i < R; ++i) {
-      if constexpr (!std::is_same_v<WT, uint16_t>) {
-        const float ai = ToF32(a[kInPlace ? i * lda : i]);  // scalar * vector: a broadcast folded into the FMA
-        for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
-      } else {
-        const vf ai = Broadcast(a + (kInPlace ? i * lda : i));
-        for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
-      }
+      const T* ai_at = a + (kInPlace ? i * lda : i);
+      // f32 weights: scalar * vector, a broadcast folded into the FMA; bf16 weights: Broadcast.
+      const auto ai = [ai_at] {
+        if constexpr (std::is_same_v<WT, uint16_t>) return Broadcast(ai_at);
+        else return ToF32(*ai_at);
+      }();
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
     }
   }
   for (int i = 0; i < R; ++i)
@@ -507,6 +507,17 @@ void AddColumns(const float (*sums)[kResidueBlock], const int32_t* cols, int n, 
   }
 }
 
+// The end of the column's run of residue weights that starts at `begin` (before e1): cols is
+// sorted (Validate), so eight at a time while the eighth is still in the column (a test per
+// weight took 40% of a one-row walk).
+inline int64_t ColumnEnd(const int32_t* cols, int64_t begin, int64_t e1) {
+  const int32_t col = cols[begin];
+  int64_t end = begin + 1;
+  while (end + 8 <= e1 && cols[end + 7] == col) end += 8;
+  while (end < e1 && cols[end] == col) ++end;
+  return end;
+}
+
 constexpr int kGroup = 8;  // residue columns added to the span buffer together (AddColumns)
 
 // One walk over residue weights [e0, e1) (sorted by column, then row) for NV vectors of rows of
@@ -518,11 +529,8 @@ void Walk(const float* xt, int64_t ldxt, const int32_t* cols, const int32_t* kr,
   int32_t group[kGroup];
   int n = 0;
   for (int64_t begin = e0, end; begin < e1; begin = end) {
-    // The column's run of weights: cols is sorted (Validate), so eight at a time while the
-    // eighth is still in the column (a test per weight took 40% of a one-row walk).
     const int32_t col = cols[begin];
-    for (end = begin + 1; end + 8 <= e1 && cols[end + 7] == col;) end += 8;
-    while (end < e1 && cols[end] == col) ++end;
+    end = ColumnEnd(cols, begin, e1);
     ResidueColumn<NV>(xt, ldxt, kr, v, begin, end, sums[n]);
     group[n++] = col;
     if (n == kGroup || end == e1) {
@@ -549,8 +557,7 @@ void WalkOne(const float* xt, int64_t ldxt, const int32_t* cols, const int32_t* 
   const __m512i ld = _mm512_set1_epi32(static_cast<int32_t>(ldxt));
   for (int64_t begin = e0, end; begin < e1; begin = end) {
     const int32_t col = cols[begin];
-    for (end = begin + 1; end + 8 <= e1 && cols[end + 7] == col;) end += 8;
-    while (end < e1 && cols[end] == col) ++end;
+    end = ColumnEnd(cols, begin, e1);
     __m512 acc = _mm512_setzero_ps();
     int64_t e = begin;
     for (; e + 16 <= end; e += 16) {
