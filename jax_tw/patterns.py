@@ -460,6 +460,7 @@ class Pattern:
 
     name: ClassVar[str] = ""
     has_elements: ClassVar[bool] = True  # whether the masks have an element mask
+    ranks_weights: ClassVar[bool] = False  # whether it ranks single weights (int32 indices)
 
     def __call__(self, scores: Sequence[Array], sparsity: Any, *, tile_size: int | None = None,
                  previous: Sequence[LayerMask] | None = None, final_sparsity: Any = None,
@@ -502,6 +503,8 @@ class Pattern:
 
     def _check(self, scores, final_sparsity, ctx) -> None:
         """Checks of the inputs a pattern needs beyond the common ones (before tracing)."""
+        if self.ranks_weights:
+            _check_element_count(self, scores, ctx)
 
     def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx) -> list[LayerMask]:
         raise NotImplementedError
@@ -627,6 +630,7 @@ class TEW(Pattern):
     residue: float = 0.05
     column_share: float = 0.5
     name: ClassVar[str] = "tew"
+    ranks_weights: ClassVar[bool] = True  # the residue ranks single weights
 
     def __post_init__(self):
         if not 0.0 <= self.residue < 1.0:
@@ -635,7 +639,7 @@ class TEW(Pattern):
             raise ValueError(f"column_share must be in [0, 1], got {self.column_share!r}")
 
     def _check(self, scores, final_sparsity, ctx):
-        _check_element_count(self, scores, ctx)  # the residue ranks single weights
+        super()._check(scores, final_sparsity, ctx)
         # In float32, as the masks compute it: 0.9 + 0.1 passes (0.9 is below 0.9 in float32).
         if _is_concrete(final_sparsity) and float(np.float32(final_sparsity)) + self.residue >= 1.0:
             raise ValueError(
@@ -673,9 +677,7 @@ class EW(Pattern):
     """Element-wise (unstructured) pruning with one global threshold."""
 
     name: ClassVar[str] = "ew"
-
-    def _check(self, scores, final_sparsity, ctx):
-        _check_element_count(self, scores, ctx)
+    ranks_weights: ClassVar[bool] = True
 
     def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
         groups = []
@@ -700,12 +702,10 @@ class VW(Pattern):
 
     vector_size: int = 16
     name: ClassVar[str] = "vw"
+    ranks_weights: ClassVar[bool] = True
 
     def __post_init__(self):
         check_positive_int(self.vector_size, "vector_size")
-
-    def _check(self, scores, final_sparsity, ctx):
-        _check_element_count(self, scores, ctx)
 
     def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
         v = self.vector_size

@@ -393,6 +393,15 @@ def test_first_in_order_is_the_stable_sort_prefix(seed):
         np.testing.assert_array_equal(np.asarray(first(key, count)), want, err_msg=str(count))
 
 
+@pytest.mark.parametrize("pattern", [patterns.TEW(), patterns.EW(), patterns.VW()], ids=lambda p: p.name)
+def test_patterns_that_rank_single_weights_refuse_more_than_int32(pattern):
+    """TEW's residue, EW and VW index single weights in int32: 2.5e9 weights in one ranking are
+    refused before anything is computed (a broadcast view: no memory)."""
+    huge = [np.broadcast_to(np.float32(1), (50000, 50000))]
+    with pytest.raises(ValueError, match=r"2500000000 weights in one ranking .*per_layer=True"):
+        pattern(huge, 0.5, tile_size=128)
+
+
 def test_sparsity_rounding_to_one_in_float32_is_refused():
     with pytest.raises(ValueError, match="which is 1.0 in float32"):
         patterns.TW2D()([np.ones((4, 4), np.float32)], 0.99999999, tile_size=2)
