@@ -8,9 +8,10 @@
 //   row_offsets    int32 [T + 1]  tile t's kept K indices are rows[row_offsets[t], row_offsets[t+1])
 //   rows           int32 [R]      kept K indices, ascending within each tile
 //   values         T_val [R, G]   values[r][j] = W[rows[r]][columns[t*G + j]]; row-major, G wide
-//   residue_rows   int32 [E]      element-wise residue outside the tiles:
-//   residue_cols   int32 [E]        W[residue_rows[e]][residue_cols[e]] = residue_values[e],
+//   residue_rows   int32 [E]      element-wise residue:
+//   residue_cols   int32 [E]        W[residue_rows[e]][residue_cols[e]] += residue_values[e],
 //   residue_values T_val [E]        sorted by (column, row): each column's weights are one run
+//                                  (pack puts them outside the tiles; one inside adds to it)
 //   tile_order     int32 [T]      the schedule, computed once by pack from columns and row_offsets
 //   pruned         int32 [P]        (packing.schedule): tiles deepest first; the P = N - C pruned
 //   pruned_offsets int32 [T + 1]    output columns, ascending; tile t's span of them, those
@@ -23,9 +24,10 @@
 // micro-kernels; the last tile is padded to G so every tile has the same width.
 //
 // Validate() checks every index before a host kernel touches memory, so corrupt tiles give an
-// error message instead of an out-of-bounds access. ValidateSizes() is the part that needs no
-// index data: the CUDA handler (whose indices live on the GPU) runs it, and its kernels
-// range-check each index they read.
+// error message instead of an out-of-bounds access. The host kernel checks the tiles' indices
+// that way and the residue span by span, in the work items that read it (ResidueHolds,
+// tw_kernel.h). ValidateSizes() is the part that needs no index data: the CUDA handler (whose
+// indices live on the GPU) runs it, and its kernels range-check each index they read.
 #pragma once
 
 #include <cstdint>
@@ -93,18 +95,18 @@ struct PackedTilesView {
     return "";
   }
 
-  // Every check, the indices included (host memory only): empty if the view is consistent.
-  // The checks run once per call, so they are first made in branch-free passes that the
-  // compiler vectorises (IndicesHold); only corrupt tiles take the slower passes that say what
-  // is wrong (at M = 1 those took as long as the product: 44% of the kernel's time with a
-  // 700k-weight residue).
-  std::string Validate() const {
+  // Every check, the indices included (host memory only): empty if the view is consistent;
+  // with residue = false, all but the residue's. The checks run once per call, so they are
+  // first made in branch-free passes that the compiler vectorises (IndicesHold); only corrupt
+  // tiles take the slower passes that say what is wrong (at M = 1 those took as long as the
+  // product: 44% of the kernel's time with a 700k-weight residue).
+  std::string Validate(bool residue = true) const {
     if (std::string bad = ValidateSizes(); !bad.empty()) return bad;
-    if (IndicesHold()) return "";
+    if (IndicesHold(residue)) return "";
     return FirstBadIndex();
   }
 
-  JAX_TW_WIDEST_VECTORS bool IndicesHold() const {
+  JAX_TW_WIDEST_VECTORS bool IndicesHold(bool residue) const {
     // v in [0, bound) in 32-bit compares (SSE2 has no 64-bit ones); a bound past the int32
     // range is clamped to it, which would refuse only the index 2^31 - 1.
     const auto below = [](int32_t v, int64_t bound) {
@@ -119,6 +121,7 @@ struct PackedTilesView {
     for (int64_t q = 0; q < r; ++q) ok &= below(rows[q], k);
     for (int64_t i = 0; i < t; ++i)
       for (int64_t q = row_offsets[i] + 1; q < row_offsets[i + 1]; ++q) ok &= rows[q] > rows[q - 1];
+    if (!residue || !ok) return ok;
     if (e > 0) ok &= below(residue_rows[0], k) & below(residue_cols[0], n);
     for (int64_t i = 1; i < e; ++i)  // one pass: the residue is the largest index array
       ok &= below(residue_rows[i], k) & below(residue_cols[i], n) &
@@ -149,7 +152,7 @@ struct PackedTilesView {
                 (residue_cols[i] == residue_cols[i - 1] && residue_rows[i] <= residue_rows[i - 1])))
         return "residue is not sorted by (column, row) without repeats";
     }
-    return "the indices are inconsistent";  // not reached: IndicesHold and these agree
+    return "the indices are inconsistent";  // not reached: IndicesHold, ResidueHolds and these agree
   }
 };
 

@@ -317,7 +317,8 @@ ffi::Error TwMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::Buffer<ffi::S
     const auto yd = y.dimensions();
     if (yd.size() != 2 || yd[0] != xd[0] || yd[1] != n)
       return ffi::Error::InvalidArgument("tw_matmul: output must be (M, n)");
-    std::string bad = p.Validate();
+    // The residue is checked span by span by the work items that read it (ResidueHolds).
+    std::string bad = p.Validate(/*residue=*/false);
     if (!bad.empty()) return ffi::Error::InvalidArgument("tw_matmul: corrupt packed tiles: " + bad);
 
     const int64_t m = xd[0];
@@ -330,9 +331,16 @@ ffi::Error TwMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::Buffer<ffi::S
     // write shows up in the results.
     if (const char* poison = std::getenv("JAX_TW_POISON_OUTPUT"); poison && poison[0] == '1')
       std::memset(args.y, 0xff, m * n * (y_bf16 ? 2 : 4));  // all-ones bits: a NaN in both dtypes
-    if (m == 0) return ffi::Error::Success();
-    std::string err = FewRowsPath(args) ? FewRows(pool, args) : TileGemm(pool, args);
-    if (!err.empty()) return ffi::Error::Internal("tw_matmul: " + err);
+    ResidueChecks checks;
+    checks.sound.reset(new std::atomic<bool>[Spans(p)]());
+    args.residue_checks = &checks;
+    if (m == 0) {  // no work item: the residue is checked here
+      checks.corrupt = !p.Validate().empty();
+    } else {
+      std::string err = FewRowsPath(args) ? FewRows(pool, args) : TileGemm(pool, args);
+      if (!err.empty()) return ffi::Error::Internal("tw_matmul: " + err);
+    }
+    if (checks.corrupt) return ffi::Error::InvalidArgument("tw_matmul: corrupt packed tiles: " + p.FirstBadIndex());
     return ffi::Error::Success();
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("tw_matmul: ") + e.what());

@@ -40,8 +40,10 @@
 // epilogue writes the spans.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 
 #include "packed_tiles.h"
 
@@ -53,6 +55,16 @@ enum class Activation : int64_t {
   kNone = 0,
   kRelu = 1,  // max(y, 0); NaN stays NaN
   kGelu = 2,  // y / 2 * (1 + erf(y / sqrt(2))), erf within 5e-7 (the rational form XLA uses for f32)
+};
+
+// The host kernel checks the residue span by span, in the work items that read it
+// (ResidueSound, tw_kernel_impl.cc), rather than in a pass of its own before them (at M = 1,
+// TEW 768 x 768 75% + 12.5%, that pass had 27% of the kernel's samples; BUILD_NOTES.md): per
+// span, whether an item found its weights sound (the span's items for other rows then skip the
+// check), and whether one found them corrupt (it skips the residue and the call fails).
+struct ResidueChecks {
+  std::unique_ptr<std::atomic<bool>[]> sound;  // [Spans(p)], all false at first
+  std::atomic<bool> corrupt{false};
 };
 
 struct TileGemmArgs {
@@ -79,6 +91,8 @@ struct TileGemmArgs {
   // tw_cpu.cc).
   const float* xt = nullptr;
   int64_t ldxt = 0;
+  // The residue's checks in this call (see ResidueChecks).
+  ResidueChecks* residue_checks = nullptr;
 };
 
 // Element i of an f32 or bf16 (raw bits) array, as f32.

@@ -7,6 +7,8 @@
 // read from x's panels (or x itself) at the tile's kept K indices, stream from L2.
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <climits>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -737,6 +739,59 @@ __attribute__((noinline)) Scratch& ThreadScratch() {
   return scratch;
 }
 
+// Span t's residue weights are [ResidueStart(p, t), ResidueStart(p, t + 1)): the first weight
+// in a column from span t's lo on, found by bisection. Whatever the indices hold, the starts are
+// in [0, e], the first is 0 and the last e, and span t's end is span t + 1's start: the spans'
+// ranges cover every weight once if each starts no later than it ends (ResidueHolds).
+int64_t ResidueStart(const PackedTilesView& p, int64_t t) {
+  if (t <= 0 || p.e == 0) return 0;
+  if (t >= Spans(p)) return p.e;
+  int64_t lo, hi;
+  Span(p, t, &lo, &hi);
+  int64_t first = 0, count = p.e;  // the first of [0, e) whose column is not below lo
+  while (count > 0) {
+    const int64_t half = count / 2;
+    if (p.residue_cols[first + half] < lo) {
+      first += half + 1;
+      count -= half + 1;
+    } else {
+      count = half;
+    }
+  }
+  return first;
+}
+
+// Whether span [lo, hi)'s residue weights [e0, e1) are sound: e0 <= e1, rows in [0, k), columns
+// in [lo, hi), (column, row) strictly increasing. With the spans partitioning both the columns
+// and the weights (ResidueStart), every span's holding is the whole residue's (Validate).
+// Branch-free, so that it vectorises.
+bool ResidueHolds(const PackedTilesView& p, int64_t lo, int64_t hi, int64_t e0, int64_t e1) {
+  if (e0 > e1) return false;
+  if (e0 == e1) return true;
+  const int32_t *rows = p.residue_rows, *cols = p.residue_cols;
+  // v in [a, b) as the unsigned v - a < b - a (a, b in [0, 2^31)).
+  const uint32_t k = static_cast<uint32_t>(std::min<int64_t>(p.k, INT32_MAX));
+  const uint32_t base = static_cast<uint32_t>(lo), width = static_cast<uint32_t>(hi - lo);
+  int ok = (static_cast<uint32_t>(rows[e0]) < k) & (static_cast<uint32_t>(cols[e0]) - base < width);
+  for (int64_t i = e0 + 1; i < e1; ++i)
+    ok &= (static_cast<uint32_t>(rows[i]) < k) & (static_cast<uint32_t>(cols[i]) - base < width) &
+          ((cols[i] > cols[i - 1]) | ((cols[i] == cols[i - 1]) & (rows[i] > rows[i - 1])));
+  return ok;
+}
+
+// Whether span t's residue weights [e0, e1) may be read (ResidueChecks, tw_kernel.h): checked by
+// ResidueHolds unless an item for other rows of the span already found them sound.
+bool ResidueSound(const TileGemmArgs& args, int64_t t, int64_t lo, int64_t hi, int64_t e0, int64_t e1) {
+  std::atomic<bool>& sound = args.residue_checks->sound[t];
+  if (sound.load(std::memory_order_acquire)) return true;
+  if (!ResidueHolds(*args.p, lo, hi, e0, e1)) {
+    args.residue_checks->corrupt.store(true, std::memory_order_relaxed);
+    return false;
+  }
+  sound.store(true, std::memory_order_release);
+  return true;
+}
+
 // The epilogue of span t for rows [m0, m0 + rows): y = activation(bias (or 0) + c (the tile's
 // result, rows x ldc, in the tile's kept columns) + residue), in y's dtype. c is unused without a tile.
 // Each row of the span is made in a buffer (one row in L1; every row of the span when the
@@ -748,9 +803,8 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
   int64_t lo, hi;
   Span(p, t, &lo, &hi);
   const int64_t len = hi - lo;
-  const int32_t* e_begin = std::lower_bound(p.residue_cols, p.residue_cols + p.e, static_cast<int32_t>(lo));
-  const int32_t* e_end = std::lower_bound(e_begin, p.residue_cols + p.e, static_cast<int32_t>(hi));
-  const bool residue = e_begin != e_end;
+  const int64_t e0 = ResidueStart(p, t), e1 = ResidueStart(p, t + 1);
+  const bool residue = e0 != e1 && ResidueSound(args, t, lo, hi, e0, e1);  // else the call fails
   const int64_t width = t < p.t && c != nullptr ? p.width(t) : 0;
   const int32_t* out = width > 0 ? p.columns + t * p.g : nullptr;
   const float* bias = args.bias ? args.bias + lo : nullptr;
@@ -793,8 +847,7 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
   if (residue) {  // every row of the span in the buffer, the residue added, then written
     float* s = span_scratch.Get(rows * len);
     for (int64_t i = 0; i < rows; ++i) make(s + i * len, i);
-    Residue(args, x, rows, e_begin - p.residue_cols, e_end - p.residue_cols, lo, s, len,
-            scratch.residue_values);
+    Residue(args, x, rows, e0, e1, lo, s, len, scratch.residue_values);
     for (int64_t i = 0; i < rows; ++i) store(s + i * len, i);
 #if defined(TW_ISA_AVX512)
   } else if (c != nullptr && args.y_bf16) {  // straight from the tile's rows (SpanChunks)

@@ -259,7 +259,7 @@ def _dense_kernel(p: PackedTiles) -> jax.Array:
         rows = jnp.where(valid, idx, p.k)[:, :, None]
         w = w.at[rows, cols.reshape(t, 1, g)].set(wt, mode="drop")
     if np.shape(p.residue_rows)[0]:
-        w = w.at[p.residue_rows, p.residue_cols].set(p.residue_values)
+        w = w.at[p.residue_rows, p.residue_cols].add(p.residue_values)  # as packing.unpack
     return w
 
 

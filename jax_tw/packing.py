@@ -12,9 +12,10 @@ residue weights)::
     rows            int32 (R,)       kept K indices, ascending within each tile
     values          dtype (R, G)     values[r] = W[rows[r], tile's columns]; zero past the tile's width
     residue_rows    int32 (E,)       element-wise residue (TEW, or a baseline's whole mask):
-    residue_cols    int32 (E,)         W[residue_rows[e], residue_cols[e]] = residue_values[e],
-    residue_values  dtype (E,)         sorted by (col, row), outside the tiles (each column's
-                                       residue one run, as the host kernel reads it)
+    residue_cols    int32 (E,)         W[residue_rows[e], residue_cols[e]] += residue_values[e],
+    residue_values  dtype (E,)         sorted by (col, row) (each column's residue one run, as
+                                       the host kernel reads it); pack puts it outside the
+                                       tiles (where it is not, it adds to the tile's weight)
     tile_order      int32 (T,)       the schedule, made by pack from columns and row_offsets alone
     pruned          int32 (N - C,)     (see schedule()): tiles deepest first; the pruned output
     pruned_offsets  int32 (T + 1,)     columns, ascending; tile t's span of them (those between
@@ -138,8 +139,7 @@ DENSE_ABOVE = 0.75
 # sparsity then run the kernel (AVX-512 at 75%: 1.30 / 1.64 / 0.98x; AVX2: 1.31-1.56x), and TEW
 # layers at 75% whatever their residue. The rule does not depend on M: at M = 1 (one token at
 # a time) layers that are mostly residue run slower than the dense dot (EW at 70-80%, AVX2:
-# 0.62-0.92x; per residue weight the product reads 12 bytes and the check of the indices 8, at
-# memory speed), TEW at 75% + 5% at 1.03-1.59x; at M = 16-32, EW mostly above 1 (BUILD_NOTES.md,
+# 0.62-0.92x; per residue weight the product reads 12 bytes, at memory speed), TEW at 75% + 5% at 1.03-1.59x; at M = 16-32, EW mostly above 1 (BUILD_NOTES.md,
 # "Few rows with a residue").
 RESIDUE_COST = 2.9
 
@@ -279,7 +279,9 @@ def _unpack_valid(packed: PackedTiles) -> np.ndarray:
         cols = p.columns[i * g:(i + 1) * g]
         rows = p.rows[p.row_offsets[i]:p.row_offsets[i + 1]]
         w[np.ix_(rows, cols)] = p.values[p.row_offsets[i]:p.row_offsets[i + 1], :len(cols)]
-    w[p.residue_rows, p.residue_cols] = p.residue_values
+    # Added, as every backend adds the residue's product: a residue weight at a tile's kept
+    # position (pack makes none) adds to the tile's weight there.
+    w[p.residue_rows, p.residue_cols] += p.residue_values
     return w
 
 

@@ -125,6 +125,69 @@ def test_host_kernel_finds_one_bad_index_in_long_arrays(long_layer, array, where
         jax.block_until_ready(ops.tw_matmul(x, dataclasses.replace(p, **{array: bad}), backend="cpu"))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residue_weight_inside_a_tile_adds_to_it(backend):
+    """pack puts the residue outside the tiles; where one is given inside (at a tile's kept
+    position), every backend and unpack add it to the tile's weight there."""
+    w, _, p = _layer(24, 40, 8, 0.6, pattern=patterns.TEW(residue=0.05))
+    col, row = int(p.columns[0]), int(p.rows[0])  # tile 0's first kept position
+    rows, cols = np.r_[p.residue_rows, row], np.r_[p.residue_cols, col]
+    values = np.r_[p.residue_values, np.float32(0.75)]
+    inside = packing.sort_residue(dataclasses.replace(p, residue_rows=rows.astype(np.int32),
+                                                      residue_cols=cols.astype(np.int32), residue_values=values))
+    want = packing.unpack(p)
+    want[row, col] += np.float32(0.75)
+    np.testing.assert_array_equal(packing.unpack(inside), want)
+    x = np.random.default_rng(2).normal(size=(3, 24)).astype(np.float32)
+    np.testing.assert_allclose(ops.tw_matmul(x, inside, backend=backend), _reference(x, want), rtol=1e-5, atol=1e-5)
+
+
+def _corrupt_residue(p, rng):
+    """p with its residue changed at random in one of five ways; some changes keep it sound
+    (a column moved within its neighbours' range), most do not."""
+    rows, cols = np.array(p.residue_rows), np.array(p.residue_cols)
+    i = int(rng.integers(len(rows)))
+    j = int(np.clip(i + rng.integers(-3, 4), 0, len(rows) - 1))
+    kind = rng.integers(5)
+    if kind == 0:  # two weights swapped (across a span's boundary when they straddle one)
+        rows[[i, j]], cols[[i, j]] = rows[[j, i]], cols[[j, i]]
+    elif kind == 1:
+        cols[i] = rng.integers(-3, p.n + 3)
+    elif kind == 2:
+        rows[i] = rng.integers(-3, p.k + 3)
+    elif kind == 3:  # a repeat
+        rows[i], cols[i] = rows[j], cols[j]
+    else:  # the first or last weight out of range
+        (cols if rng.integers(2) else rows)[-int(rng.integers(2))] = -1 if rng.integers(2) else max(p.k, p.n)
+    return dataclasses.replace(p, residue_rows=rows, residue_cols=cols)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_host_kernel_judges_residue_as_validate_does(m):
+    """The host kernel checks the residue span by span, in the work items that read it: on
+    random corruptions (out of range, out of order, repeated, across spans' boundaries) it
+    refuses exactly the residues packing.validate refuses, on every path (M = 1 and 3: few
+    rows; 40: blocked), and computes the rest right."""
+    _, _, p = _layer(64, 200, 16, 0.6, pattern=patterns.TEW(residue=0.1))
+    assert p.num_tiles >= 4 and len(p.residue_rows) > 100
+    rng = np.random.default_rng(m)
+    x = rng.normal(size=(m, 64)).astype(np.float32)
+    f = jax.jit(lambda x, p: _ffi.cpu_tw_matmul(x, p, None, jnp.float32))
+    refused = 0
+    for trial in range(40):
+        bad = _corrupt_residue(p, rng)
+        try:
+            packing.validate(bad)
+        except ValueError:
+            refused += 1
+            with pytest.raises(Exception, match="corrupt packed tiles: .*residue"):
+                jax.block_until_ready(f(x, bad))
+        else:
+            np.testing.assert_allclose(f(x, bad), _reference(x, packing.unpack(bad)), rtol=1e-4, atol=1e-4)
+    assert 20 <= refused < 40
+
+
 def test_call_reads_no_array_data(monkeypatch):
     """An eager call checks shapes and dtypes only: the tiles' data never comes to the host."""
     _, _, p = _layer(24, 40, 8, 0.6)
