@@ -114,8 +114,10 @@ inline uint16_t ToBF16(float f) {
 
 // With no tiles (an EW, VW or BW layer: all residue), spans of this many columns, so that the
 // residue splits across threads even for one row (with one span [0, n), an EW layer at M = 1
-// was one work item) and a span's buffer stays small.
-constexpr int64_t kBareSpan = 256;
+// was one work item) and a span's buffer stays small. 64 rather than 256: N = 768 then makes 12
+// work items, not 3 (EW 80%, M = 1-32: 1.22-1.36x; N = 3072 and M = 2048 unchanged; 32 was no
+// better; BUILD_NOTES.md).
+constexpr int64_t kBareSpan = 64;
 
 // Span t of the output columns, [lo, hi) (see the top of this file). Spans() is how many there
 // are.
