@@ -79,6 +79,11 @@ inline vf Load(const uint16_t* p) {
 #endif
 }
 inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// Vectors of 4 and 8 floats, for walks of few rows (Residue); any vector type V.
+typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+template <class V> inline V LoadAs(const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
+template <class V> inline void StoreAs(float* p, V v) { std::memcpy(p, &v, sizeof v); }
 
 // erf(x) within 5e-7: x P(x^2) / Q(x^2) on [-4, 4] (+-1 in f32 beyond), the rational form of
 // XLA's CPU backend (Eigen's generic_fast_erf_float). NaN stays NaN.
@@ -447,26 +452,26 @@ void TransposeRows(const T* x, int64_t ld, int64_t rows, int64_t kw, float* xt, 
 // column for NV vectors of rows (whole-vector loads). At least 8 independent accumulators: NV
 // for each of U interleaved weights (U > 1 when a walk is narrow, as with few rows), so that
 // the adds do not wait on one another.
-template <int NV>
+template <int NV, class V = vf>
 inline void ResidueColumn(const float* __restrict xt, int64_t ldxt, const int32_t* __restrict kr,
                           const float* __restrict v, int64_t begin, int64_t end, float* __restrict out) {
-  constexpr int U = (8 + NV - 1) / NV;
-  vf a[U][NV] = {};
+  constexpr int U = (8 + NV - 1) / NV, L = sizeof(V) / sizeof(float);
+  V a[U][NV] = {};
   int64_t e = begin;
   for (; e + U <= end; e += U)
     for (int u = 0; u < U; ++u) {
       const float* row = xt + static_cast<int64_t>(kr[e + u]) * ldxt;
       const float ve = v[e + u];
-      for (int j = 0; j < NV; ++j) a[u][j] += Load(row + j * VL) * ve;
+      for (int j = 0; j < NV; ++j) a[u][j] += LoadAs<V>(row + j * L) * ve;
     }
   for (; e < end; ++e) {
     const float* row = xt + static_cast<int64_t>(kr[e]) * ldxt;
     const float ve = v[e];
-    for (int j = 0; j < NV; ++j) a[0][j] += Load(row + j * VL) * ve;
+    for (int j = 0; j < NV; ++j) a[0][j] += LoadAs<V>(row + j * L) * ve;
   }
   for (int u = 1; u < U; ++u)
     for (int j = 0; j < NV; ++j) a[0][j] += a[u][j];
-  for (int j = 0; j < NV; ++j) Store(out + j * VL, a[0][j]);
+  for (int j = 0; j < NV; ++j) StoreAs<V>(out + j * L, a[0][j]);
 }
 
 // Most rows of x one residue walk covers: 15 vectors (AVX2: 15 accumulators and a broadcast).
@@ -524,7 +529,7 @@ constexpr int kGroup = 8;  // residue columns added to the span buffer together 
 
 // One walk over residue weights [e0, e1) (sorted by column, then row) for NV vectors of rows of
 // xt: each column's sums (ResidueColumn) added to its column of s, kGroup columns at a time.
-template <int NV>
+template <int NV, class V = vf>
 void Walk(const float* xt, int64_t ldxt, const int32_t* cols, const int32_t* kr, const float* v,
           int64_t e0, int64_t e1, int64_t rows, int64_t lo, float* s, int64_t lds) {
   alignas(64) float sums[kGroup][kResidueBlock];
@@ -533,7 +538,7 @@ void Walk(const float* xt, int64_t ldxt, const int32_t* cols, const int32_t* kr,
   for (int64_t begin = e0, end; begin < e1; begin = end) {
     const int32_t col = cols[begin];
     end = ColumnEnd(cols, begin, e1);
-    ResidueColumn<NV>(xt, ldxt, kr, v, begin, end, sums[n]);
+    ResidueColumn<NV, V>(xt, ldxt, kr, v, begin, end, sums[n]);
     group[n++] = col;
     if (n == kGroup || end == e1) {
       AddColumns(sums, group, n, rows, lo, s, lds);
@@ -625,12 +630,26 @@ inline bool Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, 
   if (ChecksAsItWalks(args, x, rows))
     return WalkOne(x.xt, x.ldxt, args.p->residue_cols, args.p->residue_rows, v, e0, e1, lo, hi, args.p->k, s);
 #endif
+  // Up to 4 or 8 rows, a walk loads 4 or 8 floats per weight, not a whole vector (TEW 75% + 5%
+  // and EW 80% at M = 2-8: 1.14-1.44x, BUILD_NOTES.md).
+  const int32_t *cols = args.p->residue_cols, *kr = args.p->residue_rows;
+  if constexpr (VL > 4) {
+    if (rows <= 4) {
+      Walk<1, vf4>(x.xt, x.ldxt, cols, kr, v, e0, e1, rows, lo, s, lds);
+      return true;
+    }
+  }
+  if constexpr (VL > 8) {
+    if (rows <= 8) {
+      Walk<1, vf8>(x.xt, x.ldxt, cols, kr, v, e0, e1, rows, lo, s, lds);
+      return true;
+    }
+  }
   const int64_t vectors = (rows + VL - 1) / VL, walks = (vectors + kMaxVectors - 1) / kMaxVectors;
   const int64_t width = (vectors + walks - 1) / walks * VL;  // rows per walk
   for (int64_t r0 = 0; r0 < rows; r0 += width) {
     const int64_t nr = std::min(width, rows - r0);
-    kWalk[(nr + VL - 1) / VL - 1](x.xt + r0, x.ldxt, args.p->residue_cols, args.p->residue_rows, v,
-                                  e0, e1, nr, lo, s + r0 * lds, lds);
+    kWalk[(nr + VL - 1) / VL - 1](x.xt + r0, x.ldxt, cols, kr, v, e0, e1, nr, lo, s + r0 * lds, lds);
   }
   return true;
 }
