@@ -16,7 +16,7 @@ ACTS = (None, "relu", "gelu")
 rng = np.random.default_rng(0)
 case = 0
 for pattern in (patterns.TW2D(), patterns.TEW(residue=0.05), patterns.EW()):
-    for m in (1, 7, 33, 200):
+    for m in (1, 3, 7, 33, 200):
         for dtype in (np.float32, jnp.bfloat16):
             for k, n, g in ((40, 70, 16), (29, 33, 8), (64, 150, 128)):
                 _, _, p = packed_layer(k, n, g, 0.6, dtype, seed=m + k, pattern=pattern, empty_every=2)

@@ -11,7 +11,8 @@ import pytest
 from jax.test_util import check_grads
 
 from jax_tw import _ffi, ops, packing, patterns
-from twcheck import activate64, packed_layer, reference as _reference, run_script_stages, runnable_backends
+from twcheck import (activate64, packed_layer, reference as _reference, run_script_stages, runnable_backends,
+                     subprocess_env)
 
 BACKENDS = runnable_backends()
 
@@ -283,7 +284,7 @@ def test_narrower_isa_variants_match_reference(isa):
         pytest.skip(f"{isa} is not narrower than this machine's {_cpu.isa()} (run by every other test)")
     here = pathlib.Path(__file__).parent
     out = subprocess.run([sys.executable, str(here / "isa_check.py")], capture_output=True, text=True,
-                         env={**__import__("os").environ, "JAX_TW_ISA": isa, "PYTHONPATH": str(here)})
+                         env=subprocess_env(JAX_TW_ISA=isa))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-1] == isa
 
@@ -466,15 +467,15 @@ def test_forward_with_residue(backend, pattern):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
-@pytest.mark.parametrize("m", [1, 30, 49, 70, 97, 1100, 2100, 3000])
+@pytest.mark.parametrize("m", [1, 3, 8, 30, 49, 70, 97, 1100, 2100, 3000])
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_host_residue_covers_every_row_block(m, dtype):
     """The host kernel's residue covers a work item's rows in walks of up to 15 vectors, of
     equal width, and cuts items of a layer with a residue that are slightly longer than one walk
     to one walk (120 rows on AVX2). On AVX2 these give items of 24, 72, 120 and 192 rows (one
     walk, one, one of 15 vectors, two of 12); each M's last item is shorter, its last vector
-    partial. M = 1 and 30 take the few-rows path: x transposed once per call, each item's walk
-    starting at its first row. M = 49 and 97 end in an item of one row (items of 48 rows on
+    partial. M = 1, 3, 8 and 30 take the few-rows path: x transposed once per call, each item's
+    walk starting at its first row (up to 4 and 8 rows, walks of 4 and 8 floats per weight). M = 49 and 97 end in an item of one row (items of 48 rows on
     AVX-512, 24 on AVX2, 96 for bf16 in pairs), whose residue, like M = 1's, gathers x at the
     weights' K indices (WalkOne) from the item's padded transpose. Against a float64 reference."""
     rng = np.random.default_rng(13)
@@ -839,7 +840,7 @@ def test_shard_map_on_four_cpu_devices(backend):
     In a subprocess: the device count is fixed when jax starts."""
     script = pathlib.Path(__file__).with_name("shard_map_check.py")
     done = subprocess.run([sys.executable, str(script), backend], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=subprocess_env())
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"shard_map ok {backend}" in done.stdout
 

@@ -25,13 +25,24 @@ DENSE_LAYER_CONFIGS = [
 ]
 
 
+def subprocess_env(**extra) -> dict:
+    """The environment for a test's fresh Python process: it imports the jax_tw this process
+    imported (a checkout's, not an older copy installed in the same environment) and twcheck."""
+    import os
+    import jax_tw
+    path = [str(pathlib.Path(__file__).parent), str(pathlib.Path(jax_tw.__file__).parents[1])]
+    if os.environ.get("PYTHONPATH"):
+        path.append(os.environ["PYTHONPATH"])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), **extra}
+
+
 def run_script_stages(name, stages, *args, timeout=600):
     """Runs ``tests/<name> <stage> <args...>`` for each stage in a fresh process; each must exit
     0 and print '<script stem> <stage> ok'."""
     script = pathlib.Path(__file__).with_name(name)
     for stage in stages:
         done = subprocess.run([sys.executable, str(script), stage, *map(str, args)],
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, env=subprocess_env())
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"{script.stem} {stage} ok" in done.stdout, done.stdout
 
