@@ -175,12 +175,13 @@ def _residue_ends_out_of_range(p):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 40])
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 40])
 def test_host_kernel_judges_residue_as_validate_does(m, dtype):
     """The host kernel checks the residue span by span, in the work items that read it: on
     random corruptions (out of range, out of order, repeated, across spans' boundaries) it
     refuses exactly the residues packing.validate refuses, on every path (M = 1: a walk that
-    checks as it goes on AVX-512; 3: few rows; 40: blocked), and computes the rest right."""
+    checks as it goes on AVX-512; 3, 8 and 16: few rows, walks of 4, 8 and 16 floats per weight;
+    40: blocked), and computes the rest right."""
     _, _, p = _layer(64, 200, 16, 0.6, dtype, pattern=patterns.TEW(residue=0.1))
     assert p.num_tiles >= 4 and len(p.residue_rows) > 100
     rng = np.random.default_rng(m)
