@@ -25,8 +25,8 @@
 //
 // Validate() checks every index before a host kernel touches memory, so corrupt tiles give an
 // error message instead of an out-of-bounds access. The host kernel checks the tiles' indices
-// that way and the residue span by span, in the work items that read it (ResidueHolds,
-// tw_kernel.h). ValidateSizes() is the part that needs no index data: the CUDA handler (whose
+// that way and the residue span by span, in the work items that read it (ResidueSound,
+// tw_kernel_impl.cc). ValidateSizes() is the part that needs no index data: the CUDA handler (whose
 // indices live on the GPU) runs it, and its kernels range-check each index they read.
 #pragma once
 

@@ -559,13 +559,12 @@ constexpr auto kWalk = WalkTable(std::make_integer_sequence<int, kMaxVectors>{})
 // Walk for one row of x (ldxt floats between its K values): per column, a dot product of its
 // weights with x gathered at their K indices, 16 at a time. A walk of vectors would load a
 // whole vector of x per weight for one useful lane. Needs k * ldxt < 2**31 (32-bit gathers).
-// It checks the weights as it goes, instead of ResidueHolds' pass before it (at M = 1 that pass
-// cost 1.16-1.56x on TEW 75% + 12.5% and EW 90%, BUILD_NOTES.md): each column's weights in
-// that column, rows in [0, k) and rising, the columns rising inside [lo, hi); it returns false
-// at the first that is not, before reading x or writing s with it.
+// It checks the weights as it goes, instead of ResidueSound's pass before it (at M = 1, without
+// that pass TEW 75% + 12.5% and EW 90% ran 1.16-1.56x faster, BUILD_NOTES.md): each column's
+// weights in that column, rows in [0, k) and rising, the columns rising inside [lo, hi); it
+// returns false at the first that is not, before reading x or writing s with it.
 bool WalkOne(const float* xt, int64_t ldxt, const int32_t* cols, const int32_t* kr, const float* v,
              int64_t e0, int64_t e1, int64_t lo, int64_t hi, int64_t k, float* s) {
-  if (e0 > e1) return false;
   const __m512i ld = _mm512_set1_epi32(static_cast<int32_t>(ldxt));
   const __m512i kv = _mm512_set1_epi32(static_cast<int32_t>(std::min<int64_t>(k, INT32_MAX)));
   int64_t last = lo - 1;  // the previous column

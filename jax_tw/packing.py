@@ -139,8 +139,8 @@ DENSE_ABOVE = 0.75
 # sparsity then run the kernel (AVX-512 at 75%: 1.30 / 1.64 / 0.98x; AVX2: 1.31-1.56x), and TEW
 # layers at 75% whatever their residue. The rule does not depend on M: at M = 1 (one token at
 # a time) layers that are mostly residue run slower than the dense dot (EW at 70-80%, AVX2:
-# 0.62-0.92x; per residue weight the product reads 12 bytes, at memory speed), TEW at 75% + 5% at 1.03-1.59x; at M = 16-32, EW mostly above 1 (BUILD_NOTES.md,
-# "Few rows with a residue").
+# 0.62-0.92x; per residue weight the product reads 12 bytes, at memory speed), TEW at 75% + 5%
+# at 1.03-1.59x; at M = 16-32, EW mostly above 1 (BUILD_NOTES.md, "Few rows with a residue").
 RESIDUE_COST = 2.9
 
 # What a bf16 tile weight costs, relative to an f32 one (against the dense dot in the same

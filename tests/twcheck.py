@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -28,9 +29,7 @@ DENSE_LAYER_CONFIGS = [
 def subprocess_env(**extra) -> dict:
     """The environment for a test's fresh Python process: it imports the jax_tw this process
     imported (a checkout's, not an older copy installed in the same environment) and twcheck."""
-    import os
-    import jax_tw
-    path = [str(pathlib.Path(__file__).parent), str(pathlib.Path(jax_tw.__file__).parents[1])]
+    path = [str(pathlib.Path(__file__).parent), str(pathlib.Path(packing.__file__).parents[1])]
     if os.environ.get("PYTHONPATH"):
         path.append(os.environ["PYTHONPATH"])
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path), **extra}
