@@ -96,7 +96,8 @@ struct PackedTilesView {
   }
 
   // Every check, the indices included (host memory only): empty if the view is consistent;
-  // with residue = false, all but the residue's. The checks run once per call, so they are
+  // with residue = false, all but the residue's (the host kernel's work items check the residue
+  // they read; a call with no rows has none, and checks it here). The checks run once per call, so they are
   // first made in branch-free passes that the compiler vectorises (IndicesHold); only corrupt
   // tiles take the slower passes that say what is wrong (at M = 1 those took as long as the
   // product: 44% of the kernel's time with a 700k-weight residue).

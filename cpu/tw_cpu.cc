@@ -336,7 +336,7 @@ ffi::Error TwMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::Buffer<ffi::S
     const auto yd = y.dimensions();
     if (yd.size() != 2 || yd[0] != xd[0] || yd[1] != n)
       return ffi::Error::InvalidArgument("tw_matmul: output must be (M, n)");
-    // The residue is checked span by span by the work items that read it (ResidueHolds).
+    // The residue is checked span by span by the work items that read it (ResidueSound).
     std::string bad = p.Validate(/*residue=*/false);
     if (!bad.empty()) return ffi::Error::InvalidArgument("tw_matmul: corrupt packed tiles: " + bad);
 
@@ -351,7 +351,7 @@ ffi::Error TwMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::Buffer<ffi::S
     if (const char* poison = std::getenv("JAX_TW_POISON_OUTPUT"); poison && poison[0] == '1')
       std::memset(args.y, 0xff, m * n * (y_bf16 ? 2 : 4));  // all-ones bits: a NaN in both dtypes
     ResidueChecks checks;
-    checks.sound.reset(new std::atomic<bool>[Spans(p)]());
+    if (p.e > 0) checks.sound.reset(new std::atomic<bool>[Spans(p)]());  // read only with a residue
     args.residue_checks = &checks;
     if (m == 0) {  // no work item: the residue is checked here
       checks.corrupt = !p.Validate().empty();

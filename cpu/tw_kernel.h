@@ -63,7 +63,7 @@ enum class Activation : int64_t {
 // span, whether an item found its weights sound (the span's items for other rows then skip the
 // check), and whether one found them corrupt (it skips the residue and the call fails).
 struct ResidueChecks {
-  std::unique_ptr<std::atomic<bool>[]> sound;  // [Spans(p)], all false at first
+  std::unique_ptr<std::atomic<bool>[]> sound;  // [Spans(p)], all false at first (with a residue)
   std::atomic<bool> corrupt{false};
 };
 

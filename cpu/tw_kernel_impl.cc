@@ -789,7 +789,9 @@ int64_t ResidueStart(const PackedTilesView& p, int64_t t) {
   if (t >= Spans(p)) return p.e;
   int64_t lo, hi;
   Span(p, t, &lo, &hi);
-  int64_t first = 0, count = p.e;  // the first of [0, e) whose column is not below lo
+  // The first of [0, e) whose column is not below lo: std::lower_bound's loop, written out
+  // because lower_bound requires a sorted range and these indices are not checked yet.
+  int64_t first = 0, count = p.e;
   while (count > 0) {
     const int64_t half = count / 2;
     if (p.residue_cols[first + half] < lo) {
