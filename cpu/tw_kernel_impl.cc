@@ -142,21 +142,22 @@ inline vf Broadcast(const uint16_t* p) {
 #endif
 }
 
-// c[R][NR] (+)= A[kept[q]][R] * b[q][NR] over q < kc, b's rows ldb values apart (f32, or bf16
+// c[R][W * VL] (+)= A[kept[q]][R] * b[q][W * VL] over q < kc (W: vectors per row, NV in a
+// micro-tile), b's rows ldb values apart (f32, or bf16
 // widened as they are loaded: the few-rows path reads bf16 weights in place). A is one x panel
 // ([K][MR], lda unused) or, kInPlace, R rows of x (f32 or bf16) read in place, lda values
 // apart: the many-rows path's x with few kept weights (TileGemmArgs::direct_x, R = MR) and the
 // few-rows path (any R up to MR).
-template <bool kInPlace, int R = MR, class T = float, class WT = float>
+template <bool kInPlace, int R = MR, class T = float, class WT = float, int W = NV>
 inline void Micro(int64_t kc, const T* __restrict a0, int64_t lda, const int32_t* __restrict kept,
                   const WT* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc, bool accumulate) {
-  vf acc[R][NV];
+  vf acc[R][W];
   for (int i = 0; i < R; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = accumulate ? Load(c + i * ldc + v * VL) : vf{};
+    for (int v = 0; v < W; ++v) acc[i][v] = accumulate ? Load(c + i * ldc + v * VL) : vf{};
   for (int64_t q = 0; q < kc; ++q) {
     const T* a = a0 + static_cast<int64_t>(kept[q]) * (kInPlace ? 1 : MR);
-    vf bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = Load(b + q * ldb + v * VL);
+    vf bv[W];
+    for (int v = 0; v < W; ++v) bv[v] = Load(b + q * ldb + v * VL);
     for (int i = 0; i < R; ++i) {
       const T* ai_at = a + (kInPlace ? i * lda : i);
       // f32 weights: scalar * vector, a broadcast folded into the FMA; bf16 weights: Broadcast.
@@ -164,11 +165,11 @@ inline void Micro(int64_t kc, const T* __restrict a0, int64_t lda, const int32_t
         if constexpr (std::is_same_v<WT, uint16_t>) return Broadcast(ai_at);
         else return ToF32(*ai_at);
       }();
-      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
+      for (int v = 0; v < W; ++v) acc[i][v] += ai * bv[v];
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int v = 0; v < NV; ++v) Store(c + i * ldc + v * VL, acc[i][v]);
+    for (int v = 0; v < W; ++v) Store(c + i * ldc + v * VL, acc[i][v]);
 }
 
 // One panel: panel[q][i] = x[m0 + i][q], zero for rows past m. Blocks of 16 columns go through
@@ -1000,19 +1001,41 @@ constexpr std::array<FewMicroFn<T, WT>, sizeof...(R)> FewMicroTable(std::integer
 template <class T, class WT>
 constexpr auto kFewMicro = FewMicroTable<T, WT>(std::make_integer_sequence<int, MR>{});
 
+// Up to kWideRows rows of x with the weights in place, the tile's columns go in strips of
+// kWide vectors (AVX-512: 128 f32 columns; AVX2: 64) instead of NR: each kept row's weights are
+// then read 8 vectors at a time, not NV of each row in turn, one micro-panel after another.
+// TW-2D 75% at M = 1-8: 1.01-1.52x with the weights in L2 or L3, 1.4-1.7x from memory
+// (BUILD_NOTES.md, "Wide strips for few rows").
+constexpr int kWide = 8;
+constexpr int kWideRows = VL == 16 ? 3 : VL == 8 ? 1 : 0;
+template <class T, class WT, int... R>
+constexpr std::array<FewMicroFn<T, WT>, sizeof...(R)> WideMicroTable(std::integer_sequence<int, R...>) {
+  return {&Micro<true, R + 1, T, WT, kWide>...};
+}
+template <class T, class WT>
+constexpr auto kWideMicro = WideMicroTable<T, WT>(std::make_integer_sequence<int, kWideRows>{});
+
 // The tile's blocks of up to MR rows (x's rows [m_begin, m_begin + rows), T) and NR columns
 // into acc (rows x gp): micro-panel j's row q at w + j * stride + q * ldb. In the packed values
-// ldb = g and stride = NR; in a copy (PackWeights) ldb = NR and stride = depth * NR.
+// (in_place) ldb = g and stride = NR, and up to kWideRows rows go in wider strips; in a copy
+// (PackWeights) ldb = NR and stride = depth * NR.
 template <class T, class WT>
 void FewBlocks(const TileGemmArgs& args, int64_t m_begin, int64_t rows, int64_t tile, const WT* w, int64_t ldb,
-               int64_t stride, float* acc, int64_t gp) {
+               int64_t stride, bool in_place, float* acc, int64_t gp) {
   const PackedTilesView& p = *args.p;
   const int64_t depth = p.depth(tile), width = p.width(tile);
   const int32_t* kept = p.rows + p.row_offsets[tile];
   for (int64_t i0 = 0; i0 < rows; i0 += MR) {
     const int64_t r = std::min<int64_t>(MR, rows - i0);
     const T* a = static_cast<const T*>(args.x) + (m_begin + i0) * p.k;
-    for (int64_t jp = 0; jp < width; jp += NR)
+    int64_t jp = 0;
+    if constexpr (kWideRows > 0) {
+      if (in_place && r <= kWideRows) {
+        for (; jp + kWide * VL <= gp; jp += kWide * VL)
+          kWideMicro<T, WT>[r - 1](depth, a, p.k, kept, w + jp, ldb, acc + i0 * gp + jp, gp, false);
+      }
+    }
+    for (; jp < width; jp += NR)
       kFewMicro<T, WT>[r - 1](depth, a, p.k, kept, w + (jp / NR) * stride, ldb, acc + i0 * gp + jp, gp, false);
   }
 }
@@ -1040,15 +1063,16 @@ void Few(const TileGemmArgs& args, int64_t tile, int64_t m_begin, int64_t m_end)
   if (p.g % NR == 0 && (!args.bf16 || rows <= MR)) {  // in place
     const int64_t at = p.row_offsets[tile] * p.g;
     if (args.bf16)
-      FewBlocks<uint16_t>(args, m_begin, rows, tile, static_cast<const uint16_t*>(args.values) + at, p.g, NR, acc,
-                          gp);
+      FewBlocks<uint16_t>(args, m_begin, rows, tile, static_cast<const uint16_t*>(args.values) + at, p.g, NR, true,
+                          acc, gp);
     else
-      FewBlocks<float>(args, m_begin, rows, tile, static_cast<const float*>(args.values) + at, p.g, NR, acc, gp);
+      FewBlocks<float>(args, m_begin, rows, tile, static_cast<const float*>(args.values) + at, p.g, NR, true, acc,
+                       gp);
   } else {
     float* panels = scratch.few_weights.Get(gp * depth);
     PackWeights(args, tile, panels);
-    if (args.bf16) FewBlocks<uint16_t>(args, m_begin, rows, tile, panels, NR, depth * NR, acc, gp);
-    else FewBlocks<float>(args, m_begin, rows, tile, panels, NR, depth * NR, acc, gp);
+    if (args.bf16) FewBlocks<uint16_t>(args, m_begin, rows, tile, panels, NR, depth * NR, false, acc, gp);
+    else FewBlocks<float>(args, m_begin, rows, tile, panels, NR, depth * NR, false, acc, gp);
   }
   Epilogue(args, tile, m_begin, rows, acc, gp, xt, scratch);
 }

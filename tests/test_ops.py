@@ -667,6 +667,22 @@ def test_host_few_rows_weights_in_place_or_copied(g, m, pattern, dtype):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
+@pytest.mark.parametrize("g", [128, 160, 256])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("pattern", [patterns.TW2D(), patterns.TEW(residue=0.05)])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_host_few_rows_in_wide_strips(g, m, pattern, dtype):
+    """Work items of up to 3 rows (AVX-512; AVX2: 1) with the weights in place read each tile in
+    strips of 8 vectors (128 f32 columns; AVX2: 64), the rest of its padded width in micro-panels:
+    G = 128 one strip, 160 a strip and a micro-panel, 256 two strips; the last tile partial
+    (width 131: a strip and micro-panels), tiles with no kept rows. 13 tiles: each item has all M
+    rows. Against the float64 reference."""
+    n = 12 * g + 131
+    _, _, p = _layer(300, n, g, 0.5, dtype, empty_tiles=True, seed=g + m, pattern=pattern)
+    _check_host(p, m, seed=m)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
 @pytest.mark.parametrize("g", [32, 48, 128])
 @pytest.mark.parametrize("m", [40, 300])
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
