@@ -6,6 +6,7 @@
     python -m jax_tw.bench --shapes both -m 16384 --dtype bfloat16 --backend cuda,pallas   # on a GPU
     python -m jax_tw.bench --pattern tew --residue 0.05 --sparsities 0.75
     python -m jax_tw.bench --peers                # adds jax.experimental.sparse BCOO, same masks
+    python -m jax_tw.bench -m 1 --cold            # one token; weights read from memory, not caches
 
 ``--backend`` takes a comma-separated list: every backend gets its own column in the table,
 timed in the same interleaved run as the dense dot. ``--peers`` adds a ``bcoo`` column: the
@@ -18,6 +19,14 @@ their ratio (dense time / TW time), and the fraction of the ideal speedup ``1 / 
 sample is several calls queued back to back (``--inner``; on a CPU by default as many as make
 every sample last about as long as the others: ``time_interleaved``).
 Masks are TW-2D from random magnitudes, G = 128 unless ``--tile-size`` says otherwise.
+
+By default every call multiplies by the same weights, which after the first call sit in the
+CPU's caches as far as they fit. In a model each layer's weights are read once per step, from
+memory once the model outgrows the last-level cache; with few rows (one token at a time) that
+read is most of the call. ``--cold`` times that case: each sample runs a chain of distinct layers
+of the shape (each with its own random weights and masks, each call waiting on the one before,
+in one ``jax.jit``) whose dense weights add up to at least :func:`cold_bytes`, and reports the
+time per layer. ``--layers N`` sets the chain's length instead.
 """
 
 from __future__ import annotations
@@ -79,6 +88,40 @@ def time_pair(f_dense, f_tw, args_dense, args_tw, repeats: int, inner: int | Non
     return t_dense, t_tw
 
 
+def cold_bytes() -> int:
+    """Bytes of dense weights a ``--cold`` chain holds at least: 256 MiB, or 4x the largest CPU
+    cache Linux reports (``/sys/devices/system/cpu/cpu0/cache``), whichever is more."""
+    import glob
+    import re
+    largest = 0
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                size = re.fullmatch(r"(\d+)([KMG]?)", f.read().strip())
+        except OSError:
+            continue
+        if size:
+            largest = max(largest, int(size[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[size[2]])
+    return max(256 << 20, 4 * largest)
+
+
+# Times a --cold sample runs its chain of layers: one dispatch from Python (which flattens every
+# layer's arrays, about 1.6 ms for 48 packed layers here) is spread over all of them.
+CHAIN_ROUNDS = 4
+
+
+def chain(step, rounds: int = CHAIN_ROUNDS):
+    """``jax.jit`` of ``x, operands -> x`` that calls ``step(x, a)`` for each ``a`` in turn,
+    ``rounds`` times over, each call waiting on the one before (x[0, 0] takes a vanishing share
+    of its result)."""
+    def once(_, x, operands):
+        for a in operands:
+            y = step(x, a)
+            x = x.at[0, 0].add((y[0, 0] * 1e-30).astype(x.dtype))
+        return x
+    return jax.jit(lambda x, operands: jax.lax.fori_loop(0, rounds, functools.partial(once, operands=operands), x))
+
+
 def bcoo_matmul(x, w_t):
     """``x @ W`` with ``W^T`` (N, K) a BCOO matrix: the sparse operand on the left, as
     ``jax.experimental.sparse`` multiplies best."""
@@ -88,7 +131,7 @@ def bcoo_matmul(x, w_t):
 
 def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backend: str | None,
         seed: int = 0, pattern: str = "tw2d", inner: int | None = 1, residue: float | None = None,
-        peers: bool = False, progress=None) -> list[dict[str, Any]]:
+        peers: bool = False, progress=None, layers: int | None = 1) -> list[dict[str, Any]]:
     """Times every (shape, dtype, sparsity); returns one row dict per measurement and backend.
 
     ``backend``: a name, a comma-separated list of names (each timed in the same interleaved
@@ -98,49 +141,57 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
     (:func:`bcoo_matmul`) to every measurement. ``inner``: calls per timed sample, or None
     (:func:`time_interleaved`). ``progress`` is called with each row as it
     is made. A contender that raises or computes a wrong product is not timed: its row has
-    ``'error'`` (and NaN times)."""
+    ``'error'`` (and NaN times). ``layers``: each timed call runs a :func:`chain` of that many
+    distinct layers of the shape (their times per layer are reported); None: enough that their
+    dense weights fill :func:`cold_bytes`. The first layer's product is the one checked."""
     make_masks = patterns.get(pattern, **({} if residue is None else {"residue": residue}))
     rng = np.random.default_rng(seed)
     names = [ops.backend_for(b) for b in (backend.split(",") if backend else [None])]
-    dense_fn = jax.jit(lambda x, w: jnp.dot(x, w))
-    tw_fns = [jax.jit(functools.partial(lambda x, p, name: ops.tw_matmul(x, p, backend=name), name=b))
-              for b in names]
+    steps = [functools.partial(lambda x, p, name: ops.tw_matmul(x, p, backend=name), name=b) for b in names]
     if peers:
         from jax.experimental import sparse
         names = names + ["bcoo"]
-        tw_fns = tw_fns + [jax.jit(bcoo_matmul)]
+        steps = steps + [bcoo_matmul]
+    dense_fn, dense_chain = jax.jit(jnp.dot), chain(jnp.dot)
+    tw_fns, tw_chains = [jax.jit(f) for f in steps], [chain(f) for f in steps]
     rows = []
     for k, n in shapes:
-        w32 = rng.normal(size=(k, n)).astype(np.float32)
+        w32s = [rng.normal(size=(k, n)).astype(np.float32)]
         x32 = rng.normal(size=(m, k)).astype(np.float32)
         for dtype in dtypes:
-            w = w32.astype(dtype)
+            count = layers or -(-cold_bytes() // (k * n * np.dtype(dtype).itemsize))
+            while len(w32s) < count:
+                w32s.append(rng.normal(size=(k, n)).astype(np.float32))
             x = jnp.asarray(x32.astype(dtype))
-            wj = jnp.asarray(w)
+            ws = [w32.astype(dtype) for w32 in w32s[:count]]
+            wjs = [jnp.asarray(w) for w in ws]
             for s in sparsities:
-                [mask] = make_masks([np.abs(w32)], s, tile_size=tile_size, min_keep=0.0)
-                p = jax.device_put(packing.pack(w, jax.tree.map(np.asarray, mask), tile_size,
-                                                keep_dense=False))
-                operands = [p] * (len(tw_fns) - peers)
-                if peers:  # the same masked kernel, transposed, as BCOO
-                    operands.append(sparse.BCOO.fromdense(jnp.asarray(packing.unpack(p).T)))
+                ps = [jax.device_put(packing.pack(
+                    w, jax.tree.map(np.asarray, make_masks([np.abs(w32)], s, tile_size=tile_size, min_keep=0.0)[0]),
+                    tile_size, keep_dense=False)) for w, w32 in zip(ws, w32s)]
+                p = ps[0]
+                operands = [ps] * (len(tw_fns) - peers)
+                if peers:  # the same masked kernels, transposed, as BCOO
+                    operands.append([sparse.BCOO.fromdense(jnp.asarray(packing.unpack(q).T)) for q in ps])
                 # Every contender computes the same product: a wrong one (or one that raises)
                 # is not timed; its row carries the error instead (main() then exits 1).
                 want = np.asarray(x, np.float32) @ packing.unpack(p).astype(np.float32)
                 tol = 1e-3 if np.dtype(dtype) == np.float32 else 5e-2
                 scale = np.abs(want).max()
                 good, errors = [], {}
-                for name, f, a in zip(names, tw_fns, operands):
+                for name, f, fc, a in zip(names, tw_fns, tw_chains, operands):
                     try:
-                        got = np.asarray(f(x, a), np.float32)
+                        got = np.asarray(f(x, a[0]), np.float32)
                         if not np.allclose(got, want, rtol=tol, atol=tol * scale):
                             err = np.abs(got - want).max() / scale
                             raise AssertionError(f"wrong product (max error {err:.2e} of max |y|)")
-                        good.append((name, f, a))
+                        good.append((name, f, a[0]) if count == 1 else (name, fc, a))
                     except Exception as e:  # recorded and reported, so the other rows still run
                         errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-                t_dense, *t_tws = time_interleaved(
-                    [(dense_fn, (x, wj))] + [(f, (x, a)) for _, f, a in good], repeats, inner)
+                dense_call = (dense_fn, (x, wjs[0])) if count == 1 else (dense_chain, (x, wjs))
+                calls_per_sample = 1 if count == 1 else count * CHAIN_ROUNDS
+                t_dense, *t_tws = (t / calls_per_sample for t in time_interleaved(
+                    [dense_call] + [(f, (x, a)) for _, f, a in good], repeats, inner))
                 times = dict(zip([g[0] for g in good], t_tws))
                 for name in names:
                     t_tw = times.get(name, float("nan"))
@@ -148,7 +199,7 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
                     rows.append({
                         "k": k, "n": n, "m": m, "dtype": np.dtype(dtype).name, "pattern": pattern,
                         "sparsity": s, "measured_sparsity": 1.0 - p.density(), "backend": name,
-                        "dense_ms": 1e3 * t_dense, "tw_ms": 1e3 * t_tw, "ratio": ratio,
+                        "layers": count, "dense_ms": 1e3 * t_dense, "tw_ms": 1e3 * t_tw, "ratio": ratio,
                         "fraction_of_ideal": ratio * (1.0 - s),
                         **({"error": errors[name]} if name in errors else {}),
                     })
@@ -174,6 +225,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for b in backends:
         head += f" {b + ' ms':>10} {'ratio':>6} {'of ideal':>8}"
     lines = [head, "-" * len(head)]
+    chained = sorted({r.get("layers", 1) for r in rows} - {1})
+    if chained:  # --cold or --layers
+        lines.insert(0, f"times per layer: each sample a chain of {'/'.join(map(str, chained))} distinct "
+                        f"layers, {CHAIN_ROUNDS} rounds")
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["m"], r["k"], r["n"], r["dtype"], r["pattern"], r["sparsity"]), {})[r["backend"]] = r
@@ -224,6 +279,12 @@ def main(argv=None) -> list[dict[str, Any]]:
                     help="TEW's residue fraction (default: the pattern's own, 0.05)")
     ap.add_argument("--peers", action="store_true",
                     help="also time jax.experimental.sparse BCOO on the same masked kernel")
+    ap.add_argument("--cold", action="store_true",
+                    help="weights read from memory: each sample chains distinct layers of the shape "
+                         "whose dense weights fill at least cold_bytes() (256 MiB or 4x the largest "
+                         "cache); times are per layer")
+    ap.add_argument("--layers", type=int, default=1,
+                    help="distinct layers chained in each sample (--cold chooses this); times are per layer")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--backend", default=None,
                     help="xla, cpu, cuda, pallas or dense, or a comma-separated list of them, each "
@@ -246,7 +307,8 @@ def main(argv=None) -> list[dict[str, Any]]:
     inner = args.inner or (20 if jax.default_backend() == "gpu" else None)
     rows = run(shapes, m, dtypes, sparsities, args.tile_size, repeats, args.backend,
                pattern=args.pattern, inner=inner, residue=args.residue, peers=args.peers,
-               progress=lambda r: print(format_row(r), file=sys.stderr, flush=True))
+               progress=lambda r: print(format_row(r), file=sys.stderr, flush=True),
+               layers=None if args.cold else args.layers)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

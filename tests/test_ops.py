@@ -942,6 +942,32 @@ def test_bench_peers_and_residue(capsys):
         assert r["pattern"] == "tew" and r["tw_ms"] > 0
         assert abs(r["measured_sparsity"] - r["sparsity"]) < 0.05
 
+def test_bench_layers_chains_distinct_layers(monkeypatch, capsys):
+    """--layers 3: each sample runs a chain of 3 distinct layers, CHAIN_ROUNDS rounds, and the
+    times are per layer; every layer is packed from its own weights. In a chain each call's
+    result reaches the next call's x, in order, round after round."""
+    from jax_tw import bench
+    packed = []
+    real_pack = bench.packing.pack
+
+    def pack(w, *args, **kwargs):
+        packed.append(np.asarray(w, np.float32))
+        return real_pack(w, *args, **kwargs)
+
+    monkeypatch.setattr(bench.packing, "pack", pack)
+    rows = bench.main(["--quick", "--layers", "3", "--backend", "xla"])
+    assert [r["layers"] for r in rows] == [3] * 3 and all(np.isfinite(r["ratio"]) for r in rows)
+    assert f"chain of 3 distinct layers, {bench.CHAIN_ROUNDS} rounds" in capsys.readouterr().out
+    # 3 sparsities x 3 layers: each sparsity packs the same 3 distinct weights
+    assert len(packed) == 9 and not np.array_equal(packed[0], packed[1]) and np.array_equal(packed[1], packed[4])
+    # y[0, 0] = (x[0, 0] * a + 1) * 1e30, of which x[0, 0] takes 1e-30: x -> x * (1 + a) + 1,
+    # a = 2, 3, 2, 3: 0 -> 1 -> 5 -> 16 -> 65.
+    f = bench.chain(lambda x, a: (x @ a) * 1e30 + 1e30, rounds=2)
+    got = np.asarray(f(jnp.zeros((2, 4)), [jnp.eye(4) * 2, jnp.eye(4) * 3]))
+    np.testing.assert_allclose(got[0, 0], 65.0, rtol=1e-5)
+    assert bench.cold_bytes() >= 256 << 20
+
+
 
 def test_bench_reports_a_wrong_backend_and_times_the_rest(monkeypatch, capsys):
     """A contender that computes a wrong product is not timed: its rows carry the error, the
