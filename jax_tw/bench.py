@@ -25,7 +25,7 @@ CPU's caches as far as they fit. In a model each layer's weights are read once p
 memory once the model outgrows the last-level cache; with few rows (one token at a time) that
 read is most of the call. ``--cold`` times that case: each sample runs a chain of distinct layers
 of the shape (each with its own random weights and masks, each call waiting on the one before,
-in one ``jax.jit``) whose dense weights add up to at least :func:`cold_bytes`, and reports the
+in one ``jax.jit``) whose weights (dense and packed) outgrow the caches (:func:`cold_layers`), and reports the
 time per layer. ``--layers N`` sets the chain's length instead.
 """
 
@@ -88,9 +88,8 @@ def time_pair(f_dense, f_tw, args_dense, args_tw, repeats: int, inner: int | Non
     return t_dense, t_tw
 
 
-def cold_bytes() -> int:
-    """Bytes of dense weights a ``--cold`` chain holds at least: 256 MiB, or 4x the largest CPU
-    cache Linux reports (``/sys/devices/system/cpu/cpu0/cache``), whichever is more."""
+def largest_cache_bytes() -> int:
+    """The largest CPU cache Linux reports (``/sys/devices/system/cpu/cpu0/cache``), 0 if none."""
     import glob
     import re
     largest = 0
@@ -102,7 +101,15 @@ def cold_bytes() -> int:
             continue
         if size:
             largest = max(largest, int(size[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[size[2]])
-    return max(256 << 20, 4 * largest)
+    return largest
+
+
+def cold_layers(dense_bytes: int, packed_bytes: int) -> int:
+    """Layers in a ``--cold`` chain: enough that their dense weights fill 256 MiB and 4x the
+    largest cache, and their packed tiles twice it (64 MiB where no cache size is known), so
+    that a round of the chain finds none of its layers still cached from the round before."""
+    cache = largest_cache_bytes()
+    return max(-(-max(256 << 20, 4 * cache) // dense_bytes), -(-max(64 << 20, 2 * cache) // packed_bytes))
 
 
 # Times a --cold sample runs its chain of layers: one dispatch from Python (which flattens every
@@ -142,8 +149,8 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
     (:func:`time_interleaved`). ``progress`` is called with each row as it
     is made. A contender that raises or computes a wrong product is not timed: its row has
     ``'error'`` (and NaN times). ``layers``: each timed call runs a :func:`chain` of that many
-    distinct layers of the shape (their times per layer are reported); None: enough that their
-    dense weights fill :func:`cold_bytes`. The first layer's product is the one checked."""
+    distinct layers of the shape (their times per layer are reported); None: as many as
+    :func:`cold_layers` asks. The first layer's product is the one checked."""
     make_masks = patterns.get(pattern, **({} if residue is None else {"residue": residue}))
     rng = np.random.default_rng(seed)
     names = [ops.backend_for(b) for b in (backend.split(",") if backend else [None])]
@@ -159,17 +166,24 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
         w32s = [rng.normal(size=(k, n)).astype(np.float32)]
         x32 = rng.normal(size=(m, k)).astype(np.float32)
         for dtype in dtypes:
-            count = layers or -(-cold_bytes() // (k * n * np.dtype(dtype).itemsize))
-            while len(w32s) < count:
-                w32s.append(rng.normal(size=(k, n)).astype(np.float32))
             x = jnp.asarray(x32.astype(dtype))
-            ws = [w32.astype(dtype) for w32 in w32s[:count]]
-            wjs = [jnp.asarray(w) for w in ws]
+
+            def layer(i, s):  # layer i's dense weights and packed tiles at sparsity s
+                while len(w32s) <= i:
+                    w32s.append(rng.normal(size=(k, n)).astype(np.float32))
+                w = w32s[i].astype(dtype)
+                [mask] = make_masks([np.abs(w32s[i])], s, tile_size=tile_size, min_keep=0.0)
+                p = packing.pack(w, jax.tree.map(np.asarray, mask), tile_size, keep_dense=False)
+                return jnp.asarray(w), jax.device_put(p)
+
             for s in sparsities:
-                ps = [jax.device_put(packing.pack(
-                    w, jax.tree.map(np.asarray, make_masks([np.abs(w32)], s, tile_size=tile_size, min_keep=0.0)[0]),
-                    tile_size, keep_dense=False)) for w, w32 in zip(ws, w32s)]
-                p = ps[0]
+                wj, p = layer(0, s)
+                wjs, ps = [wj], [p]
+                count = layers or cold_layers(wj.nbytes, sum(a.nbytes for a in jax.tree.leaves(p)))
+                for i in range(1, count):
+                    wj, q = layer(i, s)
+                    wjs.append(wj)
+                    ps.append(q)
                 operands = [ps] * (len(tw_fns) - peers)
                 if peers:  # the same masked kernels, transposed, as BCOO
                     operands.append([sparse.BCOO.fromdense(jnp.asarray(packing.unpack(q).T)) for q in ps])
@@ -280,9 +294,8 @@ def main(argv=None) -> list[dict[str, Any]]:
     ap.add_argument("--peers", action="store_true",
                     help="also time jax.experimental.sparse BCOO on the same masked kernel")
     ap.add_argument("--cold", action="store_true",
-                    help="weights read from memory: each sample chains distinct layers of the shape "
-                         "whose dense weights fill at least cold_bytes() (256 MiB or 4x the largest "
-                         "cache); times are per layer")
+                    help="weights read from memory: each sample chains distinct layers of the shape, "
+                         "as many as outgrow the caches (cold_layers); times are per layer")
     ap.add_argument("--layers", type=int, default=1,
                     help="distinct layers chained in each sample (--cold chooses this); times are per layer")
     ap.add_argument("--repeats", type=int, default=7)

@@ -965,7 +965,7 @@ def test_bench_layers_chains_distinct_layers(monkeypatch, capsys):
     f = bench.chain(lambda x, a: (x @ a) * 1e30 + 1e30, rounds=2)
     got = np.asarray(f(jnp.zeros((2, 4)), [jnp.eye(4) * 2, jnp.eye(4) * 3]))
     np.testing.assert_allclose(got[0, 0], 65.0, rtol=1e-5)
-    assert bench.cold_bytes() >= 256 << 20
+    assert bench.cold_layers(1 << 20, 1 << 18) >= max(256, (64 << 20) // (1 << 18))
 
 
 
