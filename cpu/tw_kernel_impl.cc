@@ -1004,8 +1004,9 @@ constexpr auto kFewMicro = FewMicroTable<T, WT>(std::make_integer_sequence<int, 
 // Up to kWideRows rows of x with the weights in place, the tile's columns go in strips of
 // kWide vectors (AVX-512: 128 f32 columns; AVX2: 64) instead of NR: each kept row's weights are
 // then read 8 vectors at a time, not NV of each row in turn, one micro-panel after another.
-// TW-2D 75% at M = 1-8: 1.01-1.52x with the weights in L2 or L3, 1.4-1.7x from memory
-// (BUILD_NOTES.md, "Wide strips for few rows").
+// With the weights in memory (a model's layers, each read once per step) one row ran 1.15-2.16x
+// faster; with them in the caches 0.92-1.04x at one row, 1.04-1.19x at 2-8 rows (BUILD_NOTES.md,
+// "Weights from memory").
 constexpr int kWide = 8;
 constexpr int kWideRows = VL == 16 ? 3 : VL == 8 ? 1 : 0;
 template <class T, class WT, int... R>
