@@ -684,6 +684,30 @@ def test_host_few_rows_in_wide_strips(g, m, pattern, dtype):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
 @pytest.mark.parametrize("g", [32, 48, 128])
+@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("residue", [0.0, 0.05])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_host_few_rows_few_tiles(g, m, residue, dtype):
+    """Calls with few rows on layers of 1-3 tiles (fewer work items than threads, or one more):
+    tiles with 1 kept row, none, 7, 150 and all 300, a partial last tile, weights read in place
+    (G = 32, 128) or copied (G = 48 on AVX-512), an element-wise residue, f32 and bf16. Against
+    the float64 reference."""
+    k = 300
+    rng = np.random.default_rng(g + m)
+    for depths in [(1,), (0, 7), (300, 150, 2)]:
+        n = len(depths) * g - g // 3
+        w = rng.normal(size=(k, n)).astype(dtype)
+        rows = np.zeros((len(depths), k), bool)
+        for t, depth in enumerate(depths):
+            rows[t, rng.choice(k, depth, replace=False)] = True
+        mask = {"columns": np.ones(n, bool), "rows": rows, "elements": rng.random((k, n)) < residue}
+        p = packing.pack(w, mask, g, keep_dense=False)
+        assert np.diff(np.asarray(p.row_offsets)).tolist() == list(depths)
+        _check_host(p, m, seed=m + len(depths))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
+@pytest.mark.parametrize("g", [32, 48, 128])
 @pytest.mark.parametrize("m", [40, 300])
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_host_weights_copied_per_item_or_per_call(g, m, dtype):
