@@ -141,6 +141,9 @@ DENSE_ABOVE = 0.75
 # a time) layers that are mostly residue run slower than the dense dot (EW at 70-80%, AVX2:
 # 0.62-0.92x; per residue weight the product reads 12 bytes, at memory speed), TEW at 75% + 5%
 # at 1.03-1.59x; at M = 16-32, EW mostly above 1 (BUILD_NOTES.md, "Few rows with a residue").
+# Those layers' weights were in the caches; read from memory, as in a model (`python -m
+# jax_tw.bench -m 1 --cold`), f32 TEW at 75% + 5% and + 12.5% ran 1.41-2.27x faster than the
+# dense dot on the AVX-512 machine (BUILD_NOTES.md, "Weights from memory").
 RESIDUE_COST = 2.9
 
 # What a bf16 tile weight costs, relative to an f32 one (against the dense dot in the same
