@@ -25,8 +25,8 @@ CPU's caches as far as they fit. In a model each layer's weights are read once p
 memory once the model outgrows the last-level cache; with few rows (one token at a time) that
 read is most of the call. ``--cold`` times that case: each sample runs a chain of distinct layers
 of the shape (each with its own random weights and masks, each call waiting on the one before,
-in one ``jax.jit``) whose weights (dense and packed) outgrow the caches (:func:`cold_layers`), and reports the
-time per layer. ``--layers N`` sets the chain's length instead.
+in one ``jax.jit``) whose weights, dense and packed, outgrow the caches (:func:`cold_layers`),
+and reports the time per layer. ``--layers N`` sets the chain's length instead.
 """
 
 from __future__ import annotations
@@ -151,6 +151,8 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
     ``'error'`` (and NaN times). ``layers``: each timed call runs a :func:`chain` of that many
     distinct layers of the shape (their times per layer are reported); None: as many as
     :func:`cold_layers` asks. The first layer's product is the one checked."""
+    if layers is not None and (not isinstance(layers, (int, np.integer)) or layers < 1):
+        raise ValueError(f"layers must be a positive int (or None: as many as cold_layers asks), got {layers!r}")
     make_masks = patterns.get(pattern, **({} if residue is None else {"residue": residue}))
     rng = np.random.default_rng(seed)
     names = [ops.backend_for(b) for b in (backend.split(",") if backend else [None])]
@@ -293,11 +295,12 @@ def main(argv=None) -> list[dict[str, Any]]:
                     help="TEW's residue fraction (default: the pattern's own, 0.05)")
     ap.add_argument("--peers", action="store_true",
                     help="also time jax.experimental.sparse BCOO on the same masked kernel")
-    ap.add_argument("--cold", action="store_true",
-                    help="weights read from memory: each sample chains distinct layers of the shape, "
-                         "as many as outgrow the caches (cold_layers); times are per layer")
-    ap.add_argument("--layers", type=int, default=1,
-                    help="distinct layers chained in each sample (--cold chooses this); times are per layer")
+    chained = ap.add_mutually_exclusive_group()
+    chained.add_argument("--cold", action="store_true",
+                         help="weights read from memory: each sample chains distinct layers of the "
+                              "shape, as many as outgrow the caches (cold_layers); times per layer")
+    chained.add_argument("--layers", type=int, default=1,
+                         help="distinct layers chained in each sample (at least 1); times per layer")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--backend", default=None,
                     help="xla, cpu, cuda, pallas or dense, or a comma-separated list of them, each "
@@ -309,6 +312,8 @@ def main(argv=None) -> list[dict[str, Any]]:
     ap.add_argument("--plot", help="draw speedup vs sparsity to this PNG")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and repeats (smoke test)")
     args = ap.parse_args(argv)
+    if args.layers < 1:
+        ap.error(f"--layers must be at least 1, got {args.layers}")
 
     shapes = {"base": BERT_BASE, "large": BERT_LARGE, "both": BERT_BASE + BERT_LARGE}[args.shapes]
     dtypes = {"float32": [np.float32], "bfloat16": [jnp.bfloat16],

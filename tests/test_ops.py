@@ -990,6 +990,15 @@ def test_bench_layers_chains_distinct_layers(monkeypatch, capsys):
     got = np.asarray(f(jnp.zeros((2, 4)), [jnp.eye(4) * 2, jnp.eye(4) * 3]))
     np.testing.assert_allclose(got[0, 0], 65.0, rtol=1e-5)
     assert bench.cold_layers(1 << 20, 1 << 18) >= max(256, (64 << 20) // (1 << 18))
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match=f"layers must be a positive int.*got {bad}"):
+            bench.run([(96, 160)], 4, [np.float32], [0.5], 16, 1, "xla", layers=bad)
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--layers", "0"])
+    assert "--layers must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--layers", "2", "--cold"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 
