@@ -36,6 +36,7 @@ import functools
 import json
 import sys
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -112,6 +113,11 @@ def cold_layers(dense_bytes: int, packed_bytes: int) -> int:
     return max(-(-max(256 << 20, 4 * cache) // dense_bytes), -(-max(64 << 20, 2 * cache) // packed_bytes))
 
 
+# Most layers a --cold chain holds: compiling and packing thousands of layers of a tiny shape
+# took minutes (`--quick --cold`: over 5 minutes for its first row). Capped, a chain of small
+# layers may fit in the caches; run() warns when it does.
+MAX_COLD_LAYERS = 1024
+
 # Times a --cold sample runs its chain of layers: one dispatch from Python (which flattens every
 # layer's arrays, about 1.6 ms for 48 packed layers here) is spread over all of them.
 CHAIN_ROUNDS = 4
@@ -150,7 +156,8 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
     is made. A contender that raises or computes a wrong product is not timed: its row has
     ``'error'`` (and NaN times). ``layers``: each timed call runs a :func:`chain` of that many
     distinct layers of the shape (their times per layer are reported); None: as many as
-    :func:`cold_layers` asks. The first layer's product is the one checked."""
+    :func:`cold_layers` asks, at most ``MAX_COLD_LAYERS`` (with a warning). The first layer's
+    product is the one checked."""
     if layers is not None and (not isinstance(layers, (int, np.integer)) or layers < 1):
         raise ValueError(f"layers must be a positive int (or None: as many as cold_layers asks), got {layers!r}")
     make_masks = patterns.get(pattern, **({} if residue is None else {"residue": residue}))
@@ -181,7 +188,14 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
             for s in sparsities:
                 wj, p = layer(0, s)
                 wjs, ps = [wj], [p]
-                count = layers or cold_layers(wj.nbytes, sum(a.nbytes for a in jax.tree.leaves(p)))
+                count = layers
+                if count is None:
+                    count = cold_layers(wj.nbytes, sum(a.nbytes for a in jax.tree.leaves(p)))
+                    if count > MAX_COLD_LAYERS:
+                        warnings.warn(f"--cold: {k}x{n} {np.dtype(dtype).name} at {s:.0%} needs {count} "
+                                      f"layers to outgrow the caches; timing {MAX_COLD_LAYERS} "
+                                      f"(MAX_COLD_LAYERS), whose weights may stay cached", stacklevel=2)
+                        count = MAX_COLD_LAYERS
                 for i in range(1, count):
                     wj, q = layer(i, s)
                     wjs.append(wj)

@@ -990,6 +990,10 @@ def test_bench_layers_chains_distinct_layers(monkeypatch, capsys):
     got = np.asarray(f(jnp.zeros((2, 4)), [jnp.eye(4) * 2, jnp.eye(4) * 3]))
     np.testing.assert_allclose(got[0, 0], 65.0, rtol=1e-5)
     assert bench.cold_layers(1 << 20, 1 << 18) >= max(256, (64 << 20) // (1 << 18))
+    monkeypatch.setattr(bench, "MAX_COLD_LAYERS", 2)
+    with pytest.warns(UserWarning, match=r"needs \d+ layers to outgrow the caches; timing 2"):
+        [row] = bench.run([(96, 160)], 4, [np.float32], [0.5], 16, 1, "xla", layers=None)
+    assert row["layers"] == 2 and np.isfinite(row["ratio"])
     for bad in (0, -2, 1.5):
         with pytest.raises(ValueError, match=f"layers must be a positive int.*got {bad}"):
             bench.run([(96, 160)], 4, [np.float32], [0.5], 16, 1, "xla", layers=bad)
