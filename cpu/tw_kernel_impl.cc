@@ -991,15 +991,16 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
   }
 }
 
-// kFewMicro<T, WT>[r - 1]: Micro<true, r, T, WT>, for the few-rows path's r rows of x in place.
+// FewMicroTable<T, WT, W>(0..n-1)[r - 1]: Micro<true, r, T, WT, W>, for the few-rows path's r
+// rows of x in place, W vectors wide.
 template <class T, class WT>
 using FewMicroFn = decltype(&Micro<true, 1, T, WT>);
-template <class T, class WT, int... R>
+template <class T, class WT, int W, int... R>
 constexpr std::array<FewMicroFn<T, WT>, sizeof...(R)> FewMicroTable(std::integer_sequence<int, R...>) {
-  return {&Micro<true, R + 1, T, WT>...};
+  return {&Micro<true, R + 1, T, WT, W>...};
 }
 template <class T, class WT>
-constexpr auto kFewMicro = FewMicroTable<T, WT>(std::make_integer_sequence<int, MR>{});
+constexpr auto kFewMicro = FewMicroTable<T, WT, NV>(std::make_integer_sequence<int, MR>{});
 
 // Up to kWideRows rows of x with the weights in place, the tile's columns go in strips of
 // kWide vectors (AVX-512: 128 f32 columns; AVX2: 64) instead of NR: each kept row's weights are
@@ -1009,12 +1010,8 @@ constexpr auto kFewMicro = FewMicroTable<T, WT>(std::make_integer_sequence<int, 
 // "Weights from memory").
 constexpr int kWide = 8;
 constexpr int kWideRows = VL == 16 ? 3 : VL == 8 ? 1 : 0;
-template <class T, class WT, int... R>
-constexpr std::array<FewMicroFn<T, WT>, sizeof...(R)> WideMicroTable(std::integer_sequence<int, R...>) {
-  return {&Micro<true, R + 1, T, WT, kWide>...};
-}
 template <class T, class WT>
-constexpr auto kWideMicro = WideMicroTable<T, WT>(std::make_integer_sequence<int, kWideRows>{});
+constexpr auto kWideMicro = FewMicroTable<T, WT, kWide>(std::make_integer_sequence<int, kWideRows>{});
 
 // The tile's blocks of up to MR rows (x's rows [m_begin, m_begin + rows), T) and NR columns
 // into acc (rows x gp): micro-panel j's row q at w + j * stride + q * ldb. In the packed values
