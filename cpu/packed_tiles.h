@@ -97,10 +97,10 @@ struct PackedTilesView {
 
   // Every check, the indices included (host memory only): empty if the view is consistent;
   // with residue = false, all but the residue's (the host kernel's work items check the residue
-  // they read; a call with no rows has none, and checks it here). The checks run once per call, so they are
-  // first made in branch-free passes that the compiler vectorises (IndicesHold); only corrupt
-  // tiles take the slower passes that say what is wrong (at M = 1 those took as long as the
-  // product: 44% of the kernel's time with a 700k-weight residue).
+  // they read; a call with no rows has none, and checks it here). The checks run once per call,
+  // so they are first made in branch-free passes that the compiler vectorises (IndicesHold);
+  // only corrupt tiles take the slower passes that say what is wrong (at M = 1 those took as
+  // long as the product: 44% of the kernel's time with a 700k-weight residue).
   std::string Validate(bool residue = true) const {
     if (std::string bad = ValidateSizes(); !bad.empty()) return bad;
     if (IndicesHold(residue)) return "";
@@ -123,11 +123,25 @@ struct PackedTilesView {
     for (int64_t i = 0; i < t; ++i)
       for (int64_t q = row_offsets[i] + 1; q < row_offsets[i + 1]; ++q) ok &= rows[q] > rows[q - 1];
     if (!residue || !ok) return ok;
-    if (e > 0) ok &= below(residue_rows[0], k) & below(residue_cols[0], n);
-    for (int64_t i = 1; i < e; ++i)  // one pass: the residue is the largest index array
-      ok &= below(residue_rows[i], k) & below(residue_cols[i], n) &
-            ((residue_cols[i] > residue_cols[i - 1]) |
-             ((residue_cols[i] == residue_cols[i - 1]) & (residue_rows[i] > residue_rows[i - 1])));
+    return ResidueHolds(0, e, 0, n);  // one pass: the residue is the largest index array
+  }
+
+  // Whether residue weights [e0, e1) are sound for output columns [lo, hi): e0 <= e1, rows in
+  // [0, k), columns in [lo, hi), (column, row) strictly increasing. The host kernel checks each
+  // span's weights with it (ResidueSound, tw_kernel_impl.cc), IndicesHold the whole residue.
+  // Branch-free, so that it vectorises; always inlined, so that each caller's instruction set
+  // compiles its own copy.
+  __attribute__((always_inline)) bool ResidueHolds(int64_t e0, int64_t e1, int64_t lo, int64_t hi) const {
+    if (e0 > e1) return false;
+    if (e0 == e1) return true;
+    // v in [a, b) as the unsigned v - a < b - a; bounds past the int32 range clamped to it.
+    const auto clamp = [](int64_t v) { return static_cast<uint32_t>(v < INT32_MAX ? v : INT32_MAX); };
+    const uint32_t kk = clamp(k), base = static_cast<uint32_t>(lo), width = clamp(hi - lo);
+    const int32_t *rr = residue_rows, *cc = residue_cols;
+    int ok = (static_cast<uint32_t>(rr[e0]) < kk) & (static_cast<uint32_t>(cc[e0]) - base < width);
+    for (int64_t i = e0 + 1; i < e1; ++i)
+      ok &= (static_cast<uint32_t>(rr[i]) < kk) & (static_cast<uint32_t>(cc[i]) - base < width) &
+            ((cc[i] > cc[i - 1]) | ((cc[i] == cc[i - 1]) & (rr[i] > rr[i - 1])));
     return ok;
   }
 
@@ -153,7 +167,7 @@ struct PackedTilesView {
                 (residue_cols[i] == residue_cols[i - 1] && residue_rows[i] <= residue_rows[i - 1])))
         return "residue is not sorted by (column, row) without repeats";
     }
-    return "the indices are inconsistent";  // not reached: IndicesHold, ResidueHolds and these agree
+    return "the indices are inconsistent";  // not reached: IndicesHold and these agree
   }
 };
 

@@ -784,7 +784,8 @@ __attribute__((noinline)) Scratch& ThreadScratch() {
 // Span t's residue weights are [ResidueStart(p, t), ResidueStart(p, t + 1)): the first weight
 // in a column from span t's lo on, found by bisection. Whatever the indices hold, the starts are
 // in [0, e], the first is 0 and the last e, and span t's end is span t + 1's start: the spans'
-// ranges cover every weight once if each starts no later than it ends (ResidueHolds).
+// ranges cover every weight once if each starts no later than it ends (PackedTilesView::
+// ResidueHolds).
 int64_t ResidueStart(const PackedTilesView& p, int64_t t) {
   if (t <= 0 || p.e == 0) return 0;
   if (t >= Spans(p)) return p.e;
@@ -805,30 +806,14 @@ int64_t ResidueStart(const PackedTilesView& p, int64_t t) {
   return first;
 }
 
-// Whether span [lo, hi)'s residue weights [e0, e1) are sound: e0 <= e1, rows in [0, k), columns
-// in [lo, hi), (column, row) strictly increasing. With the spans partitioning both the columns
-// and the weights (ResidueStart), every span's holding is the whole residue's (Validate).
-// Branch-free, so that it vectorises.
-bool ResidueHolds(const PackedTilesView& p, int64_t lo, int64_t hi, int64_t e0, int64_t e1) {
-  if (e0 > e1) return false;
-  if (e0 == e1) return true;
-  const int32_t *rows = p.residue_rows, *cols = p.residue_cols;
-  // v in [a, b) as the unsigned v - a < b - a (a, b in [0, 2^31)).
-  const uint32_t k = static_cast<uint32_t>(std::min<int64_t>(p.k, INT32_MAX));
-  const uint32_t base = static_cast<uint32_t>(lo), width = static_cast<uint32_t>(hi - lo);
-  int ok = (static_cast<uint32_t>(rows[e0]) < k) & (static_cast<uint32_t>(cols[e0]) - base < width);
-  for (int64_t i = e0 + 1; i < e1; ++i)
-    ok &= (static_cast<uint32_t>(rows[i]) < k) & (static_cast<uint32_t>(cols[i]) - base < width) &
-          ((cols[i] > cols[i - 1]) | ((cols[i] == cols[i - 1]) & (rows[i] > rows[i - 1])));
-  return ok;
-}
-
 // Whether span t's residue weights [e0, e1) may be read (ResidueChecks, tw_kernel.h): checked by
-// ResidueHolds unless an item for other rows of the span already found them sound.
+// PackedTilesView::ResidueHolds unless an item for other rows of the span already found them
+// sound. With the spans partitioning both the columns and the weights (ResidueStart), every
+// span's holding is the whole residue's.
 bool ResidueSound(const TileGemmArgs& args, int64_t t, int64_t lo, int64_t hi, int64_t e0, int64_t e1) {
   std::atomic<bool>& sound = args.residue_checks->sound[t];
   if (sound.load(std::memory_order_acquire)) return true;
-  if (!ResidueHolds(*args.p, lo, hi, e0, e1)) {
+  if (!args.p->ResidueHolds(e0, e1, lo, hi)) {
     args.residue_checks->corrupt.store(true, std::memory_order_relaxed);
     return false;
   }
