@@ -476,7 +476,8 @@ def test_host_residue_covers_every_row_block(m, dtype):
     to one walk (120 rows on AVX2). On AVX2 these give items of 24, 72, 120 and 192 rows (one
     walk, one, one of 15 vectors, two of 12); each M's last item is shorter, its last vector
     partial. M = 1, 3, 8 and 30 take the few-rows path: x transposed once per call, each item's
-    walk starting at its first row (up to 4 and 8 rows, walks of 4 and 8 floats per weight). M = 49 and 97 end in an item of one row (items of 48 rows on
+    walk starting at its first row (up to 4 and 8 rows, walks of 4 and 8 floats per weight).
+    M = 49 and 97 end in an item of one row (items of 48 rows on
     AVX-512, 24 on AVX2, 96 for bf16 in pairs), whose residue, like M = 1's, gathers x at the
     weights' K indices (WalkOne) from the item's padded transpose. Against a float64 reference."""
     rng = np.random.default_rng(13)
@@ -965,6 +966,7 @@ def test_bench_peers_and_residue(capsys):
     for r in rows:
         assert r["pattern"] == "tew" and r["tw_ms"] > 0
         assert abs(r["measured_sparsity"] - r["sparsity"]) < 0.05
+
 
 def test_bench_layers_chains_distinct_layers(monkeypatch, capsys):
     """--layers 3: each sample runs a chain of 3 distinct layers, CHAIN_ROUNDS rounds, and the
