@@ -205,6 +205,10 @@ def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int | None = None,
          keep_dense: bool | None = None) -> PackedTiles:
     """Packs a layer's kernel (K, N) under its layer mask, on the host (not under jit).
 
+    The tiles come back as arrays on the default device, like a model's params: a jitted call
+    then reads them where they are, where host (NumPy) arrays would be copied to the device on
+    every call (on the CPU, a copy of all the layer's packed weights per call).
+
     ``tile_size`` defaults to the one the mask carries; given, it must equal it (a mask
     built by hand without the ``tile_size`` entry needs it).
 
@@ -221,9 +225,9 @@ def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int | None = None,
     ...         'rows': np.array([[True, False, True], [False, True, False]])}
     >>> p = pack(w, mask, tile_size=2)
     >>> p.columns, p.row_offsets, p.rows
-    (array([0, 2, 3], dtype=int32), array([0, 2, 3], dtype=int32), array([0, 2, 1], dtype=int32))
+    (Array([0, 2, 3], dtype=int32), Array([0, 2, 3], dtype=int32), Array([0, 2, 1], dtype=int32))
     >>> p.values
-    array([[ 0.,  2.],
+    Array([[ 0.,  2.],
            [ 8., 10.],
            [ 7.,  0.]], dtype=float32)
     >>> bool((unpack(p) == np.where(patterns.dense_mask(mask, 2), w, 0)).all())
@@ -264,7 +268,7 @@ def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int | None = None,
     packed = dataclasses.replace(packed, dense_on=dense_on)
     if keep_dense or keep_dense is None and "cpu" in dense_on:
         packed = dataclasses.replace(packed, dense=_unpack_valid(packed))
-    return packed
+    return jax.device_put(packed)
 
 
 def unpack(packed: PackedTiles) -> np.ndarray:
@@ -457,7 +461,7 @@ def pack_variables(variables: dict, tile_size: int | None = None, dtype: Any = N
     tiles whenever the ``tw_packed`` collection is given. ``dtype`` (e.g. ``jnp.bfloat16``)
     casts the packed weights; by default they keep the params' dtype. ``tile_size`` defaults
     to the one each mask carries (given, it must equal it); ``keep_dense`` is passed to
-    :func:`pack`.
+    :func:`pack`. All arrays come back on the default device (see :func:`pack`).
 
     >>> import jax, jax.numpy as jnp
     >>> from jax_tw.nn import TWDense
@@ -491,7 +495,7 @@ def pack_variables(variables: dict, tile_size: int | None = None, dtype: Any = N
     out = {k: v for k, v in variables.items() if k not in ("params", "tw_mask")}
     out["params"] = traverse_util.unflatten_dict(params)
     out[PACKED_COLLECTION] = traverse_util.unflatten_dict(packed)
-    return out
+    return jax.device_put(out)
 
 
 _FIELDS = ("columns", "row_offsets", "rows", "values", "residue_rows", "residue_cols", "residue_values")
@@ -553,8 +557,8 @@ def to_arrays(tree: Any) -> Any:
 
 def from_arrays(tree: Any) -> Any:
     """The inverse of :func:`to_arrays`: every dict holding ``'statics'`` and ``'dtype'``
-    entries becomes :class:`PackedTiles` again (empty fields restored, then validated); other
-    leaves are kept."""
+    entries becomes :class:`PackedTiles` again (empty fields restored, validated, and placed on
+    the default device, see :func:`pack`); other leaves are kept."""
     if isinstance(tree, PackedTiles) or not hasattr(tree, "items"):
         return tree
     keys = set(tree.keys())
@@ -577,11 +581,12 @@ def from_arrays(tree: Any) -> Any:
                         dense=np.asarray(tree["dense"]) if "dense" in tree else None, **statics)
     tiles = sort_residue(with_schedule(tiles))  # to_arrays leaves the schedule out
     validate(tiles)
-    return tiles
+    return jax.device_put(tiles)
 
 
 def load(path: str) -> dict:
-    """Loads variables saved by :func:`save` (validating every packed layer)."""
+    """Loads variables saved by :func:`save` (validating every packed layer), as arrays on the
+    default device (see :func:`pack`)."""
     import json
 
     from flax import traverse_util
@@ -611,4 +616,4 @@ def load(path: str) -> dict:
         flat[tuple(name.split("/"))] = tiles
     for key, a in arrays.items():
         flat[tuple(key.split("/"))] = a
-    return traverse_util.unflatten_dict(flat)
+    return jax.device_put(traverse_util.unflatten_dict(flat))

@@ -48,6 +48,24 @@ def test_packed_model_matches_masked_dense_model(backend, pattern, monkeypatch):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+def test_packed_variables_are_read_in_place_under_jit(tmp_path):
+    """pack_variables, load and from_arrays give device arrays: a jitted model reads them where
+    they are. Host arrays would be copied to the device on every call (the transfer guard
+    refuses such copies)."""
+    model, variables, x = _pruned_variables(patterns.TEW(residue=0.05))
+    packed = packing.pack_variables(variables, tile_size=G)
+    path = str(tmp_path / "packed.safetensors")
+    packing.save(path, packed)
+    f = jax.jit(model.apply)
+    want = np.asarray(f(packed, x))
+    for tree in (packed, packing.load(path), packing.from_arrays(packing.to_arrays(packed))):
+        leaves = jax.tree.leaves(tree)
+        assert leaves and all(isinstance(a, jax.Array) for a in leaves), {type(a) for a in leaves}
+        with jax.transfer_guard("disallow"):
+            got = f(tree, x)
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_bf16_model_within_bf16_error(backend, monkeypatch):
     monkeypatch.setenv("JAX_TW_BACKEND", backend)

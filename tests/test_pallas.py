@@ -102,7 +102,7 @@ def test_memory_safe_and_clamped_on_corrupt_tiles_under_jit():
     interpret = jax.default_backend() != "gpu"  # on a GPU: the compiled kernel
     f = jax.jit(lambda x, p, b: tw_pallas.tw_matmul(x, p, b, jnp.float32, interpret=interpret,
                                                     precision=jax.lax.Precision.HIGHEST))
-    rows = p.rows.copy()
+    rows = np.array(p.rows)
     rows[::2] += 10 ** 6
     for bad in (corrupt(p, rows=rows), corrupt(p, columns=p.columns - 10 ** 6),
                 corrupt(p, row_offsets=p.row_offsets * 1000)):
