@@ -183,7 +183,7 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
                 w = w32s[i].astype(dtype)
                 [mask] = make_masks([np.abs(w32s[i])], s, tile_size=tile_size, min_keep=0.0)
                 p = packing.pack(w, jax.tree.map(np.asarray, mask), tile_size, keep_dense=False)
-                return jnp.asarray(w), jax.device_put(p)
+                return jnp.asarray(w), p  # pack places the tiles on the device
 
             for s in sparsities:
                 wj, p = layer(0, s)
