@@ -178,9 +178,11 @@ def test_packed_nnx_model_matches_masked(backend, pattern, monkeypatch):
     assert isinstance(packed.fc1.tiles, twnnx.TWPacked) and packed.fc1.kernel is None
     assert set(nnx.to_pure_dict(nnx.state(packed, nnx.Param))["fc1"]) == {"bias"}
     assert not jax.tree.leaves(nnx.state(packed, twnnx.TWMask))
-    x = xs[0]
+    x = jnp.asarray(xs[0])
     want = np.asarray(nnx.jit(lambda m, x: m(x))(model, x))
-    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(packed, x)), want, rtol=1e-5, atol=1e-5)
+    with jax.transfer_guard("disallow"):  # the tiles are device arrays, read in place
+        got = nnx.jit(lambda m, x: m(x))(packed, x)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(packed(x)), want, rtol=1e-5, atol=1e-5)
 
 
@@ -198,6 +200,9 @@ def test_packed_nnx_bf16_and_state_round_trip():
     # The packed state as arrays only and back, into a fresh model: exactly the same outputs.
     state = packing.from_arrays(packing.to_arrays(nnx.to_pure_dict(nnx.state(packed))))
     fresh = twnnx.load_packed(MLP(nnx.Rngs(7), dtype=jnp.bfloat16), state)
+    with jax.transfer_guard("disallow"):
+        restored = nnx.jit(lambda m, x: m(x))(fresh, x)
+    np.testing.assert_array_equal(np.asarray(restored, np.float64), np.asarray(nnx.jit(lambda m, x: m(x))(packed, x), np.float64))
     np.testing.assert_array_equal(np.asarray(fresh(x), np.float64), got)
 
 
