@@ -132,9 +132,11 @@ def test_smoke_run_prunes_packs_and_agrees(tmp_path):
     # student distilled from it still prunes to the target.
     # Its timing in bfloat16: both models cast after training, the packed one still predicting
     # what the float32 packed model predicts (all but a near tie at most).
+    # Timed on sentences of one token (--time-len 1).
     s = train_bert_flax.main(["--smoke", "--quiet", "--teacher", str(tmp_path), "--infer-dtype", "bfloat16",
-                              "--out-dir", str(tmp_path / "student")])
+                              "--time-len", "1", "--out-dir", str(tmp_path / "student")])
     assert s["infer_dtype"] == "bfloat16" and s["infer_agreement"] >= 0.9
+    assert r["time_batch"] == [8, 32] and s["time_batch"] == [8, 1]
     assert s["teacher"] == str(tmp_path) and s["distill_alpha"] == 0.5
     assert s["teacher_test_accuracy"] == r["test_accuracy"]
     assert np.isfinite(s["final_train_loss"]) and abs(s["sparsity"] - 0.75) < 0.005
@@ -147,7 +149,7 @@ def test_bad_flags_are_refused():
 
     for bad in (["--sparsity", "1.0"], ["--pattern", "nm"], ["--prune-begin", "0.8", "--prune-end", "0.2"],
                 ["--tile-size", "0"], ["--distill-alpha", "1.5"], ["--column-share", "1.3"], ["--distill-temp", "0"],
-                ["--teacher", "/nonexistent/run"]):
+                ["--teacher", "/nonexistent/run"], ["--time-len", "0"], ["--max-len", "32", "--time-len", "33"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
