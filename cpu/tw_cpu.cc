@@ -260,8 +260,18 @@ void TransposeFew(TileGemmArgs& args) {
   const int64_t m = args.m, k = args.p->k;
   buffer.resize(k * m + 16);
   float* xt = buffer.data();
-  for (int64_t q = 0; q < k; ++q)
-    for (int64_t i = 0; i < m; ++i) xt[q * m + i] = LoadF32(args.x, i * k + q, args.bf16);
+  // The dtype tested once, not per element (which cost 6-22% of a TEW call at M = 1-16,
+  // BUILD_NOTES.md); at M = 1, f32, a copy.
+  if (m == 1 && !args.bf16) {
+    std::memcpy(xt, args.x, k * sizeof(float));
+  } else if (args.bf16) {
+    for (int64_t q = 0; q < k; ++q)
+      for (int64_t i = 0; i < m; ++i) xt[q * m + i] = LoadF32(args.x, i * k + q, true);
+  } else {
+    const float* x = static_cast<const float*>(args.x);
+    for (int64_t q = 0; q < k; ++q)
+      for (int64_t i = 0; i < m; ++i) xt[q * m + i] = x[i * k + q];
+  }
   std::fill(xt + k * m, xt + k * m + 16, 0.f);
   args.xt = xt;
   args.ldxt = m;
