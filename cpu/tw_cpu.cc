@@ -262,16 +262,13 @@ void TransposeFew(TileGemmArgs& args) {
   float* xt = buffer.data();
   // The dtype tested once, not per element (which made TEW calls at M = 1-16 1.06-1.22x
   // slower, BUILD_NOTES.md); at M = 1, f32, a copy.
-  if (m == 1 && !args.bf16) {
-    std::memcpy(xt, args.x, k * sizeof(float));
-  } else if (args.bf16) {
+  const auto transpose = [&](auto load) {  // xt[q][i] = load(x's element i * k + q)
     for (int64_t q = 0; q < k; ++q)
-      for (int64_t i = 0; i < m; ++i) xt[q * m + i] = LoadF32(args.x, i * k + q, true);
-  } else {
-    const float* x = static_cast<const float*>(args.x);
-    for (int64_t q = 0; q < k; ++q)
-      for (int64_t i = 0; i < m; ++i) xt[q * m + i] = x[i * k + q];
-  }
+      for (int64_t i = 0; i < m; ++i) xt[q * m + i] = load(i * k + q);
+  };
+  if (m == 1 && !args.bf16) std::memcpy(xt, args.x, k * sizeof(float));
+  else if (args.bf16) transpose([&](int64_t j) { return LoadF32(args.x, j, true); });
+  else transpose([x = static_cast<const float*>(args.x)](int64_t j) { return x[j]; });
   std::fill(xt + k * m, xt + k * m + 16, 0.f);
   args.xt = xt;
   args.ldxt = m;

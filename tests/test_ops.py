@@ -1007,7 +1007,6 @@ def test_bench_layers_chains_distinct_layers(monkeypatch, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
-
 def test_bench_reports_a_wrong_backend_and_times_the_rest(monkeypatch, capsys):
     """A contender that computes a wrong product is not timed: its rows carry the error, the
     others are still measured and printed as they go, and the run exits 1."""
