@@ -152,7 +152,9 @@ def _packed_call(module: nn.Module, inputs: Any) -> Any:
     bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
     inputs = jnp.asarray(inputs)
     if isinstance(module, nn.DenseGeneral):
-        axes = tuple(a % inputs.ndim for a in _contracted_axes(module))
+        # Sorted, as Flax sorts them: the kernel's leading dims follow the inputs' axis order,
+        # whatever order ``axis`` names them in.
+        axes = tuple(sorted(a % inputs.ndim for a in _contracted_axes(module)))
         features = module.features if isinstance(module.features, tuple) else (module.features,)
         inputs = jnp.moveaxis(inputs, axes, tuple(range(inputs.ndim - len(axes), inputs.ndim)))
         lead = inputs.shape[:inputs.ndim - len(axes)]

@@ -36,6 +36,8 @@ LAYERS = {  # (module, input shape, (K, N)): Dense and the DenseGeneral forms at
     "heads_out": (nn.DenseGeneral((4, 6), axis=-1), (2, 5, 16), (16, 24)),  # Q/K/V projections
     "heads_in": (nn.DenseGeneral(10, axis=(-2, -1)), (2, 5, 4, 6), (24, 10)),  # out projection
     "middle_axis": (nn.DenseGeneral(5, axis=1), (3, 4, 2), (4, 5)),  # contracted axis not last
+    # axes named out of order: Flax sorts them, so the kernel is (4, 6, 7) all the same
+    "heads_in_reversed": (nn.DenseGeneral(7, axis=(-1, -2)), (2, 5, 4, 6), (24, 7)),
     "bf16": (nn.DenseGeneral((3, 4), axis=-1, dtype=jnp.bfloat16), (2, 8), (8, 12)),
 }
 
@@ -56,7 +58,7 @@ def test_unpruned_equals_the_layer_bit_for_bit(name):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.parametrize("name", ["dense", "heads_out", "heads_in", "middle_axis"])
+@pytest.mark.parametrize("name", ["dense", "heads_out", "heads_in", "heads_in_reversed", "middle_axis"])
 @pytest.mark.parametrize("backend", runnable_backends(base=("xla",)))
 def test_pruned_layer_masked_and_packed_match_reference(name, backend, monkeypatch):
     monkeypatch.setenv("JAX_TW_BACKEND", backend)
@@ -70,7 +72,8 @@ def test_pruned_layer_masked_and_packed_match_reference(name, backend, monkeypat
     bias = rng.normal(size=variables["params"]["bias"].shape).astype(np.float32)
     variables = {"params": {"kernel": kernel, "bias": bias}, "tw_mask": mask}
     # Independent reference: the contracted axes moved last, flattened, times the masked matrix.
-    axes = {"dense": (-1,), "heads_out": (-1,), "heads_in": (-2, -1), "middle_axis": (1,)}[name]
+    axes = {"dense": (-1,), "heads_out": (-1,), "heads_in": (-2, -1), "heads_in_reversed": (-2, -1),
+            "middle_axis": (1,)}[name]  # the kernel's leading dims, in order
     axes = tuple(a % x.ndim for a in axes)
     xm = np.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim))).astype(np.float64)
     x2 = xm.reshape(*xm.shape[:x.ndim - len(axes)], k)
