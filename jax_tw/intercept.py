@@ -119,20 +119,27 @@ def _interceptor(next_fun, args, kwargs, context, create=None):
         return _masked_call(module, *args, **kwargs)
     out = next_fun(*args, **kwargs)
     if create is not None and module.is_mutable_collection(MASK) and create[1](module.path):
-        kernel = module.get_variable("params", "kernel")
-        k, n = _matrix_shape(module, jnp.shape(kernel))
+        k, n = _matrix_shape(module, jnp.shape(_param(module, "kernel")))
         for key, value in patterns.keep_all(k, n, create[0]).items():
             module.put_variable(MASK, key, value)
     return out
+
+
+def _param(module: nn.Module, name: str) -> Any:
+    """The layer's param ``name`` (None if it has none), unboxed where it was made with
+    ``nn.with_partitioning`` or other axis metadata, as ``module.param`` reads it."""
+    if not module.has_variable("params", name):
+        return None
+    return nn.meta.unbox(module.get_variable("params", name))
 
 
 def _masked_call(module: nn.Module, inputs: Any) -> Any:
     """The layer's own computation on its masked kernel: an unbound copy of the layer applied
     to the masked params (so the result is the layer's, bit for bit, when nothing is pruned)."""
     where = "/".join(module.path) or type(module).__name__
-    params = {"kernel": module.get_variable("params", "kernel")}
+    params = {"kernel": _param(module, "kernel")}
     if module.has_variable("params", "bias"):
-        params["bias"] = module.get_variable("params", "bias")
+        params["bias"] = _param(module, "bias")
     kernel = params["kernel"]
     k, n = _matrix_shape(module, jnp.shape(kernel))
     keys = [key for key in ("columns", "rows", patterns.TILE_KEY, "elements")
@@ -149,7 +156,7 @@ def _packed_call(module: nn.Module, inputs: Any) -> Any:
     flattened into K, the output's feature dims flattened into N."""
     where = "/".join(module.path) or type(module).__name__
     tiles = module.get_variable(packing.PACKED_COLLECTION, "tiles")
-    bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
+    bias = _param(module, "bias")
     inputs = jnp.asarray(inputs)
     if isinstance(module, nn.DenseGeneral):
         # Sorted, as Flax sorts them: the kernel's leading dims follow the inputs' axis order,

@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.core import meta
 
 Array = jax.Array
 LayerMask = dict  # {'columns': (N,) bool, 'rows': (T, K) bool, 'elements': (K, N) bool}
@@ -206,9 +207,12 @@ def layer_masks(tw_mask: Any) -> dict[tuple, LayerMask]:
 def plain_dict(tree: Any) -> Any:
     """Nested mappings (FrozenDict and ``nnx.State`` included) as nested plain dicts with str
     keys (an NNX list's integer keys become '0', '1'...); ``nnx.Variable`` leaves as their
-    values; other leaves as they are."""
+    values, boxed linen params (``nn.with_partitioning``, any ``AxisMetadata``) unboxed; other
+    leaves as they are."""
     if isinstance(tree, nnx.Variable):
         return tree.get_value()
+    if isinstance(tree, meta.AxisMetadata):
+        return tree.unbox()
     return {str(k): plain_dict(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
 
 

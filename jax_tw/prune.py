@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
+from flax.core import meta
 
 from jax_tw import patterns
 
@@ -362,9 +363,12 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
             key = tuple(_path_key(e) for e in path)
             if key not in dense:
                 return upd
+            if isinstance(upd, meta.AxisMetadata):  # a boxed param (nn.with_partitioning)
+                return upd.replace_boxed(mask_update(path, upd.unbox(), meta.unbox(param)))
             return jnp.where(dense[key].reshape(jnp.shape(upd)), upd, -param).astype(upd.dtype)
 
-        updates = jax.tree_util.tree_map_with_path(mask_update, updates, params)
+        updates = jax.tree_util.tree_map_with_path(
+            mask_update, updates, params, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
         new_state = PruneState(
             count=optax.safe_increment(state.count),
             sparsity=jnp.where(due, target, state.sparsity),

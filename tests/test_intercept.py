@@ -144,6 +144,57 @@ def test_transformer_block_of_flax_layers_pruned_trained_packed():
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+class Sharded(nn.Module):
+    """Kernels and a bias boxed by ``nn.with_partitioning``, as models written for sharding have."""
+
+    @nn.compact
+    def __call__(self, x):
+        init = lambda names: nn.with_partitioning(nn.initializers.normal(1.0), names)
+        x = nn.DenseGeneral((2, 8), kernel_init=init((None, "model", None)),
+                            bias_init=init(("model", None)), name="heads")(x)
+        return nn.DenseGeneral(6, axis=(-2, -1), kernel_init=init(("model", None, None)), name="out")(x)
+
+
+def test_boxed_params_pruned_trained_and_packed():
+    model, g, steps = Sharded(), 4, 6
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.normal(size=(steps, 3, 12)), jnp.float32)
+    variables = intercept.init(model, jax.random.key(0), xs[0], tile_size=g)
+    assert isinstance(variables["params"]["heads"]["kernel"], nn.Partitioned)
+    assert jax.tree.map(jnp.shape, variables["tw_mask"]) == {  # masks for the unboxed kernels
+        "heads": {"columns": (16,), "rows": (4, 12), "tile_size": (g,)},
+        "out": {"columns": (6,), "rows": (2, 16), "tile_size": (g,)}}
+    tx = optax.chain(optax.adam(1e-2), prune.step(variables["tw_mask"], prune.one_shot(0.5)))
+    params, opt_state = variables["params"], tx.init(variables["params"])
+
+    @jax.jit
+    def train_step(params, opt_state, x):
+        loss = lambda p: jnp.sum(intercept.apply(model, {"params": p, "tw_mask": prune.masks(opt_state)}, x) ** 2)
+        updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    for x in xs:
+        params, opt_state = train_step(params, opt_state, x)
+    assert isinstance(params["out"]["kernel"], nn.Partitioned)  # the boxes survive training
+    masks = prune.masks(opt_state)
+    assert prune.sparsity(opt_state).total == pytest.approx(0.5, abs=0.05)
+    for name, (k, n) in {"heads": (12, 16), "out": (16, 6)}.items():
+        keep = np.asarray(patterns.dense_mask(masks[name]))
+        kernel = np.asarray(params[name]["kernel"].unbox()).reshape(k, n)
+        assert (~keep).any() and (kernel[~keep] == 0).all(), f"{name}: pruned weight not zero"
+    variables = {"params": params, "tw_mask": masks}
+    plain = nn.meta.unbox(params)
+    want = np.asarray(model.apply({"params": plain}, xs[0]), np.float64)
+    w1 = np.asarray(plain["heads"]["kernel"], np.float64).reshape(12, 16)
+    w2 = np.asarray(plain["out"]["kernel"], np.float64).reshape(16, 6)
+    h = np.asarray(xs[0], np.float64) @ w1 + np.asarray(plain["heads"]["bias"], np.float64).reshape(16)
+    np.testing.assert_allclose(h @ w2 + np.asarray(plain["out"]["bias"], np.float64), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(intercept.apply(model, variables, xs[0])), want, rtol=1e-5, atol=1e-5)
+    packed = packing.pack_variables(variables)
+    got = jax.jit(lambda v, x: intercept.apply(model, v, x))(packed, xs[0])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
 def test_init_on_existing_variables_and_tw_mask_only_changes_selected_layers():
     model = Block()
     x = jnp.ones((2, 5, 32))
