@@ -203,25 +203,26 @@ def _backward_xla(x2, p: PackedTiles, dy):
 
 # ----------------------------------------------------------------------------- custom_vjp
 
-def _forward(backend: str, exact: bool, act: str | None, x2, p: PackedTiles, bias):
-    """act(x2 @ W + bias) in x2's dtype, accumulated in f32; bias is f32 (N,) or None. ``exact``:
-    f32 products in IEEE f32 (Precision.HIGHEST), else as XLA's default precision (TF32 tensor
-    cores on a GPU; the host kernel is always exact)."""
+def _forward(backend: str, exact: bool, act: str | None, x2, p: PackedTiles, bias, f32: bool = False):
+    """act(x2 @ W + bias) in x2's dtype (``f32``: in float32), accumulated in f32; bias is f32
+    (N,) or None. ``exact``: f32 products in IEEE f32 (Precision.HIGHEST), else as XLA's default
+    precision (TF32 tensor cores on a GPU; the host kernel is always exact)."""
     if backend == "auto":
         return jax.lax.platform_dependent(
-            x2, p, bias, cpu=lambda *a: _forward(_platform_backend("cpu", p), exact, act, *a),
-            cuda=lambda *a: _forward(_platform_backend("cuda", p), exact, act, *a),
-            default=lambda *a: _forward("dense" if p.dense is not None else "xla", exact, act, *a))
+            x2, p, bias, cpu=lambda *a: _forward(_platform_backend("cpu", p), exact, act, *a, f32),
+            cuda=lambda *a: _forward(_platform_backend("cuda", p), exact, act, *a, f32),
+            default=lambda *a: _forward("dense" if p.dense is not None else "xla", exact, act, *a, f32))
     precision = jax.lax.Precision.HIGHEST if exact else None
+    out = jnp.float32 if f32 else x2.dtype
     if backend == "pallas":
         kernel = functools.partial(pallas.tw_matmul, precision=precision)
         return jax.lax.platform_dependent(  # compiled by Triton on a GPU, interpreted elsewhere
-            x2, p, bias, cuda=lambda *a: _bias_fused(functools.partial(kernel, interpret=False), act, *a),
-            default=lambda *a: _bias_fused(functools.partial(kernel, interpret=True), act, *a))
+            x2, p, bias, cuda=lambda *a: _bias_fused(functools.partial(kernel, interpret=False), act, *a, out),
+            default=lambda *a: _bias_fused(functools.partial(kernel, interpret=True), act, *a, out))
     if backend == "cuda":
-        return _bias_fused(functools.partial(_ffi.cuda_tw_matmul, exact_f32=exact), act, x2, p, bias)
+        return _bias_fused(functools.partial(_ffi.cuda_tw_matmul, exact_f32=exact), act, x2, p, bias, out)
     if backend == "cpu":  # bias, residue, activation and output dtype fused into the kernel
-        return _ffi.cpu_tw_matmul(x2, p, bias, x2.dtype, activation=act)
+        return _ffi.cpu_tw_matmul(x2, p, bias, out, activation=act)
     if backend == "dense":
         w = _dense_kernel(p)
         y = jax.lax.platform_dependent(  # XLA:CPU has no bf16 x bf16 -> f32 dot
@@ -232,18 +233,18 @@ def _forward(backend: str, exact: bool, act: str | None, x2, p: PackedTiles, bia
         y = _forward_xla(x2, p, precision)
     if bias is not None:
         y = y + bias
-    return activate(y, act).astype(x2.dtype)
+    return activate(y, act).astype(out)
 
 
-def _bias_fused(kernel, act, x2, p: PackedTiles, bias):
-    """A GPU kernel ``kernel(x2, p, bias, out_dtype)`` that fuses the bias and writes x's dtype;
+def _bias_fused(kernel, act, x2, p: PackedTiles, bias, out):
+    """A GPU kernel ``kernel(x2, p, bias, out_dtype)`` that fuses the bias and writes ``out``;
     a TEW residue and the activation are applied by XLA to its f32 output."""
     b = jnp.zeros((p.n,), jnp.float32) if bias is None else bias
     residue = bool(np.shape(p.residue_rows)[0])
     if not residue and act is None:
-        return kernel(x2, p, b, x2.dtype)
+        return kernel(x2, p, b, out)
     y = kernel(x2, p, b, jnp.float32)
-    return activate(_add_residue(y, x2, p) if residue else y, act).astype(x2.dtype)
+    return activate(_add_residue(y, x2, p) if residue else y, act).astype(out)
 
 
 def _dense_kernel(p: PackedTiles) -> jax.Array:
@@ -264,10 +265,12 @@ def _dense_kernel(p: PackedTiles) -> jax.Array:
 
 
 @functools.cache
-def _make_matmul(backend: str, exact: bool, act: str | None):
+def _make_matmul(backend: str, exact: bool, act: str | None, f32: bool = False):
+    """``act(x2 @ W + bias)`` in x2's dtype (``f32``: in float32), differentiable any number of
+    times: the backward pass runs on XLA (_backward_xla)."""
     @jax.custom_vjp
     def matmul(x2, p, bias):
-        return _forward(backend, exact, act, x2, p, bias)
+        return _forward(backend, exact, act, x2, p, bias, f32)
 
     def fwd(x2, p, bias):
         # symbolic_zeros: every leaf is a CustomVJPPrimal telling whether it is differentiated.
@@ -281,9 +284,11 @@ def _make_matmul(backend: str, exact: bool, act: str | None):
         x2, p, bias = jax.tree.map(lambda leaf: leaf.value, (x2, p, bias))
         if act is None:
             return matmul(x2, p, bias), (x2, p, bias, None)
-        # The product before the activation, kept for the activation's derivative.
-        z = _forward(backend, exact, None, x2, p, bias)
-        return activate(z.astype(jnp.float32), act).astype(x2.dtype), (x2, p, bias, z)
+        # The product before the activation, in f32 (rounded once, after the activation, as the
+        # fused kernel rounds), kept for the activation's derivative; made by the custom_vjp
+        # without activation, so that gradients of gradients reach it.
+        z = _make_matmul(backend, exact, None, True)(x2, p, bias)
+        return activate(z, act).astype(jnp.float32 if f32 else x2.dtype), (x2, p, bias, z)
 
     def bwd(res, dy):
         x2, p, bias, z = res
@@ -291,7 +296,7 @@ def _make_matmul(backend: str, exact: bool, act: str | None):
             dy = jnp.zeros(dy.shape, dy.dtype)
         dy = dy.astype(jnp.float32)
         if act is not None:
-            dy = jax.vjp(lambda z: activate(z, act), z.astype(jnp.float32))[1](dy)[0]
+            dy = jax.vjp(lambda z: activate(z, act), z)[1](dy)[0]
         dx, dvalues, dres = _backward_xla(x2, p, dy)
         # Index arrays get float0 zeros; values, residue values and the dense cache real ones.
         dp = dataclasses.replace(
