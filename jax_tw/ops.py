@@ -383,8 +383,8 @@ def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | N
         [jnp.asarray(a) for a in leaves], jax.typeof(x2).manual_axis_type.varying))
     if bias is not None:
         bias = jnp.asarray(bias)
-        if bias.shape != (packed.n,):
-            raise ValueError(f"bias must have shape ({packed.n},), got {bias.shape}")
+        if bias.shape != (packed.n,) or not jnp.issubdtype(bias.dtype, jnp.floating):
+            raise ValueError(f"bias must be a float array of shape ({packed.n},), got {bias.dtype} {bias.shape}")
         [bias] = _ffi.make_varying([bias.astype(jnp.float32)], jax.typeof(x2).manual_axis_type.varying)
     y = _matmul(x2, packed, bias, name=name, exact=exact, activation=activation)
     return y.reshape(*lead, packed.n)

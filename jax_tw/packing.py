@@ -240,6 +240,8 @@ def pack(kernel: Any, mask: patterns.LayerMask, tile_size: int | None = None,
         raise ValueError(f"kernel must be (K, N), got shape {w.shape}")
     if w.dtype not in (np.float32, np.dtype(jnp.bfloat16)):
         raise ValueError(f"kernel dtype must be float32 or bfloat16, got {w.dtype}")
+    if keep_dense is not None and not isinstance(keep_dense, (bool, np.bool_)):
+        raise ValueError(f"keep_dense must be None, True or False, got {keep_dense!r}")
     k, n = w.shape
     tile_size = patterns.check_layer_mask(mask, k, n, tile_size, where="pack")
     keep_cols = np.asarray(mask["columns"], bool)
@@ -347,10 +349,11 @@ def _schedule_fields(columns, row_offsets, n, tile_size) -> dict:
 
 
 def with_schedule(packed: PackedTiles) -> PackedTiles:
-    """``packed`` with its schedule computed again from its columns and row offsets (for tiles
-    whose index arrays were edited by hand; :func:`load` and :func:`from_arrays` also use it
-    for files written before the format carried a schedule)."""
-    return dataclasses.replace(packed, **_schedule_fields(
+    """``packed`` with its schedule and ``max_depth`` computed again from its columns and row
+    offsets (for tiles whose index arrays were edited by hand; :func:`load` and
+    :func:`from_arrays` also use it for files written before the format carried a schedule)."""
+    depths = np.diff(np.asarray(packed.row_offsets).astype(np.int64))  # (clamped where corrupt)
+    return dataclasses.replace(packed, max_depth=int(np.clip(depths.max(initial=0), 0, packed.k)), **_schedule_fields(
         packed.columns, packed.row_offsets, packed.n, packed.tile_size))
 
 
@@ -360,6 +363,10 @@ def check_shapes(packed: PackedTiles) -> None:
     if not isinstance(packed, PackedTiles):
         raise ValueError(f"expected PackedTiles, got {type(packed).__name__}")
     k, n, g = packed.k, packed.n, packed.tile_size
+    for name in ("k", "n", "max_depth"):
+        v = getattr(packed, name)
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"packed tiles: {name} must be an int, got {v!r}")
     if k <= 0 or n <= 0:
         raise ValueError(f"packed tiles: k and n must be positive, got k={k}, n={n}")
     patterns.check_tile_size(g)
@@ -526,7 +533,8 @@ def save(path: str, variables: dict) -> None:
         for key, value in items.items():
             a = np.asarray(value)
             dtypes[key] = a.dtype.name
-            tensors[key] = a.view(np.uint16) if a.dtype == np.dtype(jnp.bfloat16) else np.ascontiguousarray(a)
+            # (np.ascontiguousarray would make a 0-d array 1-d)
+            tensors[key] = a.view(np.uint16) if a.dtype == np.dtype(jnp.bfloat16) else np.require(a, requirements="C")
     save_file(tensors, path, metadata={"jax_tw.dtypes": json.dumps(dtypes),
                                        "jax_tw.tiles": json.dumps(statics)})
 

@@ -273,6 +273,37 @@ def test_tiles_saved_without_a_schedule_load(tmp_path):
         np.testing.assert_array_equal(getattr(q, f), getattr(p, f))
 
 
+def test_save_and_load_keep_zero_dimensional_leaves(tmp_path):
+    _, _, p = _layer(24, 40, 8, 0.6)
+    tree = {"params": {"scale": np.float32(1.5), "steps": np.int32(7), "half": np.asarray(2, jnp.bfloat16),
+                       "bias": np.arange(3, dtype=np.float32)}, "tw_packed": {"fc": {"tiles": p}}}
+    path = str(tmp_path / "scalars.safetensors")
+    packing.save(path, tree)
+    loaded = packing.load(path)["params"]
+    for key, want in tree["params"].items():
+        assert np.shape(loaded[key]) == np.shape(want) and loaded[key].dtype == np.asarray(want).dtype, key
+        np.testing.assert_array_equal(np.asarray(loaded[key]), np.asarray(want))
+
+
+def test_with_schedule_recomputes_max_depth_of_hand_edited_tiles():
+    """Deepening a tile by hand and calling with_schedule, as its docstring says, gives tiles
+    every backend and the gradient read in full."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(8, 4)).astype(np.float32)
+    mask = {"columns": np.ones(4, bool), "rows": np.arange(8)[None] < 2, "tile_size": patterns.tile_marker(4)}
+    p = packing.pack(w, mask, 4, keep_dense=False)
+    assert p.max_depth == 2
+    p = packing.with_schedule(dataclasses.replace(
+        p, rows=np.arange(8, dtype=np.int32), row_offsets=np.array([0, 8], np.int32), values=w))
+    assert p.max_depth == 8
+    packing.validate(p)
+    x = rng.normal(size=(3, 8)).astype(np.float32)
+    for backend in BACKENDS:
+        np.testing.assert_allclose(ops.tw_matmul(x, p, backend=backend), x @ w, rtol=1e-5, atol=1e-5)
+        grad = jax.grad(lambda x: jnp.sum(ops.tw_matmul(x, p, backend=backend)))(x)
+        np.testing.assert_allclose(grad, np.tile(w.sum(1), (3, 1)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not _ffi.cpu_available(), reason="jax_tw._cpu not built")
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512-bf16"])
 def test_narrower_isa_variants_match_reference(isa):
@@ -880,8 +911,16 @@ def test_bad_inputs_name_the_problem(monkeypatch):
         ops.tw_matmul(np.ones((2, 15), np.float32), p)
     with pytest.raises(ValueError, match="x dtype float16 must match the packed values' dtype float32"):
         ops.tw_matmul(np.ones((2, 16), np.float16), p)
-    with pytest.raises(ValueError, match=r"bias must have shape \(24,\), got \(23,\)"):
+    with pytest.raises(ValueError, match=r"bias must be a float array of shape \(24,\), got float32 \(23,\)"):
         ops.tw_matmul(np.ones((2, 16), np.float32), p, np.ones(23, np.float32))
+    with pytest.raises(ValueError, match=r"bias must be a float array of shape \(24,\), got complex64 \(24,\)"):
+        ops.tw_matmul(np.ones((2, 16), np.float32), p, np.ones(24, np.complex64))
+    for name, value in (("k", 16.0), ("n", "24"), ("max_depth", 3.5), ("max_depth", True)):
+        with pytest.raises(ValueError, match=f"{name} must be an int, got {value!r}"):
+            ops.tw_matmul(np.ones((2, 16), np.float32), dataclasses.replace(p, **{name: value}))
+    w, mask, _ = _layer(16, 24, 8, 0.5)
+    with pytest.raises(ValueError, match="keep_dense must be None, True or False, got 'no'"):
+        packing.pack(w, mask, 8, keep_dense="no")
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.tw_matmul(np.ones((2, 16), np.float32), p, backend="tpu")
     with pytest.raises(ValueError, match="packed must be jax_tw.packing.PackedTiles"):
