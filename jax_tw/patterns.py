@@ -426,9 +426,11 @@ def _first_in_order(key: Array, count: Array) -> Array:
 def _normalise(scores: Array, kept: Array) -> Array:
     """Divides a layer's scores by their mean over its kept weights (1 if that mean is 0).
 
-    NaN scores (a diverged weight or gradient) count as 0, so such weights are pruned first.
+    Scores that are not finite (NaN or +-inf: a diverged weight or gradient) count as 0, so
+    such weights are pruned first and the rest of their layer ranks as before.
     """
-    scores = jnp.nan_to_num(jnp.asarray(scores, jnp.float32), nan=0.0)
+    scores = jnp.asarray(scores, jnp.float32)
+    scores = jnp.where(jnp.isfinite(scores), scores, 0.0)
     mean = jnp.sum(jnp.where(kept, scores, 0.0)) / jnp.maximum(jnp.sum(kept), 1)
     return scores / jnp.where(mean > 0, mean, 1.0)
 
@@ -554,7 +556,24 @@ def _tile_wise(scores, previous, sparsity, final_sparsity, column_share, ctx) ->
         groups.append((col_score, jnp.full((n,), k, jnp.int32), forced, protected))
     col_pruned = _select(groups, [_target(col_sparsity, z) for z in sizes],
                          _target(col_sparsity, total), ctx.per_layer)
-    columns = [~p for p in col_pruned]
+    # Once rows are pruned (in a kept column of any layer) and the pruned columns are within
+    # half a column of their count, the columns stay as they are: a column pruned then would
+    # move the kept columns after it into other tiles, under rows pruned for the tiles they were
+    # in. (New scores could pick a set of columns nearer the count, which layers of different K
+    # allow.) Columns still follow a column count that grew (final_sparsity raised, or each
+    # call's own sparsity as its final one: tiles then re-form).
+    rows_started = functools.reduce(jnp.logical_or, [
+        jnp.any(~expand(m["columns"], m["rows"], g) & m["columns"][None, :]) for m in previous])
+    before = [jnp.float32(s.shape[0]) * jnp.sum(~m["columns"], dtype=jnp.float32)
+              for s, m in zip(scores, previous)]  # weights in pruned columns
+    if ctx.per_layer:
+        settled = [_target(col_sparsity, z).approx - b <= s.shape[0] / 2
+                   for z, b, s in zip(sizes, before, scores)]
+    else:
+        settled = [_target(col_sparsity, total).approx - sum(before)
+                   <= max(s.shape[0] for s in scores) / 2] * len(scores)
+    columns = [jnp.where(rows_started & f, m["columns"], ~p)
+               for m, p, f in zip(previous, col_pruned, settled)]
 
     # Row stage: vectors are (tile, K row) segments, of length = the tile's kept columns.
     groups, pruned_by_columns = [], []

@@ -155,6 +155,53 @@ def test_tw2d_gradual_masks_only_grow_and_hit_each_target(case, steps):
         previous = masks
 
 
+@pytest.mark.parametrize("pattern", [patterns.TW2D(), patterns.TEW(residue=0.05), patterns.EW()])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_a_score_that_is_not_finite_counts_as_zero(pattern, bad):
+    """One diverged weight's score does not change how the rest of its layer ranks against the
+    other layers: the masks are those of the same scores with a 0 there."""
+    rng = np.random.default_rng(0)
+    scores = [rng.random((16, 16)).astype(np.float32), rng.random((16, 24)).astype(np.float32)]
+    zero = [scores[0].copy(), scores[1]]
+    zero[0][3, 5] = 0.0
+    diverged = [scores[0].copy(), scores[1]]
+    diverged[0][3, 5] = bad
+    want = run(pattern, zero, 0.5, tile_size=4)
+    got = run(pattern, diverged, 0.5, tile_size=4)
+    for w, m in zip(want, got):
+        for key in w:
+            np.testing.assert_array_equal(m[key], w[key], err_msg=key)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_tw2d_columns_stay_once_rows_are_pruned_under_changing_scores(per_layer):
+    """With a final sparsity, the columns stop changing once rows are pruned, however the
+    scores change between updates and however different the layers' K (a column of another
+    length could otherwise come nearer the column count and move later columns into other
+    tiles, under rows pruned for the old ones)."""
+    g, final = 4, 0.8
+    shapes = [(3, 36), (64, 10), (10, 1), (7, 20)]
+    col_final = 1 - (1 - final) ** patterns.TW2D().column_share
+    changed = 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        previous, frozen = None, None
+        for s in np.linspace(0.05, final, 12):
+            scores = [(rng.random(shape) ** 3).astype(np.float32) for shape in shapes]
+            masks = run(patterns.TW2D(), scores, s, tile_size=g, previous=previous,
+                        final_sparsity=final, per_layer=per_layer)
+            for i, m in enumerate(masks):
+                assert_tile_structure(m, g)
+                if previous is not None:
+                    assert not (dense_reference(m, g) & ~dense_reference(previous[i], g)).any()
+            columns = np.concatenate([m["columns"] for m in masks])
+            if np.float32(s) >= np.float32(col_final):
+                frozen = columns if frozen is None else frozen
+                changed += int((columns != frozen).any())
+            previous = masks
+    assert changed == 0, f"columns changed after rows were pruned in {changed} updates"
+
+
 @SETTINGS
 @given(layers())
 def test_masks_only_grow_even_when_tiles_must_change(case):
