@@ -66,7 +66,8 @@ LayerMask = dict  # {'columns': (N,) bool, 'rows': (T, K) bool, 'elements': (K, 
 
 __all__ = [
     "LayerMask", "Pattern", "TW2D", "TW1D", "TEW", "EW", "VW", "BW", "get",
-    "num_tiles", "keep_all", "expand", "dense_mask", "check_positive_int", "check_tile_size",
+    "num_tiles", "keep_all", "expand", "dense_mask", "check_positive_int", "check_fraction",
+    "check_tile_size",
     "check_sparsity", "layer_masks", "plain_dict",
     "check_layer_mask", "mask_tile_size", "tile_marker", "kernel_matrix", "mask_matrix_shape",
 ]
@@ -82,6 +83,15 @@ def check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_fraction(value: Any, name: str, closed: bool = False) -> float:
+    """Returns ``value`` as a float, or raises ValueError naming ``name`` unless it is a real
+    number in [0, 1) ([0, 1] when ``closed``)."""
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not (number and (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0)):
+        raise ValueError(f"{name} must be in [0, 1{']' if closed else ')'}, got {value!r}")
+    return float(value)
 
 
 def check_tile_size(tile_size: Any) -> int:
@@ -484,8 +494,7 @@ class Pattern:
             raise ValueError(
                 f"final_sparsity must be >= sparsity, got final_sparsity={float(final_sparsity)!r} "
                 f"< sparsity={float(sparsity)!r}")
-        if not 0.0 <= min_keep < 1.0:
-            raise ValueError(f"min_keep must be in [0, 1), got {min_keep!r}")
+        min_keep = check_fraction(min_keep, "min_keep")
         scores = list(scores)
         if not scores:
             raise ValueError("scores must hold at least one (K, N) score matrix, got an empty list")
@@ -627,8 +636,7 @@ class TW2D(Pattern):
     has_elements: ClassVar[bool] = False
 
     def __post_init__(self):
-        if not 0.0 <= self.column_share <= 1.0:
-            raise ValueError(f"column_share must be in [0, 1], got {self.column_share!r}")
+        check_fraction(self.column_share, "column_share", closed=True)
 
     def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
         return _tile_wise(scores, previous, sparsity, final_sparsity, self.column_share, ctx)
@@ -656,10 +664,8 @@ class TEW(Pattern):
     ranks_weights: ClassVar[bool] = True  # the residue ranks single weights
 
     def __post_init__(self):
-        if not 0.0 <= self.residue < 1.0:
-            raise ValueError(f"residue must be in [0, 1), got {self.residue!r}")
-        if not 0.0 <= self.column_share <= 1.0:
-            raise ValueError(f"column_share must be in [0, 1], got {self.column_share!r}")
+        check_fraction(self.residue, "residue")
+        check_fraction(self.column_share, "column_share", closed=True)
 
     def _check(self, scores, final_sparsity, ctx):
         super()._check(scores, final_sparsity, ctx)

@@ -56,8 +56,9 @@ Path = tuple  # a tuple of str keys into a params / tw_mask tree
 # ----------------------------------------------------------------------------- schedules
 
 def _check_step(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer step, got {value!r}")
+    """A step as an int; the step count is int32, so steps end below 2**31."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2 ** 31:
+        raise ValueError(f"{name} must be an integer step in [0, 2**31), got {value!r}")
     return int(value)
 
 
@@ -136,9 +137,9 @@ def stages(pairs: Sequence[tuple[int, float]]) -> Stages:
     if not pairs:
         raise ValueError("stages needs at least one (step, sparsity) pair, got none")
     steps = [_check_step(t, "stage step") for t, _ in pairs]
-    values = [float(s) for _, s in pairs]
-    for s in values:
+    for _, s in pairs:
         patterns.check_sparsity(s, "stage sparsity")
+    values = [float(s) for _, s in pairs]
     for a, b in zip(steps, steps[1:]):
         if b <= a:
             raise ValueError(f"stage steps must increase, got {b} after {a}")
@@ -216,8 +217,9 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
          min_keep: float = 0.05) -> optax.GradientTransformationExtraArgs:
     """An optax transform that prunes TWDense kernels during training.
 
-    Put it in an ``optax.chain`` after the optimizer. Its state holds the masks; read them with
-    :func:`masks` and pass them as the model's ``tw_mask`` collection.
+    Put it last in an ``optax.chain``, after the optimizer (and after clipping): a transform
+    after it would rescale the updates that zero pruned weights. Its state holds the masks;
+    read them with :func:`masks` and pass them as the model's ``tw_mask`` collection.
 
     Args:
       tw_mask: the model's ``tw_mask`` collection (from ``model.init``; for the layers of an
@@ -253,8 +255,7 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
         raise ValueError(f"schedule must have a 'final' sparsity (use prune.cubic, prune.stages or "
                          f"prune.one_shot), got {schedule!r}")
     patterns.check_sparsity(final, "the schedule's final sparsity")
-    if not 0.0 <= min_keep < 1.0:
-        raise ValueError(f"min_keep must be in [0, 1), got {min_keep!r}")
+    min_keep = patterns.check_fraction(min_keep, "min_keep")
     mask_layers = patterns.layer_masks(_mask_tree(tw_mask))
     if not mask_layers:
         raise ValueError("tw_mask holds no layer masks: pass the model's variables['tw_mask']")
@@ -281,7 +282,7 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
 
     def kernels(tree: Any, what: str) -> dict[Path, jax.Array]:
         """The pruned layers' kernels in ``tree`` as (K, N) matrices (a DenseGeneral kernel's
-        leading dims are K); their shapes were checked by init_fn."""
+        leading dims are K), each shape checked against its mask."""
         flat = traverse_util.flatten_dict(patterns.plain_dict(tree))
         out = {}
         for p in pruned:
@@ -289,7 +290,8 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
             if kp not in flat:
                 raise ValueError(f"{what} has no kernel at {'/'.join(kp)} for the tw_mask layer "
                                  f"{'/'.join(p)}: the mask tree doesn't match the params")
-            out[p] = jnp.reshape(flat[kp], matrix[p])
+            out[p] = patterns.kernel_matrix(flat[kp], mask_layers[p], tile_size,
+                                            where=f"{what} of tw_mask {names[p]}")
         return out
 
     def init_fn(params: Any) -> PruneState:

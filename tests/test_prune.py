@@ -60,11 +60,17 @@ def test_stages_and_one_shot():
     (lambda: prune.cubic(0.5, begin=100, end=50), "end must not precede its begin, got end=50 < begin=100"),
     (lambda: prune.cubic(1.0, 0, 10), r"final sparsity must be in \[0, 1\), got 1.0"),
     (lambda: prune.cubic(-0.2, 0, 10), r"final sparsity must be in \[0, 1\), got -0.2"),
-    (lambda: prune.cubic(0.5, -1, 10), "begin must be a non-negative integer step, got -1"),
+    (lambda: prune.cubic(0.5, -1, 10), r"begin must be an integer step in \[0, 2\*\*31\), got -1"),
     (lambda: prune.stages([(0, 0.5), (0, 0.6)]), "stage steps must increase, got 0 after 0"),
     (lambda: prune.stages([(0, 0.5), (10, 0.4)]), "must not decrease, got 0.4 after 0.5"),
     (lambda: prune.stages([(0, 1.2)]), r"stage sparsity must be in \[0, 1\), got 1.2"),
-    (lambda: prune.one_shot(0.5, at=2.5), "must be a non-negative integer step, got 2.5"),
+    (lambda: prune.one_shot(0.5, at=2.5), r"must be an integer step in \[0, 2\*\*31\), got 2.5"),
+    (lambda: prune.one_shot(0.5, at=2 ** 31), r"must be an integer step in \[0, 2\*\*31\), got 2147483648"),
+    (lambda: prune.stages([(0, None)]), "stage sparsity must be a number in \\[0, 1\\), got None"),
+    (lambda: prune.step(patterns.keep_all(8, 8, 4), prune.one_shot(0.5), min_keep=None),
+     r"min_keep must be in \[0, 1\), got None"),
+    (lambda: patterns.TW2D(column_share="a"), r"column_share must be in \[0, 1\], got 'a'"),
+    (lambda: patterns.TEW(residue=float("nan")), r"residue must be in \[0, 1\), got nan"),
 ])
 def test_schedule_errors_name_the_value(make, match):
     with pytest.raises(ValueError, match=match):
@@ -246,6 +252,14 @@ def test_bad_input_errors():
     tx = prune.step(masks, sched, tile_size=G)
     with pytest.raises(ValueError, match="needs params"):
         tx.update(variables["params"], tx.init(variables["params"]))
+    # Params of another shape at update time (a square kernel transposed would even fit).
+    state = tx.init(variables["params"])
+    k, n = variables["params"]["fc1"]["kernel"].shape
+    swapped = jax.tree.map(lambda a: a, variables["params"])
+    swapped["fc1"]["kernel"] = jnp.zeros((n, k))
+    with pytest.raises(ValueError, match=rf"params of tw_mask fc1: tw_mask 'columns' has shape \({n},\), "
+                       rf"expected \({k},\) for a kernel of shape \({n}, {k}\)"):
+        tx.update(variables["params"], state, swapped)
 
 
 # ----------------------------------------------------------------------------- correctness round
