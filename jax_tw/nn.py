@@ -117,20 +117,29 @@ class TWDense(nn.Module):
 
 
 def packed_dense(inputs: Any, tiles: Any, bias: Any, features: int, dtype: Any, where: str,
-                 precision: Any = None, activation: str | None = None) -> Any:
+                 precision: Any = None, activation: str | None = None,
+                 preferred_element_type: Any = None) -> Any:
     """``activation(inputs @ W + bias)`` over the packed tiles of a (K, ``features``) kernel W, for a dense
     layer of dtype ``dtype`` (None: the promoted dtype of ``inputs``, the packed weights and
-    ``bias``, as ``nn.Dense`` promotes its inputs, kernel and bias: a model whose params were
-    cast to bfloat16 computes in bfloat16 packed or not): the packed path shared by :class:`TWDense`,
-    :class:`jax_tw.nnx.TWLinear` and :mod:`jax_tw.intercept`. ``inputs`` is ``(..., K)``,
-    ``bias`` (features,) or None; ``precision`` and ``activation`` are the layer's (see
-    :func:`jax_tw.ops.tw_matmul`)."""
+    ``bias``, as ``nn.Dense`` promotes its inputs, kernel and bias): the packed path shared by
+    :class:`TWDense`, :class:`jax_tw.nnx.TWLinear` and :mod:`jax_tw.intercept`. ``inputs`` is
+    ``(..., K)``, ``bias`` (features,) or None; ``precision``, ``activation`` and
+    ``preferred_element_type`` (the result's dtype, if given) are the layer's (see
+    :func:`jax_tw.ops.tw_matmul`).
+
+    The inputs are cast to the tiles' dtype: bfloat16 tiles (a model whose params were cast to
+    bfloat16, or ``pack_variables(dtype=jnp.bfloat16)``) compute in bfloat16 also where the
+    inputs are float32, and the result is then cast to the promoted float32 (``nn.Dense``
+    with bfloat16 params and float32 inputs and no ``dtype`` would compute in float32)."""
     k = jnp.shape(inputs)[-1]
     if not isinstance(tiles, packing.PackedTiles) or (tiles.k, tiles.n) != (k, features):
         got = (tiles.k, tiles.n) if isinstance(tiles, packing.PackedTiles) else type(tiles).__name__
         raise ValueError(f"{where}: packed tiles are for a kernel {got}, expected {(k, features)}")
-    out_dtype = dtype or jnp.result_type(inputs, tiles.dtype, *(() if bias is None else (bias,)))
+    out_dtype = preferred_element_type or dtype or jnp.result_type(
+        inputs, tiles.dtype, *(() if bias is None else (bias,)))
     # The bias goes into tw_matmul, which adds it in float32 before the one rounding (fused into
-    # the kernel on the cpu, cuda and pallas backends).
-    return ops.tw_matmul(jnp.asarray(inputs).astype(tiles.dtype), tiles, bias,
-                         precision=precision, activation=activation).astype(out_dtype)
+    # the kernel on the cpu, cuda and pallas backends), to float32 where the result is float32.
+    f32 = jnp.dtype(out_dtype) == jnp.float32
+    return ops.tw_matmul(jnp.asarray(inputs).astype(tiles.dtype), tiles, bias, precision=precision,
+                         activation=activation,
+                         preferred_element_type=jnp.float32 if f32 else None).astype(out_dtype)

@@ -85,7 +85,8 @@ class TWLinear(nnx.Linear):
         bias = self.bias[...] if self.bias is not None else None
         if self.tiles is not None:
             return twnn.packed_dense(inputs, self.tiles.get_value(), bias, self.out_features,
-                                     self.dtype, type(self).__name__, self.precision, self.activation)
+                                     self.dtype, type(self).__name__, self.precision, self.activation,
+                                     self.preferred_element_type)
         mask = self.mask()
         kernel = self.kernel[...]
         kernel = jnp.where(patterns.dense_mask(mask), kernel, jnp.zeros((), kernel.dtype))

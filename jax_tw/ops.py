@@ -311,11 +311,11 @@ def _make_matmul(backend: str, exact: bool, act: str | None, f32: bool = False):
     return matmul
 
 
-@functools.partial(jax.jit, static_argnames=("name", "exact", "activation"))
-def _matmul(x2, packed, bias, *, name, exact, activation):
+@functools.partial(jax.jit, static_argnames=("name", "exact", "activation", "f32"))
+def _matmul(x2, packed, bias, *, name, exact, activation, f32=False):
     """Jitted, so an eager call dispatches one compiled computation (cached per shapes and
     static sizes) instead of each small op of the platform switch and the custom_vjp."""
-    return _make_matmul(name, exact, activation)(x2, packed, bias)
+    return _make_matmul(name, exact, activation, f32)(x2, packed, bias)
 
 
 def exact_f32(precision: Any = None) -> bool:
@@ -340,11 +340,13 @@ def exact_f32(precision: Any = None) -> bool:
 
 
 def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | None = None,
-              precision: Any = None, activation: str | None = None) -> jax.Array:
+              precision: Any = None, activation: str | None = None,
+              preferred_element_type: Any = None) -> jax.Array:
     """``activation(x @ unpack(packed) + bias)`` over packed tiles.
 
     ``x`` is ``(..., K)`` (leading dims are flattened into M), float32 or bfloat16 like the
-    packed values; the result is ``(..., N)`` in the same dtype, accumulated in float32.
+    packed values; the result is ``(..., N)`` in the same dtype (``preferred_element_type``:
+    None, x's dtype or float32, as ``jnp.dot`` takes it: in that dtype), accumulated in float32.
     ``precision`` is honoured as ``jnp.dot`` honours it: float32 products on a GPU run on TF32
     tensor cores by default, and in exact IEEE float32 only under ``Precision.HIGHEST`` (or
     with that as JAX's default matmul precision); the host kernel is always exact.
@@ -374,6 +376,13 @@ def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | N
     name = _choose(backend, packed)
     exact = exact_f32(precision)
     activation = check_activation(activation)
+    try:
+        out = np.dtype(x.dtype if preferred_element_type is None else preferred_element_type)
+    except TypeError:
+        out = None
+    if out not in (x.dtype, np.float32):
+        raise ValueError(f"preferred_element_type must be None, x's dtype ({x.dtype}) or float32, "
+                         f"got {preferred_element_type!r}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, packed.k)
     # Under shard_map, replicated tiles meet a batch-sharded x: make them varying like x so the
@@ -386,5 +395,6 @@ def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | N
         if bias.shape != (packed.n,) or not jnp.issubdtype(bias.dtype, jnp.floating):
             raise ValueError(f"bias must be a float array of shape ({packed.n},), got {bias.dtype} {bias.shape}")
         [bias] = _ffi.make_varying([bias.astype(jnp.float32)], jax.typeof(x2).manual_axis_type.varying)
-    y = _matmul(x2, packed, bias, name=name, exact=exact, activation=activation)
+    y = _matmul(x2, packed, bias, name=name, exact=exact, activation=activation,
+                f32=out != x.dtype)
     return y.reshape(*lead, packed.n)

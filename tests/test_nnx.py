@@ -207,6 +207,23 @@ def test_packed_nnx_bf16_and_state_round_trip():
     np.testing.assert_array_equal(np.asarray(fresh(x), np.float64), got)
 
 
+def test_packed_layer_keeps_preferred_element_type():
+    """TWLinear(dtype=bf16, preferred_element_type=float32) returns float32 packed as unpacked:
+    the kernel's float32 sums, not a bf16 result widened."""
+    rng = np.random.default_rng(4)
+    layer = twnnx.TWLinear(32, 24, tile_size=G, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                           preferred_element_type=jnp.float32, rngs=nnx.Rngs(0))
+    layer.kernel[...] = jnp.asarray(rng.normal(size=(32, 24)), jnp.bfloat16)
+    layer.bias[...] = jnp.asarray(rng.normal(size=24), jnp.bfloat16)
+    x = jnp.asarray(rng.normal(size=(5, 32)), jnp.bfloat16)
+    want = np.asarray(x, np.float64) @ np.asarray(layer.kernel[...], np.float64) + np.asarray(layer.bias[...], np.float64)
+    masked = layer(x)
+    packed = twnnx.pack(layer)(x)
+    assert masked.dtype == packed.dtype == jnp.float32
+    for y in (masked, packed):
+        np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-5, atol=1e-5)
+
+
 def test_nnx_bad_input_errors():
     with pytest.raises(ValueError, match="tile_size must be a positive integer, got 0"):
         twnnx.TWLinear(4, 6, tile_size=0, rngs=nnx.Rngs(0))

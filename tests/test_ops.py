@@ -484,6 +484,27 @@ def test_activation_gradients_of_gradients_and_values_under_vjp(backend, activat
         assert (err <= half_step * (1 + 1e-3) + 1e-5 * np.abs(want) + 1e-6).all(), float((err / half_step).max())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_preferred_element_type_float32_is_not_rounded_to_bf16(backend, activation):
+    """bf16 x and tiles with preferred_element_type=float32: the float32 sums, rounded once to
+    float32 (within float32 of float64), not to bf16 first; also under jax.grad."""
+    _, _, p = _layer(64, 40, 8, 0.5, dtype=jnp.bfloat16, pattern=patterns.TEW(residue=0.05))
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(33, 64)), jnp.bfloat16)
+    bias = jnp.asarray(rng.normal(size=40), jnp.float32)
+    call = lambda x: ops.tw_matmul(x, p, bias, backend=backend, activation=activation,
+                                   preferred_element_type=jnp.float32)
+    want = activate64(_reference(x, packing.unpack(p)) + np.asarray(bias, np.float64), activation)
+    y, vjp = jax.vjp(call, x)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(jax.jit(call)(x)), np.asarray(y), rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert vjp(jnp.ones_like(y))[0].dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match=r"preferred_element_type must be None, x's dtype \(bfloat16\) or float32, got 'float16'"):
+        ops.tw_matmul(x, p, preferred_element_type="float16")
+
+
 def test_activation_must_be_a_known_name():
     _, _, p = _layer(24, 40, 8, 0.5)
     for bad in ("tanh", "GELU", 1, jax.nn.relu):
