@@ -135,8 +135,9 @@ def packed_dense(inputs: Any, tiles: Any, bias: Any, features: int, dtype: Any, 
     if not isinstance(tiles, packing.PackedTiles) or (tiles.k, tiles.n) != (k, features):
         got = (tiles.k, tiles.n) if isinstance(tiles, packing.PackedTiles) else type(tiles).__name__
         raise ValueError(f"{where}: packed tiles are for a kernel {got}, expected {(k, features)}")
-    out_dtype = preferred_element_type or dtype or jnp.result_type(
-        inputs, tiles.dtype, *(() if bias is None else (bias,)))
+    out_dtype = dtype or jnp.result_type(inputs, tiles.dtype, *(() if bias is None else (bias,)))
+    if preferred_element_type is not None:  # the product's dtype; the bias then promotes it
+        out_dtype = jnp.result_type(preferred_element_type, *(() if bias is None else (out_dtype,)))
     # The bias goes into tw_matmul, which adds it in float32 before the one rounding (fused into
     # the kernel on the cpu, cuda and pallas backends), to float32 where the result is float32.
     f32 = jnp.dtype(out_dtype) == jnp.float32

@@ -44,6 +44,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta
 
 from jax_tw import _ffi, patterns
 
@@ -348,13 +349,19 @@ def _schedule_fields(columns, row_offsets, n, tile_size) -> dict:
     return dict(zip(SCHEDULE_FIELDS, schedule(columns, row_offsets, n, tile_size)))
 
 
+def _with_schedule_only(packed: PackedTiles) -> PackedTiles:
+    """``packed`` with its schedule computed (tiles read back without one); ``max_depth`` is
+    kept as stored, for :func:`validate` to check."""
+    return dataclasses.replace(packed, **_schedule_fields(
+        packed.columns, packed.row_offsets, packed.n, packed.tile_size))
+
+
 def with_schedule(packed: PackedTiles) -> PackedTiles:
     """``packed`` with its schedule and ``max_depth`` computed again from its columns and row
-    offsets (for tiles whose index arrays were edited by hand; :func:`load` and
-    :func:`from_arrays` also use it for files written before the format carried a schedule)."""
+    offsets (for tiles whose index arrays were edited by hand)."""
     depths = np.diff(np.asarray(packed.row_offsets).astype(np.int64))  # (clamped where corrupt)
-    return dataclasses.replace(packed, max_depth=int(np.clip(depths.max(initial=0), 0, packed.k)), **_schedule_fields(
-        packed.columns, packed.row_offsets, packed.n, packed.tile_size))
+    depth = int(np.clip(depths.max(initial=0), 0, packed.k))
+    return _with_schedule_only(dataclasses.replace(packed, max_depth=depth))
 
 
 def check_shapes(packed: PackedTiles) -> None:
@@ -491,7 +498,7 @@ def pack_variables(variables: dict, tile_size: int | None = None, dtype: Any = N
         key = layer + ("kernel",)
         if key not in params:
             raise ValueError(f"params has no kernel at {'/'.join(key)} for tw_mask layer {'/'.join(layer)}")
-        kernel = np.asarray(params.pop(key))
+        kernel = np.asarray(meta.unbox(params.pop(key)))  # (boxed by nn.with_partitioning)
         if dtype is not None:
             kernel = kernel.astype(dtype)
         try:
@@ -529,7 +536,7 @@ def save(path: str, variables: dict) -> None:
             statics[name] = {s: getattr(leaf, s) for s in _STATICS + ("dense_on",)}
             items = {f"{name}/{f}": getattr(leaf, f) for f in _SAVED if getattr(leaf, f) is not None}
         else:
-            items = {name: leaf}
+            items = {name: meta.unbox(leaf)}  # (a boxed param saves its value)
         for key, value in items.items():
             a = np.asarray(value)
             dtypes[key] = a.dtype.name
@@ -587,7 +594,7 @@ def from_arrays(tree: Any) -> Any:
     tiles = PackedTiles(**{f: np.asarray(tree[f]) if f in tree else empty[f] for f in _FIELDS},
                         **{f: np.zeros(0, np.int32) for f in SCHEDULE_FIELDS},
                         dense=np.asarray(tree["dense"]) if "dense" in tree else None, **statics)
-    tiles = sort_residue(with_schedule(tiles))  # to_arrays leaves the schedule out
+    tiles = sort_residue(_with_schedule_only(tiles))  # to_arrays leaves the schedule out
     validate(tiles)
     return jax.device_put(tiles)
 
@@ -618,7 +625,7 @@ def load(path: str) -> dict:
         tiles = PackedTiles(**{f: arrays.pop(f"{name}/{f}") for f in _FIELDS}, **sched,
                             dense=arrays.pop(f"{name}/dense", None), **st)
         if any(v is None for v in sched.values()):  # written before the format had a schedule
-            tiles = with_schedule(tiles)
+            tiles = _with_schedule_only(tiles)
         tiles = sort_residue(tiles)
         validate(tiles)
         flat[tuple(name.split("/"))] = tiles

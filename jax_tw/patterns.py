@@ -59,7 +59,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.core import meta
 
 Array = jax.Array
 LayerMask = dict  # {'columns': (N,) bool, 'rows': (T, K) bool, 'elements': (K, N) bool}
@@ -86,12 +85,16 @@ def check_positive_int(value: Any, name: str) -> int:
 
 
 def check_fraction(value: Any, name: str, closed: bool = False) -> float:
-    """Returns ``value`` as a float, or raises ValueError naming ``name`` unless it is a real
-    number in [0, 1) ([0, 1] when ``closed``)."""
-    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if not (number and (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0)):
-        raise ValueError(f"{name} must be in [0, 1{']' if closed else ')'}, got {value!r}")
-    return float(value)
+    """Returns ``value`` (a real number or 0-d array) as a float, or raises ValueError naming
+    ``name`` unless it lies in [0, 1) ([0, 1] when ``closed``)."""
+    interval = "[0, 1]" if closed else "[0, 1)"
+    a = np.asarray(value) if _is_concrete(value) else None
+    if a is None or a.shape != () or a.dtype == bool or not (
+            np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    if not (0.0 <= float(a) <= 1.0 if closed else 0.0 <= float(a) < 1.0):
+        raise ValueError(f"{name} must be in {interval}, got {float(a)!r}")
+    return float(a)
 
 
 def check_tile_size(tile_size: Any) -> int:
@@ -107,11 +110,7 @@ def check_sparsity(sparsity: Any, name: str = "sparsity") -> None:
     """Raises ValueError unless ``sparsity`` lies in [0, 1). Traced values are not checked."""
     if not _is_concrete(sparsity):
         return
-    value = np.asarray(sparsity)
-    if value.shape != () or not np.issubdtype(value.dtype, np.number):
-        raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}")
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {float(value)!r}")
+    value = check_fraction(sparsity, name)
     if np.float32(value) >= 1.0:  # sparsities are computed in float32
         raise ValueError(f"{name} must be in [0, 1), got {float(value)!r}, which is 1.0 in float32")
 
@@ -217,12 +216,10 @@ def layer_masks(tw_mask: Any) -> dict[tuple, LayerMask]:
 def plain_dict(tree: Any) -> Any:
     """Nested mappings (FrozenDict and ``nnx.State`` included) as nested plain dicts with str
     keys (an NNX list's integer keys become '0', '1'...); ``nnx.Variable`` leaves as their
-    values, boxed linen params (``nn.with_partitioning``, any ``AxisMetadata``) unboxed; other
-    leaves as they are."""
+    values; other leaves (boxed linen params such as ``nn.with_partitioning``'s included) as
+    they are."""
     if isinstance(tree, nnx.Variable):
         return tree.get_value()
-    if isinstance(tree, meta.AxisMetadata):
-        return tree.unbox()
     return {str(k): plain_dict(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
 
 
@@ -565,24 +562,22 @@ def _tile_wise(scores, previous, sparsity, final_sparsity, column_share, ctx) ->
         groups.append((col_score, jnp.full((n,), k, jnp.int32), forced, protected))
     col_pruned = _select(groups, [_target(col_sparsity, z) for z in sizes],
                          _target(col_sparsity, total), ctx.per_layer)
-    # Once rows are pruned (in a kept column of any layer) and the pruned columns are within
-    # half a column of their count, the columns stay as they are: a column pruned then would
-    # move the kept columns after it into other tiles, under rows pruned for the tiles they were
-    # in. (New scores could pick a set of columns nearer the count, which layers of different K
-    # allow.) Columns still follow a column count that grew (final_sparsity raised, or each
-    # call's own sparsity as its final one: tiles then re-form).
-    rows_started = functools.reduce(jnp.logical_or, [
-        jnp.any(~expand(m["columns"], m["rows"], g) & m["columns"][None, :]) for m in previous])
-    before = [jnp.float32(s.shape[0]) * jnp.sum(~m["columns"], dtype=jnp.float32)
-              for s, m in zip(scores, previous)]  # weights in pruned columns
-    if ctx.per_layer:
-        settled = [_target(col_sparsity, z).approx - b <= s.shape[0] / 2
-                   for z, b, s in zip(sizes, before, scores)]
-    else:
-        settled = [_target(col_sparsity, total).approx - sum(before)
-                   <= max(s.shape[0] for s in scores) / 2] * len(scores)
-    columns = [jnp.where(rows_started & f, m["columns"], ~p)
-               for m, p, f in zip(previous, col_pruned, settled)]
+    if not ctx.per_layer:
+        # Once rows are pruned (in a kept column of any layer) and the pruned columns are within
+        # half a column of their count, the columns stay as they are: a column pruned then would
+        # move the kept columns after it into other tiles, under rows pruned for the tiles they
+        # were in. (New scores could pick columns of another K that come nearer the count.)
+        # Columns still follow a count that grew (final_sparsity raised, or each call's own
+        # sparsity as its final one: tiles then re-form). Ranked per layer, the columns of a
+        # layer are of one length, and the ones pruned already stay the nearest count.
+        rows_started = functools.reduce(jnp.logical_or, [
+            jnp.any(~expand(m["columns"], m["rows"], g) & m["columns"][None, :]) for m in previous])
+        before = sum(jnp.float32(s.shape[0]) * jnp.sum(~m["columns"], dtype=jnp.float32)
+                     for s, m in zip(scores, previous))  # weights in pruned columns
+        settled = _target(col_sparsity, total).approx - before <= max(s.shape[0] for s in scores) / 2
+        col_pruned = [jnp.where(rows_started & settled, ~m["columns"], p)
+                      for m, p in zip(previous, col_pruned)]
+    columns = [~p for p in col_pruned]
 
     # Row stage: vectors are (tile, K row) segments, of length = the tile's kept columns.
     groups, pruned_by_columns = [], []
@@ -635,8 +630,8 @@ class TW2D(Pattern):
     name: ClassVar[str] = "tw2d"
     has_elements: ClassVar[bool] = False
 
-    def __post_init__(self):
-        check_fraction(self.column_share, "column_share", closed=True)
+    def __post_init__(self):  # stored as a float: the pattern is a static (hashed) jit argument
+        object.__setattr__(self, "column_share", check_fraction(self.column_share, "column_share", closed=True))
 
     def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
         return _tile_wise(scores, previous, sparsity, final_sparsity, self.column_share, ctx)
@@ -663,9 +658,9 @@ class TEW(Pattern):
     name: ClassVar[str] = "tew"
     ranks_weights: ClassVar[bool] = True  # the residue ranks single weights
 
-    def __post_init__(self):
-        check_fraction(self.residue, "residue")
-        check_fraction(self.column_share, "column_share", closed=True)
+    def __post_init__(self):  # stored as floats: the pattern is a static (hashed) jit argument
+        object.__setattr__(self, "residue", check_fraction(self.residue, "residue"))
+        object.__setattr__(self, "column_share", check_fraction(self.column_share, "column_share", closed=True))
 
     def _check(self, scores, final_sparsity, ctx):
         super()._check(scores, final_sparsity, ctx)

@@ -290,7 +290,7 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
             if kp not in flat:
                 raise ValueError(f"{what} has no kernel at {'/'.join(kp)} for the tw_mask layer "
                                  f"{'/'.join(p)}: the mask tree doesn't match the params")
-            out[p] = patterns.kernel_matrix(flat[kp], mask_layers[p], tile_size,
+            out[p] = patterns.kernel_matrix(meta.unbox(flat[kp]), mask_layers[p], tile_size,
                                             where=f"{what} of tw_mask {names[p]}")
         return out
 
@@ -298,7 +298,7 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
         flat = traverse_util.flatten_dict(patterns.plain_dict(params))
         for p in pruned:
             if _kernel_path(p) in flat:  # (a missing kernel is named by kernels())
-                patterns.kernel_matrix(flat[_kernel_path(p)], mask_layers[p], tile_size,
+                patterns.kernel_matrix(meta.unbox(flat[_kernel_path(p)]), mask_layers[p], tile_size,
                                        where=f"tw_mask {names[p]}")
         weights = kernels(params, "params")
         scores = {}
@@ -366,8 +366,8 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
             if key not in dense:
                 return upd
             if isinstance(upd, meta.AxisMetadata):  # a boxed param (nn.with_partitioning)
-                return upd.replace_boxed(mask_update(path, upd.unbox(), meta.unbox(param)))
-            return jnp.where(dense[key].reshape(jnp.shape(upd)), upd, -param).astype(upd.dtype)
+                return upd.replace_boxed(mask_update(path, upd.unbox(), param))
+            return jnp.where(dense[key].reshape(jnp.shape(upd)), upd, -meta.unbox(param)).astype(upd.dtype)
 
         updates = jax.tree_util.tree_map_with_path(
             mask_update, updates, params, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))

@@ -152,14 +152,15 @@ class Sharded(nn.Module):
         init = lambda names: nn.with_partitioning(nn.initializers.normal(1.0), names)
         x = nn.DenseGeneral((2, 8), kernel_init=init((None, "model", None)),
                             bias_init=init(("model", None)), name="heads")(x)
-        return nn.DenseGeneral(6, axis=(-2, -1), kernel_init=init(("model", None, None)), name="out")(x)
+        x = nn.DenseGeneral(6, axis=(-2, -1), kernel_init=init(("model", None, None)), name="out")(x)
+        return nn.Dense(3, kernel_init=init(("model", None)), name="head")(x)  # not pruned
 
 
-def test_boxed_params_pruned_trained_and_packed():
+def test_boxed_params_pruned_trained_and_packed(tmp_path):
     model, g, steps = Sharded(), 4, 6
     rng = np.random.default_rng(0)
     xs = jnp.asarray(rng.normal(size=(steps, 3, 12)), jnp.float32)
-    variables = intercept.init(model, jax.random.key(0), xs[0], tile_size=g)
+    variables = intercept.init(model, jax.random.key(0), xs[0], tile_size=g, layers=lambda p: p[-1] != "head")
     assert isinstance(variables["params"]["heads"]["kernel"], nn.Partitioned)
     assert jax.tree.map(jnp.shape, variables["tw_mask"]) == {  # masks for the unboxed kernels
         "heads": {"columns": (16,), "rows": (4, 12), "tile_size": (g,)},
@@ -188,10 +189,19 @@ def test_boxed_params_pruned_trained_and_packed():
     w1 = np.asarray(plain["heads"]["kernel"], np.float64).reshape(12, 16)
     w2 = np.asarray(plain["out"]["kernel"], np.float64).reshape(16, 6)
     h = np.asarray(xs[0], np.float64) @ w1 + np.asarray(plain["heads"]["bias"], np.float64).reshape(16)
-    np.testing.assert_allclose(h @ w2 + np.asarray(plain["out"]["bias"], np.float64), want, rtol=1e-4, atol=1e-4)
+    h = h @ w2 + np.asarray(plain["out"]["bias"], np.float64)
+    h = h @ np.asarray(plain["head"]["kernel"], np.float64) + np.asarray(plain["head"]["bias"], np.float64)
+    np.testing.assert_allclose(h, want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(intercept.apply(model, variables, xs[0])), want, rtol=1e-5, atol=1e-5)
     packed = packing.pack_variables(variables)
+    # The params that stay (biases, the unpruned head) keep their boxes, so their sharding.
+    assert isinstance(packed["params"]["heads"]["bias"], nn.Partitioned)
+    assert nn.get_partition_spec(packed["params"])["head"]["kernel"] == jax.sharding.PartitionSpec("model", None)
     got = jax.jit(lambda v, x: intercept.apply(model, v, x))(packed, xs[0])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    path = str(tmp_path / "boxed.safetensors")
+    packing.save(path, packed)  # values saved unboxed
+    got = jax.jit(lambda v, x: intercept.apply(model, v, x))(packing.load(path), xs[0])
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 

@@ -222,6 +222,16 @@ def test_packed_layer_keeps_preferred_element_type():
     assert masked.dtype == packed.dtype == jnp.float32
     for y in (masked, packed):
         np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-5, atol=1e-5)
+    # The result's dtype is nnx.Linear's for each combination: the product's, promoted by the bias.
+    x = jnp.asarray(rng.normal(size=(3, 16)), jnp.float32)
+    for kw in (dict(preferred_element_type=jnp.bfloat16), dict(preferred_element_type=jnp.bfloat16, use_bias=False),
+               dict(param_dtype=jnp.bfloat16, preferred_element_type=jnp.bfloat16),
+               dict(dtype=jnp.bfloat16, preferred_element_type=jnp.float32)):
+        ref = nnx.Linear(16, 8, rngs=nnx.Rngs(0), **kw)(x)
+        layer = twnnx.TWLinear(16, 8, tile_size=4, rngs=nnx.Rngs(0), **kw)
+        for y in (layer(x), twnnx.pack(layer)(x)):
+            assert y.dtype == ref.dtype, kw
+            np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), rtol=2e-2, atol=2e-2)
 
 
 def test_nnx_bad_input_errors():

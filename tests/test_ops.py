@@ -297,6 +297,10 @@ def test_with_schedule_recomputes_max_depth_of_hand_edited_tiles():
         p, rows=np.arange(8, dtype=np.int32), row_offsets=np.array([0, 8], np.int32), values=w))
     assert p.max_depth == 8
     packing.validate(p)
+    arrays = packing.to_arrays(p)  # a stored max_depth is checked, not derived, when read back
+    arrays["statics"] = arrays["statics"] - np.array([0, 0, 0, 1])
+    with pytest.raises(ValueError, match="the deepest tile has 8 rows; expected max_depth=7"):
+        packing.from_arrays(arrays)
     x = rng.normal(size=(3, 8)).astype(np.float32)
     for backend in BACKENDS:
         np.testing.assert_allclose(ops.tw_matmul(x, p, backend=backend), x @ w, rtol=1e-5, atol=1e-5)

@@ -68,13 +68,23 @@ def test_stages_and_one_shot():
     (lambda: prune.one_shot(0.5, at=2 ** 31), r"must be an integer step in \[0, 2\*\*31\), got 2147483648"),
     (lambda: prune.stages([(0, None)]), "stage sparsity must be a number in \\[0, 1\\), got None"),
     (lambda: prune.step(patterns.keep_all(8, 8, 4), prune.one_shot(0.5), min_keep=None),
-     r"min_keep must be in \[0, 1\), got None"),
-    (lambda: patterns.TW2D(column_share="a"), r"column_share must be in \[0, 1\], got 'a'"),
+     r"min_keep must be a number in \[0, 1\), got None"),
+    (lambda: patterns.TW2D(column_share="a"), r"column_share must be a number in \[0, 1\], got 'a'"),
     (lambda: patterns.TEW(residue=float("nan")), r"residue must be in \[0, 1\), got nan"),
 ])
 def test_schedule_errors_name_the_value(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_fractions_may_be_zero_dimensional_arrays():
+    masks = {"fc": patterns.keep_all(8, 8, 4)}
+    for value in (np.array(0.05), jnp.asarray(0.05), np.float32(0.05), 0):
+        prune.step(masks, prune.one_shot(0.5), min_keep=value)
+        patterns.TW2D()([np.ones((8, 8), np.float32)], 0.5, tile_size=4, min_keep=value)
+    for pattern in (patterns.TW2D(column_share=np.float32(0.5)), patterns.TEW(residue=jnp.asarray(0.05))):
+        prune.step(masks, prune.one_shot(0.5), pattern=pattern).init({"fc": {"kernel": jnp.ones((8, 8))}})
+        assert pattern([np.ones((8, 8), np.float32)], 0.5, tile_size=4)[0]["columns"].shape == (8,)
 
 
 # ----------------------------------------------------------------------------- the transform
