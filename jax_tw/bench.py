@@ -210,9 +210,12 @@ def run(shapes, m: int, dtypes, sparsities, tile_size: int, repeats: int, backen
                 scale = np.abs(want).max()
                 good, errors = [], {}
                 for name, f, fc, a in zip(names, tw_fns, tw_chains, operands):
+                    # BCOO accumulates bf16 products in bf16: a wider bound, still far below
+                    # what a wrong product gives.
+                    t = 0.25 if name == "bcoo" and np.dtype(dtype) != np.float32 else tol
                     try:
                         got = np.asarray(f(x, a[0]), np.float32)
-                        if not np.allclose(got, want, rtol=tol, atol=tol * scale):
+                        if not np.allclose(got, want, rtol=t, atol=t * scale):
                             err = np.abs(got - want).max() / scale
                             raise AssertionError(f"wrong product (max error {err:.2e} of max |y|)")
                         good.append((name, f, a[0]) if count == 1 else (name, fc, a))
@@ -288,7 +291,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     s = np.linspace(0, max(r["sparsity"] for r in rows), 50)
     ax.plot(s, 1 / (1 - s), "k--", label="ideal 1/(1-s)")
     ax.axhline(1.0, color="grey", lw=0.5)
-    ax.set_xlabel("TW-2D sparsity")
+    ax.set_xlabel(f"{rows[0]['pattern']} sparsity")
     ax.set_ylabel("speedup vs dense jnp.dot")
     ax.set_title(f"jax_tw tw_matmul, M={rows[0]['m']}, backend {', '.join(dict.fromkeys(r['backend'] for r in rows))}")
     ax.legend(fontsize=7)
@@ -324,18 +327,31 @@ def main(argv=None) -> list[dict[str, Any]]:
                          "many as last 20 ms or as long as the slowest call: see time_interleaved)")
     ap.add_argument("--json", help="write the rows to this JSON file")
     ap.add_argument("--plot", help="draw speedup vs sparsity to this PNG")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes and repeats (smoke test)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny shapes and repeats (smoke test; replaces --shapes, -m, --sparsities "
+                         "and --repeats)")
     args = ap.parse_args(argv)
-    if args.layers < 1:
-        ap.error(f"--layers must be at least 1, got {args.layers}")
-
+    for name, value in (("layers", args.layers), ("repeats", args.repeats), ("m", args.m),
+                        ("inner", 1 if args.inner is None else args.inner)):
+        if value < 1:
+            ap.error(f"-{'' if name == 'm' else '-'}{name} must be at least 1, got {value}")
     shapes = {"base": BERT_BASE, "large": BERT_LARGE, "both": BERT_BASE + BERT_LARGE}[args.shapes]
     dtypes = {"float32": [np.float32], "bfloat16": [jnp.bfloat16],
               "both": [np.float32, jnp.bfloat16]}[args.dtype]
-    sparsities = [float(s) for s in args.sparsities.split(",")]
     m, repeats = args.m, args.repeats
-    if args.quick:
-        shapes, m, repeats, sparsities = [(96, 160)], 64, 3, [0.0, 0.5, 0.9]
+    try:
+        sparsities = [float(s) for s in args.sparsities.split(",")]
+        if args.quick:
+            shapes, m, repeats, sparsities = [(96, 160)], 64, 3, [0.0, 0.5, 0.9]
+        pattern = patterns.get(args.pattern, **({} if args.residue is None else {"residue": args.residue}))
+        for s in sparsities:
+            patterns.check_sparsity(s)
+            # (in float32, as the masks compute it: 0.9 + 0.1 passes)
+            if float(np.float32(s)) + getattr(pattern, "residue", 0.0) >= 1:
+                raise ValueError(f"sparsity {s} + residue {pattern.residue} must be below 1")
+    except (ValueError, TypeError) as e:
+        ap.error(f"--pattern {args.pattern!r}, --residue {args.residue}, --sparsities "
+                 f"{args.sparsities!r}: {e}")
     inner = args.inner or (20 if jax.default_backend() == "gpu" else None)
     rows = run(shapes, m, dtypes, sparsities, args.tile_size, repeats, args.backend,
                pattern=args.pattern, inner=inner, residue=args.residue, peers=args.peers,

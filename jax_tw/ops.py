@@ -152,10 +152,26 @@ def _padded_tiles(p: PackedTiles):
     return idx, valid, w
 
 
+def _sharding(x2: jax.Array, rows: bool):
+    """The ``out_sharding`` of a result of the XLA path under explicit sharding (the default of
+    ``jax.make_mesh``), where JAX does not infer it: an (M, n) array sharded as x2's rows
+    (``rows``) or a replicated one (a sum over the rows). None where x2 has no mesh."""
+    sharding = jax.typeof(x2).sharding
+    if not sharding.mesh.axis_names:
+        return None
+    spec = (sharding.spec[0] if len(sharding.spec) else None, None) if rows else ()
+    return sharding.update(spec=jax.sharding.PartitionSpec(*spec))
+
+
+def _zeros_rows_like(x2: jax.Array, n: int) -> jax.Array:
+    """(M, n) float32 zeros with x2's row sharding (the buffer the XLA path scatters into)."""
+    return jnp.zeros((x2.shape[0], n), jnp.float32, out_sharding=_sharding(x2, rows=True))
+
+
 def _forward_xla(x2: jax.Array, p: PackedTiles, precision=None) -> jax.Array:
     """(M, K) -> (M, N) in f32 on the reference path."""
     m = x2.shape[0]
-    y = jnp.zeros((m, p.n), jnp.float32)
+    y = _zeros_rows_like(x2, p.n)
     c = np.shape(p.columns)[0]
     if c and p.max_depth:
         idx, _, w = _padded_tiles(p)
@@ -177,7 +193,7 @@ def _add_residue(y, x2, p: PackedTiles):
 def _backward_xla(x2, p: PackedTiles, dy):
     """Cotangents of x (M, K), values (R, G) and residue_values (E,) for dy (M, N) in f32."""
     m = x2.shape[0]
-    dx = jnp.zeros((m, p.k), jnp.float32)
+    dx = _zeros_rows_like(x2, p.k)
     dvalues = jnp.zeros(np.shape(p.values), jnp.float32)
     dres = jnp.zeros(np.shape(p.residue_values), jnp.float32)
     c = np.shape(p.columns)[0]
@@ -189,7 +205,7 @@ def _backward_xla(x2, p: PackedTiles, dy):
         dxg = jnp.einsum("mtg,tdg->mtd", dyt, w.astype(jnp.float32))
         dx = dx.at[:, idx].add(jnp.where(valid, dxg, 0))
         xg = x2[:, idx].astype(jnp.float32)
-        dw = jnp.einsum("mtd,mtg->tdg", xg, dyt)  # (T, D, G)
+        dw = jnp.einsum("mtd,mtg->tdg", xg, dyt, out_sharding=_sharding(x2, rows=False))  # (T, D, G)
         offsets = jnp.asarray(p.row_offsets)
         pos = offsets[:-1, None] + jnp.arange(p.max_depth)[None, :]
         pos = jnp.where(valid, pos, np.shape(p.values)[0])  # out of range: dropped

@@ -974,8 +974,9 @@ def test_environment_variable_selects_backend(monkeypatch):
 # The subprocess runs on 4 CPU devices whatever this machine has: the CPU platform's backends.
 @pytest.mark.parametrize("backend", ["xla", "dense"] + (["cpu"] if _ffi.cpu_available() else []))
 def test_shard_map_on_four_cpu_devices(backend):
-    """Batch-sharded x, replicated tiles: forward, refusal of a wrong out_specs, and gradients.
-    In a subprocess: the device count is fixed when jax starts."""
+    """Batch-sharded x, replicated tiles: forward, refusal of a wrong out_specs, and gradients,
+    inside shard_map and under jit alone (explicit sharding). In a subprocess: the device count
+    is fixed when jax starts."""
     script = pathlib.Path(__file__).with_name("shard_map_check.py")
     done = subprocess.run([sys.executable, str(script), backend], capture_output=True, text=True,
                           timeout=300, env=subprocess_env())
@@ -1062,6 +1063,25 @@ def test_bench_peers_and_residue(capsys):
     for r in rows:
         assert r["pattern"] == "tew" and r["tw_ms"] > 0
         assert abs(r["measured_sparsity"] - r["sparsity"]) < 0.05
+
+
+def test_bench_bf16_peers_and_bad_arguments(capsys):
+    """BCOO accumulates bf16 products in bf16 (several percent of max |y| off at K = 3072): it
+    is timed, not taken for a wrong product. Bad arguments are refused by the parser."""
+    from jax_tw import bench
+    rows = bench.main(["-m", "4", "--sparsities", "0.75", "--repeats", "1", "--peers",
+                       "--dtype", "bfloat16", "--backend", "cpu"])
+    assert [r["backend"] for r in rows] == ["cpu", "bcoo"] * 3 and not any("error" in r for r in rows)
+    capsys.readouterr()
+    for argv, message in ((["--repeats", "0"], "--repeats must be at least 1, got 0"),
+                          (["-m", "0"], "-m must be at least 1, got 0"),
+                          (["--inner", "-1"], "--inner must be at least 1, got -1"),
+                          (["--sparsities", "0.5,"], "could not convert string to float"),
+                          (["--pattern", "tw2d", "--residue", "0.1"], "unexpected keyword argument 'residue'"),
+                          (["--pattern", "tew", "--residue", "0.5"], "sparsity 0.5 + residue 0.5 must be below 1")):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+        assert message in capsys.readouterr().err, argv
 
 
 def test_bench_layers_chains_distinct_layers(monkeypatch, capsys):
