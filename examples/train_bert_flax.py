@@ -116,6 +116,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}")
     if args.distill_temp <= 0:
         ap.error(f"--distill-temp must be positive, got {args.distill_temp}")
+    for name in ("epochs", "lr"):
+        if not getattr(args, name) > 0:
+            ap.error(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("train_limit", "eval_limit"):  # (a negative one would drop the last sentences)
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.train_limit is not None and args.train_limit < args.batch:
+        ap.error(f"--train-limit {args.train_limit} is below --batch {args.batch}: not one training step")
+    try:  # the pattern's own options, before the data and the model load
+        pattern = make_pattern(args)
+    except ValueError as e:
+        ap.error(f"--pattern {args.pattern}: {e}")
+    if float(np.float32(args.sparsity)) + getattr(pattern, "residue", 0.0) >= 1.0:  # as TEW checks it
+        ap.error(f"--sparsity {args.sparsity} + --residue {args.residue} must be below 1")
     if args.teacher is not None:
         if not (args.teacher / "params.safetensors").is_file():
             ap.error(f"--teacher {args.teacher}: no params.safetensors there (write one with --save-params)")

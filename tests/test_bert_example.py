@@ -149,7 +149,10 @@ def test_bad_flags_are_refused():
 
     for bad in (["--sparsity", "1.0"], ["--pattern", "nm"], ["--prune-begin", "0.8", "--prune-end", "0.2"],
                 ["--tile-size", "0"], ["--distill-alpha", "1.5"], ["--column-share", "1.3"], ["--distill-temp", "0"],
-                ["--teacher", "/nonexistent/run"], ["--time-len", "0"], ["--max-len", "32", "--time-len", "33"]):
+                ["--teacher", "/nonexistent/run"], ["--time-len", "0"], ["--max-len", "32", "--time-len", "33"],
+                ["--train-limit", "-5"], ["--eval-limit", "0"], ["--train-limit", "16", "--batch", "32"],
+                ["--epochs", "0"], ["--lr", "-1"], ["--pattern", "vw", "--vector-size", "0"],
+                ["--pattern", "tew", "--sparsity", "0.75", "--residue", "0.3"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
