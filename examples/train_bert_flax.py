@@ -124,12 +124,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.train_limit is not None and args.train_limit < args.batch:
         ap.error(f"--train-limit {args.train_limit} is below --batch {args.batch}: not one training step")
-    try:  # the pattern's own options, before the data and the model load
+    try:  # the pattern's own options and target, before the data and the model load
         pattern = make_pattern(args)
+        if pattern is not None:
+            pattern.check_target(args.sparsity)
     except ValueError as e:
         ap.error(f"--pattern {args.pattern}: {e}")
-    if float(np.float32(args.sparsity)) + getattr(pattern, "residue", 0.0) >= 1.0:  # as TEW checks it
-        ap.error(f"--sparsity {args.sparsity} + --residue {args.residue} must be below 1")
     if args.teacher is not None:
         if not (args.teacher / "params.safetensors").is_file():
             ap.error(f"--teacher {args.teacher}: no params.safetensors there (write one with --save-params)")

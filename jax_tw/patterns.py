@@ -513,6 +513,12 @@ class Pattern:
         self._check(scores, final_sparsity, ctx)
         return _compute_masks(self, ctx, scores, previous, sparsity, final_sparsity)
 
+    def check_target(self, sparsity: Any) -> None:
+        """Raises ValueError unless this pattern can prune to ``sparsity`` (a final one): in
+        [0, 1), and below 1 with what the pattern gives back (TEW's residue). Traced values
+        are not checked."""
+        check_sparsity(sparsity)
+
     def _check(self, scores, final_sparsity, ctx) -> None:
         """Checks of the inputs a pattern needs beyond the common ones (before tracing)."""
         if self.ranks_weights:
@@ -662,12 +668,16 @@ class TEW(Pattern):
         object.__setattr__(self, "residue", check_fraction(self.residue, "residue"))
         object.__setattr__(self, "column_share", check_fraction(self.column_share, "column_share", closed=True))
 
+    def check_target(self, sparsity: Any) -> None:
+        super().check_target(sparsity)
+        # In float32, as the masks compute it: 0.9 + 0.1 passes (0.9 is below 0.9 in float32).
+        if _is_concrete(sparsity) and float(np.float32(sparsity)) + self.residue >= 1.0:
+            raise ValueError(f"sparsity {float(sparsity)!r} + residue {self.residue!r} must be below 1 "
+                             "(TEW needs sparsity + residue < 1)")
+
     def _check(self, scores, final_sparsity, ctx):
         super()._check(scores, final_sparsity, ctx)
-        # In float32, as the masks compute it: 0.9 + 0.1 passes (0.9 is below 0.9 in float32).
-        if _is_concrete(final_sparsity) and float(np.float32(final_sparsity)) + self.residue >= 1.0:
-            raise ValueError(
-                f"TEW needs sparsity + residue < 1, got {float(final_sparsity)!r} + {self.residue!r}")
+        self.check_target(final_sparsity)
 
     def _masks(self, scores, previous, kept, sparsity, final_sparsity, ctx):
         tiles = _tile_wise(scores, previous, jnp.minimum(sparsity + self.residue, 0.999),

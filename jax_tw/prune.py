@@ -295,12 +295,7 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
         return out
 
     def init_fn(params: Any) -> PruneState:
-        flat = traverse_util.flatten_dict(patterns.plain_dict(params))
-        for p in pruned:
-            if _kernel_path(p) in flat:  # (a missing kernel is named by kernels())
-                patterns.kernel_matrix(meta.unbox(flat[_kernel_path(p)]), mask_layers[p], tile_size,
-                                       where=f"tw_mask {names[p]}")
-        weights = kernels(params, "params")
+        weights = kernels(params, "params")  # (each kernel's shape checked against its mask)
         scores = {}
         if score == "taylor":
             scores = {names[p]: jnp.zeros(jnp.shape(w), jnp.float32) for p, w in weights.items()}
