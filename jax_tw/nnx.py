@@ -106,14 +106,30 @@ class TWLinear(nnx.Linear):
         if self.tiles is not None:
             raise ValueError("TWLinear: this layer is packed; it has tiles, not a mask")
         mask = {key: getattr(self, key)[...] for key in _MASK_KEYS if getattr(self, key) is not None}
-        mask[patterns.TILE_KEY] = jnp.asarray(patterns.tile_marker(self.tile_size))
+        mask[patterns.TILE_KEY] = _marker(self.tile_size, self._stack())
         return mask
+
+    def _stack(self) -> tuple:
+        """The leading axes over which ``nnx.vmap`` stacked copies of this layer (its masks are
+        then (..., N) and (..., T, K)); () for a single layer."""
+        return patterns.stack_axes({"columns": self.columns[...]})
 
     def set_mask(self, mask: patterns.LayerMask, where: str = "TWLinear") -> None:
         """Replaces this layer's mask (checked against its kernel shape and tile size)."""
         if self.tiles is not None:
             raise ValueError(f"{where}: this layer is packed; its mask can no longer change")
-        patterns.check_layer_mask(mask, self.in_features, self.out_features, self.tile_size, where)
+        stack = self._stack()
+        if stack:  # copies stacked by nnx.vmap: every entry leads with their axes
+            for key in mask.keys():
+                if tuple(jnp.shape(mask[key]))[:len(stack)] != stack:
+                    raise ValueError(f"{where}: tw_mask '{key}' has shape "
+                                     f"{tuple(jnp.shape(mask[key]))}, expected it to lead with the "
+                                     f"axes {stack} this layer is stacked over (nnx.vmap)")
+            first = (0,) * len(stack)
+            patterns.check_layer_mask({key: mask[key][first] for key in mask.keys()},
+                                      self.in_features, self.out_features, self.tile_size, where)
+        else:
+            patterns.check_layer_mask(mask, self.in_features, self.out_features, self.tile_size, where)
         for key in ("columns", "rows"):
             getattr(self, key)[...] = mask[key]
         if "elements" not in mask:
@@ -156,9 +172,14 @@ def masks(model: Any) -> dict:
         if g is None:
             raise ValueError(f"TWMask {'/'.join(map(str, path))} has no tile_size metadata")
         flat[layer + (str(path[-1]),)] = var.get_value()
-        if layer + (patterns.TILE_KEY,) not in flat:
-            flat[layer + (patterns.TILE_KEY,)] = jnp.asarray(patterns.tile_marker(g))
+        if str(path[-1]) == "columns":  # (..., N): leading axes where nnx.vmap stacked the layer
+            flat[layer + (patterns.TILE_KEY,)] = _marker(g, jnp.shape(var.get_value())[:-1])
     return traverse_util.unflatten_dict(flat)
+
+
+def _marker(tile_size: int, stack: tuple = ()) -> jax.Array:
+    """The ``tile_size`` marker of a layer mask, stacked over ``stack`` like the layer."""
+    return jnp.broadcast_to(jnp.asarray(patterns.tile_marker(tile_size)), tuple(stack) + (tile_size,))
 
 
 def set_masks(model: nnx.Module, tw_mask: Any) -> None:
@@ -187,6 +208,7 @@ def pack(model: nnx.Module, dtype: Any = None, keep_dense: bool | None = None) -
     for path, layer in _layers(packed):
         if layer.tiles is not None:
             continue
+        patterns.check_not_stacked(layer._stack(), f"TWLinear {'/'.join(path) or '(the root module)'}")
         kernel = np.asarray(layer.kernel[...])
         if dtype is not None:
             kernel = kernel.astype(dtype)

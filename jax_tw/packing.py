@@ -494,6 +494,7 @@ def pack_variables(variables: dict, tile_size: int | None = None, dtype: Any = N
     params = traverse_util.flatten_dict(patterns.plain_dict(variables["params"]))
     packed = {}
     for layer, mask in patterns.layer_masks(variables["tw_mask"]).items():
+        patterns.check_not_stacked(patterns.stack_axes(mask), f"tw_mask {'/'.join(layer)}")
         mask = {key: np.asarray(v) for key, v in mask.items()}
         key = layer + ("kernel",)
         if key not in params:

@@ -223,6 +223,25 @@ def plain_dict(tree: Any) -> Any:
     return {str(k): plain_dict(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
 
 
+def stack_axes(mask: Any) -> tuple[int, ...]:
+    """The leading axes over which ``nn.scan`` or ``nnx.vmap`` stacked copies of a layer (its
+    ``columns`` are then (..., N)); () for a single layer."""
+    if not hasattr(mask, "keys") or "columns" not in mask:
+        return ()
+    return tuple(int(d) for d in jnp.shape(mask["columns"]))[:-1]
+
+
+def check_not_stacked(stack: tuple, where: str) -> None:
+    """Raises ValueError for a layer stacked over ``stack`` (non-empty): packed tiles differ in
+    size from copy to copy, so they cannot be stacked for ``nn.scan`` or ``nnx.scan``."""
+    if stack:
+        raise ValueError(
+            f"{where}: the layer is stacked over leading axes {tuple(stack)} (nn.scan, nnx.vmap); "
+            "each copy packs to tiles of its own size, which cannot be stacked to run under a "
+            "scan: for packed inference, build the model with its layers unrolled and give each "
+            "layer its copy (jax.tree.map(lambda a: a[i], ...) of the stacked params and masks)")
+
+
 def mask_matrix_shape(mask: Any) -> tuple[int, int]:
     """(K, N) of the kernel matrix a layer mask is for, read from its ``rows`` and ``columns``."""
     if not hasattr(mask, "keys") or not {"columns", "rows"} <= set(mask.keys()):

@@ -211,6 +211,49 @@ def _with_elements(mask: dict, has_elements: bool, where: str) -> dict:
     return mask
 
 
+def _layer_name(layer: tuple[Path, tuple]) -> str:
+    path, index = layer
+    return "/".join(path) + (f"[{','.join(map(str, index))}]" if index else "")
+
+
+def _unstack(mask_layers: dict[Path, Any]) -> dict[tuple[Path, tuple], Any]:
+    """{(path, index): layer mask}: one entry per copy of a stacked layer (index into its
+    leading axes), one with index () for a single layer."""
+    out = {}
+    for path, mask in mask_layers.items():
+        stack = patterns.stack_axes(mask)
+        for key, v in mask.items():
+            if tuple(jnp.shape(v))[:len(stack)] != stack:
+                raise ValueError(
+                    f"tw_mask {'/'.join(path)} '{key}' has shape {tuple(jnp.shape(v))}, but its "
+                    f"'columns' stack the layer over leading axes {stack} (as nn.scan or "
+                    "nnx.vmap do): every entry of the layer's mask must lead with them")
+        for index in np.ndindex(stack):
+            out[path, index] = {key: v[index] for key, v in mask.items()} if index else dict(mask)
+    return out
+
+
+def _restack(layers: dict[tuple[Path, tuple], Any]) -> dict[Path, Any]:
+    """The inverse of :func:`_unstack`: {path: value}, each stacked layer's values (dicts of
+    arrays, or arrays) stacked back over its leading axes (C order, as np.ndindex walks them)."""
+    groups: dict[Path, list] = {}
+    for (path, index), value in layers.items():
+        groups.setdefault(path, []).append((index, value))
+    out = {}
+    for path, items in groups.items():
+        if items[0][0] == ():
+            out[path] = items[0][1]
+            continue
+        stack = tuple(max(i[d] for i, _ in items) + 1 for d in range(len(items[0][0])))
+
+        def stacked(values):
+            return jnp.stack(values).reshape(stack + tuple(jnp.shape(values[0])))
+        first = items[0][1]
+        out[path] = ({key: stacked([v[key] for _, v in items]) for key in first}
+                     if hasattr(first, "keys") else stacked([v for _, v in items]))
+    return out
+
+
 def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Pattern | None = None,
          tile_size: int | None = None, update_every: int = 100, score: str = "magnitude",
          layers: Callable[[Path], bool] = _default_layers, per_layer: bool = False,
@@ -256,14 +299,18 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
                          f"prune.one_shot), got {schedule!r}")
     patterns.check_sparsity(final, "the schedule's final sparsity")
     min_keep = patterns.check_fraction(min_keep, "min_keep")
-    mask_layers = patterns.layer_masks(_mask_tree(tw_mask))
-    if not mask_layers:
+    model_masks = patterns.layer_masks(_mask_tree(tw_mask))
+    if not model_masks:
         raise ValueError("tw_mask holds no layer masks: pass the model's variables['tw_mask']")
-    pruned = [p for p in mask_layers if layers(_kernel_path(p))]
+    stacks = {p: patterns.stack_axes(m) for p, m in model_masks.items()}
+    # Each copy of a layer that nn.scan or nnx.vmap stacked is pruned as a layer of its own:
+    # (path, index) keys the layers below, index () for an unstacked one.
+    mask_layers = _unstack({p: m for p, m in model_masks.items() if layers(_kernel_path(p))})
+    pruned = list(mask_layers)
     if not pruned:
         raise ValueError("the layers filter selects none of the tw_mask layers "
-                         f"{['/'.join(p) for p in mask_layers]}")
-    names = {p: "/".join(p) for p in pruned}
+                         f"{['/'.join(p) for p in model_masks]}")
+    names = {p: _layer_name(p) for p in pruned}
     sizes = {p: patterns.mask_tile_size(mask_layers[p], tile_size, f"tw_mask {names[p]}") for p in pruned}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"the pruned layers have different tile sizes {sorted(set(sizes.values()))} "
@@ -278,7 +325,8 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
         mask_layers[p] = dict(_with_elements(mask_layers[p], pattern.has_elements, names[p]),
                               **{patterns.TILE_KEY: jnp.asarray(patterns.tile_marker(tile_size))})
     initial_masks = traverse_util.unflatten_dict(
-        {path + (key,): jnp.asarray(v) for path, m in mask_layers.items() for key, v in m.items()})
+        {path + (key,): jnp.asarray(v)
+         for path, m in {**model_masks, **_restack(mask_layers)}.items() for key, v in m.items()})
 
     def kernels(tree: Any, what: str) -> dict[Path, jax.Array]:
         """The pruned layers' kernels in ``tree`` as (K, N) matrices (a DenseGeneral kernel's
@@ -286,12 +334,19 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
         flat = traverse_util.flatten_dict(patterns.plain_dict(tree))
         out = {}
         for p in pruned:
-            kp = _kernel_path(p)
+            (path, index), kp = p, _kernel_path(p[0])
             if kp not in flat:
                 raise ValueError(f"{what} has no kernel at {'/'.join(kp)} for the tw_mask layer "
-                                 f"{'/'.join(p)}: the mask tree doesn't match the params")
-            out[p] = patterns.kernel_matrix(meta.unbox(flat[kp]), mask_layers[p], tile_size,
-                                            where=f"{what} of tw_mask {names[p]}")
+                                 f"{'/'.join(path)}: the mask tree doesn't match the params")
+            kernel = meta.unbox(flat[kp])
+            stack = stacks[path]
+            if tuple(jnp.shape(kernel))[:len(stack)] != stack:
+                raise ValueError(
+                    f"{what} of tw_mask {'/'.join(path)}: the kernel has shape "
+                    f"{tuple(jnp.shape(kernel))}, but its mask stacks the layer over leading axes "
+                    f"{stack} (as nn.scan or nnx.vmap do), which the kernel must lead with too")
+            out[p] = patterns.kernel_matrix(kernel[index] if index else kernel, mask_layers[p],
+                                            tile_size, where=f"{what} of tw_mask {names[p]}")
         return out
 
     def init_fn(params: Any) -> PruneState:
@@ -332,7 +387,8 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
         for b in boundaries:
             on_time = on_time | (state.count == b)
         due = on_time & (target > state.sparsity)
-        layer_masks = patterns.layer_masks(state.masks)
+        state_masks = patterns.layer_masks(state.masks)
+        layer_masks = _unstack({p: state_masks[p] for p in {path for path, _ in pruned}})
 
         def recompute(_):
             if score == "taylor":
@@ -349,12 +405,11 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
             return [layer_masks[p] for p in pruned], acc
 
         new_masks, acc = jax.lax.cond(due, recompute, keep, None)
-        flat_masks = {path + (key,): v for path, m in layer_masks.items() for key, v in m.items()}
-        dense = {}
-        for p, m in zip(pruned, new_masks):
-            for key, v in m.items():
-                flat_masks[p + (key,)] = v
-            dense[_kernel_path(p)] = patterns.dense_mask(m, tile_size)  # (K, N)
+        new_masks = dict(zip(pruned, new_masks))
+        flat_masks = {path + (key,): v for path, m in {**state_masks, **_restack(new_masks)}.items()
+                      for key, v in m.items()}
+        dense = {_kernel_path(path): m for path, m in _restack(  # (..., K, N)
+            {p: patterns.dense_mask(m, tile_size) for p, m in new_masks.items()}).items()}
 
         def mask_update(path, upd, param):
             key = tuple(_path_key(e) for e in path)
@@ -418,14 +473,13 @@ def sparsity(tw_mask: Any, tile_size: int | None = None,
         tw_mask = masks(tw_mask)
     per_layer, kept, total = {}, 0, 0
     tw_mask = _mask_tree(tw_mask)
-    for path, m in patterns.layer_masks(tw_mask).items():
-        if not layers(_kernel_path(path)):
-            continue
+    selected = {p: m for p, m in patterns.layer_masks(tw_mask).items() if layers(_kernel_path(p))}
+    for layer, m in _unstack(selected).items():  # each copy of a stacked layer on its own
         k, n = patterns.mask_matrix_shape(m)
-        where = f"tw_mask {'/'.join(path)}"
+        where = f"tw_mask {_layer_name(layer)}"
         g = patterns.check_layer_mask(m, k, n, tile_size, where=where)
         layer_kept = int(np.asarray(patterns.dense_mask(m, g)).sum())
-        per_layer["/".join(path)] = 1.0 - layer_kept / (k * n)
+        per_layer[_layer_name(layer)] = 1.0 - layer_kept / (k * n)
         kept += layer_kept
         total += k * n
     return SparsityReport(per_layer, 1.0 - kept / total if total else 0.0)

@@ -274,3 +274,50 @@ def test_nnx_activation_packed_or_not(backend, monkeypatch):
     np.testing.assert_allclose(np.asarray(twnnx.pack(layer)(x)), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="activation must be one of"):
         twnnx.TWLinear(24, 40, tile_size=8, activation="tanh", rngs=nnx.Rngs(0))
+
+
+def test_vmap_stacked_layers_prune_and_refuse_packing():
+    """TWLinear layers made by nnx.vmap (masks and kernels stacked over a leading axis) and run
+    under nnx.scan: prune.step prunes each copy, set_masks writes the stacked masks back, the
+    forward pass equals each copy's masked dense layer in turn; packing says why it cannot."""
+    copies, width = 3, 24
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=copies)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def create(rngs):
+                return twnnx.TWLinear(width, width, tile_size=8, rngs=rngs)
+            self.layers = create(rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            def body(layer, x):
+                return jax.nn.relu(layer(x))
+            return body(self.layers, x)
+
+    model = Model(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, width))
+    tx = optax.chain(optax.sgd(0.01), prune.step(model, prune.one_shot(0.6),
+                                                 pattern=patterns.TEW(residue=0.05), update_every=1))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def train(model, optimizer):
+        grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+        optimizer.update(model, grads)
+        twnnx.set_masks(model, prune.masks(optimizer))
+    for _ in range(2):
+        train(model, optimizer)
+    masks = twnnx.masks(model)["layers"]
+    assert jnp.shape(masks["elements"]) == (copies, width, width)
+    assert jnp.shape(masks[patterns.TILE_KEY]) == (copies, 8)
+    kernel, bias, want = np.asarray(model.layers.kernel[...]), np.asarray(model.layers.bias[...]), x
+    for i in range(copies):
+        dense = np.asarray(patterns.dense_mask({k: v[i] for k, v in masks.items()}))
+        assert not kernel[i][~dense].any()  # pruned weights are zero
+        want = jax.nn.relu(want @ (kernel[i] * dense) + bias[i])
+    np.testing.assert_allclose(model(x), want, rtol=1e-5, atol=1e-5)
+    assert abs(prune.sparsity(model).total - 0.6) < 0.03
+    with pytest.raises(ValueError, match=r"TWLinear layers: the layer is stacked over leading axes \(3,\)"):
+        twnnx.pack(model)

@@ -372,3 +372,93 @@ def test_hand_built_masks_without_the_marker_prune(pattern):
     _, state = jax.jit(tx.update)(params, tx.init(params), params)
     assert prune.sparsity(state).total == pytest.approx(0.5, abs=0.1)
     assert patterns.mask_tile_size(prune.masks(state)["l"]) == 4
+
+
+# ----------------------------------------------------------------------------- stacked layers
+
+_STACK, _WIDTH = 3, 24
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return jax.nn.relu(TWDense(_WIDTH, tile_size=8, name="dense")(x)), None
+
+
+class _Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        blocks = nn.scan(_Block, variable_axes={"params": 0, "tw_mask": 0},
+                         split_rngs={"params": True}, length=_STACK)
+        return blocks(name="blocks")(x, None)[0]
+
+
+class _Unrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(_STACK):
+            x = _Block(name=f"b{i}")(x, None)[0]
+        return x
+
+
+def _train_pruned(model, params, tw_mask, x, pattern, steps=2):
+    tx = optax.chain(optax.sgd(0.01), prune.step(tw_mask, prune.one_shot(0.6), pattern=pattern,
+                                                 update_every=1))
+    state = tx.init(params)
+
+    @jax.jit
+    def train(params, state):
+        grads = jax.grad(lambda p: jnp.sum(model.apply(
+            {"params": p, "tw_mask": prune.masks(state)}, x) ** 2))(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+    for _ in range(steps):
+        params, state = train(params, state)
+    return params, prune.masks(state)
+
+
+@pytest.mark.parametrize("pattern", [patterns.TW2D(), patterns.TEW(residue=0.05)])
+def test_scan_stacked_layers_prune_as_the_unrolled_model(pattern):
+    """nn.scan stacks a layer's params and masks over a leading axis: prune.step prunes each
+    copy as a layer of its own, in one global ranking, exactly as the same model unrolled with
+    the same weights (masks, trained weights, outputs); the report names each copy."""
+    x = jax.random.normal(jax.random.key(1), (4, _WIDTH))
+    stacked = _Scanned().init(jax.random.key(0), x)
+    assert jnp.shape(stacked["tw_mask"]["blocks"]["dense"]["columns"]) == (_STACK, _WIDTH)
+    copy = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+    unrolled = _Unrolled().init(jax.random.key(0), x)
+    unrolled_params = {f"b{i}": copy(stacked["params"]["blocks"], i) for i in range(_STACK)}
+    ps, ms = _train_pruned(_Scanned(), stacked["params"], stacked["tw_mask"], x, pattern)
+    pu, mu = _train_pruned(_Unrolled(), unrolled_params, unrolled["tw_mask"], x, pattern)
+    for i in range(_STACK):
+        a, b = copy(ms["blocks"]["dense"], i), mu[f"b{i}"]["dense"]
+        assert sorted(a) == sorted(b) == sorted(["columns", "rows", "tile_size"] + (
+            ["elements"] if pattern.has_elements else []))
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+        np.testing.assert_allclose(ps["blocks"]["dense"]["kernel"][i],
+                                   pu[f"b{i}"]["dense"]["kernel"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_Scanned().apply({"params": ps, "tw_mask": ms}, x),
+                               _Unrolled().apply({"params": pu, "tw_mask": mu}, x), rtol=1e-5, atol=1e-5)
+    report = prune.sparsity(ms)
+    assert abs(report.total - 0.6) < 0.03
+    for i in range(_STACK):
+        assert report.layers[f"blocks/dense[{i}]"] == pytest.approx(
+            prune.sparsity(mu).layers[f"b{i}/dense"])
+
+
+def test_stacked_layers_refuse_packing_and_mismatched_kernels():
+    from jax_tw import packing
+    x = jnp.ones((2, _WIDTH))
+    variables = _Scanned().init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"tw_mask blocks/dense: the layer is stacked over leading axes \(3,\)"):
+        packing.pack_variables(variables)
+    tx = prune.step(variables["tw_mask"], prune.one_shot(0.5))
+    params = jax.tree.map(lambda a: a[:2], variables["params"])  # two copies, masks for three
+    with pytest.raises(ValueError, match=r"kernel has shape \(2, 24, 24\), but its mask stacks the "
+                                         r"layer over leading axes \(3,\)"):
+        tx.init(params)
+    bad = jax.tree.map(lambda a: a, variables["tw_mask"])
+    bad["blocks"]["dense"]["tile_size"] = bad["blocks"]["dense"]["tile_size"][0]  # one marker
+    with pytest.raises(ValueError, match=r"'tile_size' has shape \(8,\), but its 'columns' stack"):
+        prune.step(bad, prune.one_shot(0.5))
