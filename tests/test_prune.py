@@ -462,3 +462,9 @@ def test_stacked_layers_refuse_packing_and_mismatched_kernels():
     bad["blocks"]["dense"]["tile_size"] = bad["blocks"]["dense"]["tile_size"][0]  # one marker
     with pytest.raises(ValueError, match=r"'tile_size' has shape \(8,\), but its 'columns' stack"):
         prune.step(bad, prune.one_shot(0.5))
+    one = patterns.keep_all(16, 16, 8)  # 8 copies (as many as G) with one unstacked marker
+    eight = dict({key: jnp.stack([v] * 8) for key, v in one.items()}, tile_size=one["tile_size"])
+    with pytest.raises(ValueError, match=r"'tile_size' has shape \(8,\), .* then have its own one dim"):
+        prune.sparsity({"l": eight})
+    with pytest.raises(ValueError, match=r"leading axes \(0,\): no copy to prune"):
+        prune.step({"l": {key: v[:0] for key, v in eight.items()}}, prune.one_shot(0.5))
