@@ -64,12 +64,20 @@ def init(model: nn.Module, rngs: Any, *args: Any, tile_size: int = 128,
     tile_size = patterns.check_tile_size(tile_size)
     if not callable(layers):
         raise ValueError(f"layers must be a callable on module paths, got {layers!r}")
-    with nn.intercept_methods(functools.partial(_interceptor, create=(tile_size, layers))):
+    selected: set[tuple] = set()  # paths of the layers the filter chose, as the calls saw them
+    with nn.intercept_methods(functools.partial(_interceptor, create=(tile_size, layers, selected))):
         if variables is None:
             out = dict(model.init(rngs, *args, **kwargs))
         else:
             _, new = model.apply(variables, *args, mutable=[MASK], **kwargs)
             out = dict(variables, **new)
+    lost = sorted("/".join(p) for p in selected - set(patterns.layer_masks(out.get(MASK, {}))))
+    if lost:
+        raise ValueError(
+            f"the masks of the layers {lost} were made but did not come out of the model: they "
+            "run inside a lifted transform (nn.scan, nn.vmap...) that does not carry the "
+            f"'{MASK}' collection; add '{MASK}': 0 to its variable_axes (prune.step then prunes "
+            "each copy as a layer; stacked layers are not packed)")
     if not out.get(MASK):
         raise ValueError("no nn.Dense or nn.DenseGeneral layer of the model was selected by "
                          "the layers filter: nothing to prune")
@@ -109,7 +117,8 @@ def _matrix_shape(module: nn.Module, kernel_shape: tuple) -> tuple[int, int]:
 
 
 def _interceptor(next_fun, args, kwargs, context, create=None):
-    """``create``: (tile_size, layers filter) while :func:`init` adds masks, else None."""
+    """``create``: (tile_size, layers filter, set of the selected layers' paths) while
+    :func:`init` adds masks, else None."""
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, LAYER_TYPES):
         return next_fun(*args, **kwargs)
@@ -118,6 +127,8 @@ def _interceptor(next_fun, args, kwargs, context, create=None):
     if module.has_variable(MASK, "columns"):
         return _masked_call(module, *args, **kwargs)
     out = next_fun(*args, **kwargs)
+    if create is not None and create[1](module.path):
+        create[2].add(tuple(module.path))
     if create is not None and module.is_mutable_collection(MASK) and create[1](module.path):
         k, n = _matrix_shape(module, jnp.shape(_param(module, "kernel")))
         for key, value in patterns.keep_all(k, n, create[0]).items():

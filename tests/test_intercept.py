@@ -236,3 +236,44 @@ def test_intercept_bad_input_errors():
     packed = packing.pack_variables(variables)
     with pytest.raises(ValueError, match=r"packed tiles are for a kernel \(6, 6\), expected \(4, 6\)"):
         intercept.apply(layer, packed, jnp.ones((2, 4)))
+
+
+def test_scanned_dense_layers_need_the_mask_collection_carried():
+    """nn.Dense inside nn.scan: with 'tw_mask' in the scan's variable_axes, init stacks a mask
+    per copy and prune.step prunes each (pruned weights zero, the masked model's output equals
+    the dense model's on the pruned params); without it, init names the layers whose masks the
+    scan dropped and the fix, instead of saying no layer was selected."""
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return jax.nn.relu(nn.Dense(24, name="dense")(x)), None
+
+    def model(axes):
+        class Model(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return nn.scan(Block, variable_axes=axes, split_rngs={"params": True},
+                               length=3)(name="blocks")(x, None)[0]
+        return Model()
+
+    x = jax.random.normal(jax.random.key(1), (4, 24))
+    with pytest.raises(ValueError, match=r"the masks of the layers \['blocks/dense'\] were made but "
+                                         r"did not come out .* add 'tw_mask': 0 to its variable_axes"):
+        intercept.init(model({"params": 0}), jax.random.key(0), x, tile_size=8)
+    scanned = model({"params": 0, "tw_mask": 0})
+    variables = intercept.init(scanned, jax.random.key(0), x, tile_size=8)
+    assert jnp.shape(variables["tw_mask"]["blocks"]["dense"]["rows"]) == (3, 3, 24)
+    tx = prune.step(variables["tw_mask"], prune.one_shot(0.6))
+    params, state = variables["params"], tx.init(variables["params"])
+    grads = jax.grad(lambda p: jnp.sum(intercept.apply(
+        scanned, {"params": p, "tw_mask": prune.masks(state)}, x) ** 2))(params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    kernel = np.asarray(params["blocks"]["dense"]["kernel"])
+    masks = prune.masks(state)["blocks"]["dense"]
+    for i in range(3):
+        dense = np.asarray(patterns.dense_mask({k: v[i] for k, v in masks.items()}))
+        assert not kernel[i][~dense].any() and kernel[i][dense].all()
+    assert abs(1 - np.mean(kernel != 0) - 0.6) < 0.03
+    np.testing.assert_allclose(intercept.apply(scanned, {"params": params, "tw_mask": prune.masks(state)}, x),
+                               scanned.apply({"params": params}, x), rtol=1e-5, atol=1e-5)
