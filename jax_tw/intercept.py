@@ -128,11 +128,11 @@ def _interceptor(next_fun, args, kwargs, context, create=None):
         return _masked_call(module, *args, **kwargs)
     out = next_fun(*args, **kwargs)
     if create is not None and create[1](module.path):
-        create[2].add(tuple(module.path))
-    if create is not None and module.is_mutable_collection(MASK) and create[1](module.path):
-        k, n = _matrix_shape(module, jnp.shape(_param(module, "kernel")))
-        for key, value in patterns.keep_all(k, n, create[0]).items():
-            module.put_variable(MASK, key, value)
+        create[2].add(tuple(module.path))  # (a lifted transform may drop what is put here)
+        if module.is_mutable_collection(MASK):
+            k, n = _matrix_shape(module, jnp.shape(_param(module, "kernel")))
+            for key, value in patterns.keep_all(k, n, create[0]).items():
+                module.put_variable(MASK, key, value)
     return out
 
 

@@ -118,18 +118,13 @@ class TWLinear(nnx.Linear):
         """Replaces this layer's mask (checked against its kernel shape and tile size)."""
         if self.tiles is not None:
             raise ValueError(f"{where}: this layer is packed; its mask can no longer change")
-        stack = self._stack()
-        if stack:  # copies stacked by nnx.vmap: every entry leads with their axes
-            for key in mask.keys():
-                if tuple(jnp.shape(mask[key]))[:len(stack)] != stack:
-                    raise ValueError(f"{where}: tw_mask '{key}' has shape "
-                                     f"{tuple(jnp.shape(mask[key]))}, expected it to lead with the "
-                                     f"axes {stack} this layer is stacked over (nnx.vmap)")
-            first = (0,) * len(stack)
-            patterns.check_layer_mask({key: mask[key][first] for key in mask.keys()},
-                                      self.in_features, self.out_features, self.tile_size, where)
-        else:
-            patterns.check_layer_mask(mask, self.in_features, self.out_features, self.tile_size, where)
+        stack = patterns.check_stack(mask, where)
+        if stack != self._stack():
+            raise ValueError(f"{where}: the mask stacks the layer over leading axes {stack}, but "
+                             f"this layer is stacked over {self._stack()} (nnx.vmap)")
+        first = (0,) * len(stack)  # every copy has the first one's shapes
+        patterns.check_layer_mask({key: mask[key][first] for key in mask.keys()} if stack else mask,
+                                  self.in_features, self.out_features, self.tile_size, where)
         for key in ("columns", "rows"):
             getattr(self, key)[...] = mask[key]
         if "elements" not in mask:

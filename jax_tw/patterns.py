@@ -231,6 +231,23 @@ def stack_axes(mask: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in jnp.shape(mask["columns"]))[:-1]
 
 
+def check_stack(mask: Any, where: str = "layer") -> tuple[int, ...]:
+    """:func:`stack_axes` of a layer mask, checked: no axis of length 0, and every entry leads
+    with the axes, then has its own dims ((N,) columns and marker, (T, K) rows, (K, N)
+    elements)."""
+    stack = stack_axes(mask)
+    if 0 in stack:
+        raise ValueError(f"{where} stacks the layer over leading axes {stack}: no copy to prune")
+    for key in (mask.keys() if stack else ()):
+        shape, dims = tuple(jnp.shape(mask[key])), 1 if key in ("columns", TILE_KEY) else 2
+        if shape[:len(stack)] != stack or len(shape) != len(stack) + dims:
+            raise ValueError(
+                f"{where} '{key}' has shape {shape}, but its 'columns' stack the layer over "
+                f"leading axes {stack} (as nn.scan or nnx.vmap do): every entry of the layer's "
+                f"mask must lead with them, then have its own {'one dim' if dims == 1 else 'two dims'}")
+    return stack
+
+
 def check_not_stacked(stack: tuple, where: str) -> None:
     """Raises ValueError for a layer stacked over ``stack`` (non-empty): packed tiles differ in
     size from copy to copy, so they cannot be stacked for ``nn.scan`` or ``nnx.scan``."""

@@ -221,18 +221,7 @@ def _unstack(mask_layers: dict[Path, Any]) -> dict[tuple[Path, tuple], Any]:
     leading axes), one with index () for a single layer."""
     out = {}
     for path, mask in mask_layers.items():
-        stack = patterns.stack_axes(mask)
-        if 0 in stack:
-            raise ValueError(f"tw_mask {'/'.join(path)} stacks the layer over leading axes {stack}: "
-                             "no copy to prune")
-        for key, v in mask.items():  # (..., N) columns and marker, (..., T, K) rows, (..., K, N)
-            shape, dims = tuple(jnp.shape(v)), 1 if key in ("columns", patterns.TILE_KEY) else 2
-            if stack and (shape[:len(stack)] != stack or len(shape) != len(stack) + dims):
-                raise ValueError(
-                    f"tw_mask {'/'.join(path)} '{key}' has shape {shape}, but its 'columns' "
-                    f"stack the layer over leading axes {stack} (as nn.scan or nnx.vmap do): "
-                    "every entry of the layer's mask must lead with them, then have its own "
-                    f"{'one dim' if dims == 1 else 'two dims'}")
+        stack = patterns.check_stack(mask, f"tw_mask {'/'.join(path)}")
         for index in np.ndindex(stack):
             out[path, index] = {key: v[index] for key, v in mask.items()} if index else dict(mask)
     return out
