@@ -227,24 +227,21 @@ def _unstack(mask_layers: dict[Path, Any]) -> dict[tuple[Path, tuple], Any]:
     return out
 
 
-def _restack(layers: dict[tuple[Path, tuple], Any]) -> dict[Path, Any]:
-    """The inverse of :func:`_unstack`: {path: value}, each stacked layer's values (dicts of
-    arrays, or arrays) stacked back over its leading axes (C order, as np.ndindex walks them)."""
+def _restack(layers: dict[tuple[Path, tuple], Any], stacks: dict[Path, tuple]) -> dict[Path, Any]:
+    """The inverse of :func:`_unstack`: {path: value}, the values (dicts of arrays, or arrays)
+    of each layer stacked back over its leading axes ``stacks[path]`` (C order, as np.ndindex
+    walks them)."""
     groups: dict[Path, list] = {}
-    for (path, index), value in layers.items():
-        groups.setdefault(path, []).append((index, value))
+    for (path, _), value in layers.items():
+        groups.setdefault(path, []).append(value)
     out = {}
-    for path, items in groups.items():
-        if items[0][0] == ():
-            out[path] = items[0][1]
-            continue
-        stack = tuple(max(i[d] for i, _ in items) + 1 for d in range(len(items[0][0])))
+    for path, values in groups.items():
+        stack = stacks[path]
 
-        def stacked(values):
-            return jnp.stack(values).reshape(stack + tuple(jnp.shape(values[0])))
-        first = items[0][1]
-        out[path] = ({key: stacked([v[key] for _, v in items]) for key in first}
-                     if hasattr(first, "keys") else stacked([v for _, v in items]))
+        def stacked(vs):
+            return jnp.stack(vs).reshape(stack + tuple(jnp.shape(vs[0]))) if stack else vs[0]
+        out[path] = ({key: stacked([v[key] for v in values]) for key in values[0]}
+                     if hasattr(values[0], "keys") else stacked(values))
     return out
 
 
@@ -320,7 +317,7 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
                               **{patterns.TILE_KEY: jnp.asarray(patterns.tile_marker(tile_size))})
     initial_masks = traverse_util.unflatten_dict(
         {path + (key,): jnp.asarray(v)
-         for path, m in {**model_masks, **_restack(mask_layers)}.items() for key, v in m.items()})
+         for path, m in {**model_masks, **_restack(mask_layers, stacks)}.items() for key, v in m.items()})
 
     def kernels(tree: Any, what: str) -> dict[Path, jax.Array]:
         """The pruned layers' kernels in ``tree`` as (K, N) matrices (a DenseGeneral kernel's
@@ -400,10 +397,10 @@ def step(tw_mask: Any, schedule: Callable[[Any], Any], *, pattern: patterns.Patt
 
         new_masks, acc = jax.lax.cond(due, recompute, keep, None)
         new_masks = dict(zip(pruned, new_masks))
-        flat_masks = {path + (key,): v for path, m in {**state_masks, **_restack(new_masks)}.items()
+        flat_masks = {path + (key,): v for path, m in {**state_masks, **_restack(new_masks, stacks)}.items()
                       for key, v in m.items()}
         dense = {_kernel_path(path): m for path, m in _restack(  # (..., K, N)
-            {p: patterns.dense_mask(m, tile_size) for p, m in new_masks.items()}).items()}
+            {p: patterns.dense_mask(m, tile_size) for p, m in new_masks.items()}, stacks).items()}
 
         def mask_update(path, upd, param):
             key = tuple(_path_key(e) for e in path)
