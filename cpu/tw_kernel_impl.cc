@@ -736,20 +736,14 @@ inline __m512 ExpandChunk(const SpanChunks& ch, const float* ci, const float* b,
   return b ? _mm512_add_ps(v, _mm512_maskz_loadu_ps(ch.inside[j], b + 16 * j)) : v;
 }
 
-// y_row[0, len) = act(bias[0, len) (or 0) + the tile's row ci in its kept columns (SpanChunks)).
-// With chunks made for y_row's phase, base is y_row's 64-byte line, as `stream` needs; a buffer
-// row (phase 0, no stream) need not be aligned. An activation runs in a second pass, over the
-// row expanded into buf (ch.count * 16 floats, 64-byte aligned): on Zen 5 an expand-load with
-// GELU's long chain of dependent FMAs after it in the same loop ran 5.7x slower than the two
-// passes (BUILD_NOTES.md, "GELU after the expand").
-inline void ExpandRow(const SpanChunks& ch, const float* ci, const float* bias, float* y_row, bool stream,
-                      Activation act, float* buf) {
-  float* base = y_row - ch.phase;
-  const float* b = bias ? bias - ch.phase : nullptr;
-  auto put = [&](int64_t j, __m512 v) {
-    if (stream && ch.inside[j] == 0xffff) _mm512_stream_ps(base + 16 * j, v);
-    else _mm512_mask_storeu_ps(base + 16 * j, ch.inside[j], v);
-  };
+// Every chunk of a span's row, act(bias (or 0) + the tile's row ci in its kept columns), handed
+// to put(j, chunk). An activation runs in a second pass, over the row expanded into buf
+// (ch.count * 16 floats, 64-byte aligned): on Zen 5 an expand-load with GELU's long chain of
+// dependent FMAs after it in the same loop ran 5.7x slower than the two passes (BUILD_NOTES.md,
+// "GELU after the expand"). Without one, one pass (two measured slower there).
+template <class Put>
+inline void ExpandChunks(const SpanChunks& ch, const float* ci, const float* b, Activation act, float* buf,
+                         Put put) {
   if (act == Activation::kNone) {
     for (int64_t j = 0; j < ch.count; ++j) put(j, ExpandChunk(ch, ci, b, j));
     return;
@@ -758,17 +752,24 @@ inline void ExpandRow(const SpanChunks& ch, const float* ci, const float* bias, 
   for (int64_t j = 0; j < ch.count; ++j) put(j, (__m512)Activate((vf)_mm512_load_ps(buf + 16 * j), act));
 }
 
-// The same for a bf16 y (chunks made with phase 0: chunk j is columns [16 j, 16 j + 16)), the
-// activation in a second pass as there.
+// y_row[0, len) = act(bias[0, len) (or 0) + the tile's row ci in its kept columns (SpanChunks)).
+// With chunks made for y_row's phase, base is y_row's 64-byte line, as `stream` needs; a buffer
+// row (phase 0, no stream) need not be aligned. buf: as ExpandChunks (unused without act).
+inline void ExpandRow(const SpanChunks& ch, const float* ci, const float* bias, float* y_row, bool stream,
+                      Activation act, float* buf) {
+  float* base = y_row - ch.phase;
+  ExpandChunks(ch, ci, bias ? bias - ch.phase : nullptr, act, buf, [&](int64_t j, __m512 v) {
+    if (stream && ch.inside[j] == 0xffff) _mm512_stream_ps(base + 16 * j, v);
+    else _mm512_mask_storeu_ps(base + 16 * j, ch.inside[j], v);
+  });
+}
+
+// The same for a bf16 y (chunks made with phase 0: chunk j is columns [16 j, 16 j + 16)).
 inline void ExpandRowBF16(const SpanChunks& ch, const float* ci, const float* bias, uint16_t* y_row, int64_t len,
                           Activation act, float* buf) {
-  auto put = [&](int64_t j, __m512 v) { StoreBF16(y_row + 16 * j, v, std::min<int64_t>(16, len - 16 * j)); };
-  if (act == Activation::kNone) {
-    for (int64_t j = 0; j < ch.count; ++j) put(j, ExpandChunk(ch, ci, bias, j));
-    return;
-  }
-  for (int64_t j = 0; j < ch.count; ++j) _mm512_store_ps(buf + 16 * j, ExpandChunk(ch, ci, bias, j));
-  for (int64_t j = 0; j < ch.count; ++j) put(j, (__m512)Activate((vf)_mm512_load_ps(buf + 16 * j), act));
+  ExpandChunks(ch, ci, bias, act, buf, [&](int64_t j, __m512 v) {
+    StoreBF16(y_row + 16 * j, v, std::min<int64_t>(16, len - 16 * j));
+  });
 }
 #endif
 
@@ -896,12 +897,14 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
 #if defined(TW_ISA_AVX512)
   } else if (c != nullptr && args.y_bf16) {  // straight from the tile's rows (SpanChunks)
     if (chunks.phase != 0) chunks.Make(0, len, out, width, lo);
-    float* buf = span_scratch.Get(chunks.count * 16);
+    const bool act = args.activation != Activation::kNone;  // (ExpandChunks' buffer)
+    float* buf = act ? span_scratch.Get(chunks.count * 16) : nullptr;
     for (int64_t i = 0; i < rows; ++i)
       ExpandRowBF16(chunks, c + i * ldc, bias, static_cast<uint16_t*>(args.y) + (m0 + i) * p.n + lo, len,
                     args.activation, buf);
   } else if (c != nullptr) {
-    float* buf = span_scratch.Get((len + 30) / 16 * 16);  // chunks of any phase
+    const bool act = args.activation != Activation::kNone;  // (ExpandChunks' buffer)
+    float* buf = act ? span_scratch.Get((len + 30) / 16 * 16) : nullptr;  // chunks of any phase
     for (int64_t i = 0; i < rows; ++i) {
       float* yi = static_cast<float*>(args.y) + (m0 + i) * p.n + lo;
       const int64_t phase = static_cast<int64_t>(reinterpret_cast<uintptr_t>(yi) % 64 / sizeof(float));

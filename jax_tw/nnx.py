@@ -118,10 +118,10 @@ class TWLinear(nnx.Linear):
         """Replaces this layer's mask (checked against its kernel shape and tile size)."""
         if self.tiles is not None:
             raise ValueError(f"{where}: this layer is packed; its mask can no longer change")
-        stack = patterns.check_stack(mask, where)
-        if stack != self._stack():
+        stack, own = patterns.check_stack(mask, where), self._stack()
+        if stack != own:
             raise ValueError(f"{where}: the mask stacks the layer over leading axes {stack}, but "
-                             f"this layer is stacked over {self._stack()} (nnx.vmap)")
+                             f"this layer is stacked over {own} (nnx.vmap)")
         first = (0,) * len(stack)  # every copy has the first one's shapes
         patterns.check_layer_mask({key: mask[key][first] for key in mask.keys()} if stack else mask,
                                   self.in_features, self.out_features, self.tile_size, where)
