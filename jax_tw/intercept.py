@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterator
 
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.linen import dtypes as linen_dtypes
+from jax import lax
 
 from jax_tw import nn as twnn
 from jax_tw import packing, patterns
@@ -58,8 +60,11 @@ def init(model: nn.Module, rngs: Any, *args: Any, tile_size: int = 128,
 
     ``layers`` chooses them by module path (a tuple of str, e.g. ``('block', 'attn',
     'query')``); by default every such layer. ``variables``: an existing model's variables
-    (pretrained weights, say) to add the masks to instead of initialising new params; ``rngs``
-    is then unused (pass None). Raises ValueError when no layer is selected.
+    (pretrained weights, say) to add the masks to instead of initialising new params: the model
+    runs once on ``args`` (``rngs``, a dict of keys such as ``{'dropout': key}``, or None, is
+    passed to that call), and only the new ``tw_mask`` collection is taken from it; the other
+    collections (``params``, ``batch_stats``...) come back as they were given. Raises
+    ValueError when no layer is selected.
     """
     tile_size = patterns.check_tile_size(tile_size)
     if not callable(layers):
@@ -69,8 +74,12 @@ def init(model: nn.Module, rngs: Any, *args: Any, tile_size: int = 128,
         if variables is None:
             out = dict(model.init(rngs, *args, **kwargs))
         else:
-            _, new = model.apply(variables, *args, mutable=[MASK], **kwargs)
-            out = dict(variables, **new)
+            # Every collection mutable, so that layers which update state in this call
+            # (BatchNorm's batch_stats in training mode) run; only the masks are kept.
+            _, new = model.apply(variables, *args, rngs=rngs, mutable=True, **kwargs)
+            out = dict(variables)
+            if MASK in new:
+                out[MASK] = new[MASK]
     lost = sorted("/".join(p) for p in selected - set(patterns.layer_masks(out.get(MASK, {}))))
     if lost:
         raise ValueError(
@@ -166,6 +175,14 @@ def _packed_call(module: nn.Module, inputs: Any) -> Any:
     """The layer over its packed tiles: the contracted dims of ``inputs`` moved last and
     flattened into K, the output's feature dims flattened into N."""
     where = "/".join(module.path) or type(module).__name__
+    for name, hook, defaults in (
+            ("dot_general", module.dot_general_cls or module.dot_general, (None, lax.dot_general)),
+            ("promote_dtype", getattr(module, "promote_dtype", None), (None, linen_dtypes.promote_dtype))):
+        if not any(hook is d for d in defaults):
+            raise ValueError(
+                f"{where}: this {type(module).__name__} has its own {name} ({hook!r}), which "
+                "packed tiles cannot run: tw_matmul does the product and its dtypes itself. "
+                f"Run it masked (tw_mask) instead, or drop the custom {name}")
     tiles = module.get_variable(packing.PACKED_COLLECTION, "tiles")
     bias = _param(module, "bias")
     inputs = jnp.asarray(inputs)

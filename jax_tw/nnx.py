@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
+from flax.nnx.nn import dtypes as nnx_dtypes
 
 from jax_tw import nn as twnn
 from jax_tw import ops, packing, patterns
@@ -134,11 +135,18 @@ class TWLinear(nnx.Linear):
         else:
             self.elements[...] = mask["elements"]
 
-    def set_packed(self, tiles: packing.PackedTiles) -> None:
+    def set_packed(self, tiles: packing.PackedTiles, where: str = "TWLinear") -> None:
         """Makes this layer run over ``tiles`` (dropping its kernel and mask)."""
+        for name, hook, default in (("dot_general", self.dot_general, jax.lax.dot_general),
+                                    ("promote_dtype", self.promote_dtype, nnx_dtypes.promote_dtype)):
+            if hook is not None and hook is not default:
+                raise ValueError(
+                    f"{where}: this layer has its own {name} ({hook!r}), which packed tiles "
+                    "cannot run: tw_matmul does the product and its dtypes itself. Keep it "
+                    f"masked, or drop the custom {name}")
         packing.check_shapes(tiles)
         if (tiles.k, tiles.n) != (self.in_features, self.out_features):
-            raise ValueError(f"TWLinear: packed tiles are for a kernel {(tiles.k, tiles.n)}, "
+            raise ValueError(f"{where}: packed tiles are for a kernel {(tiles.k, tiles.n)}, "
                              f"expected {(self.in_features, self.out_features)}")
         self.tiles = TWPacked(tiles)
         self.kernel = nnx.data(None)
@@ -203,7 +211,8 @@ def pack(model: nnx.Module, dtype: Any = None, keep_dense: bool | None = None) -
     for path, layer in _layers(packed):
         if layer.tiles is not None:
             continue
-        patterns.check_not_stacked(layer._stack(), f"TWLinear {'/'.join(path) or '(the root module)'}")
+        where = f"TWLinear {'/'.join(path) or '(the root module)'}"
+        patterns.check_not_stacked(layer._stack(), where)
         kernel = np.asarray(layer.kernel[...])
         if dtype is not None:
             kernel = kernel.astype(dtype)
@@ -211,8 +220,8 @@ def pack(model: nnx.Module, dtype: Any = None, keep_dense: bool | None = None) -
         try:
             tiles = packing.pack(kernel, mask, keep_dense=keep_dense)
         except ValueError as e:
-            raise ValueError(f"TWLinear {'/'.join(path) or '(the root module)'}: {e}") from None
-        layer.set_packed(tiles)
+            raise ValueError(f"{where}: {e}") from None
+        layer.set_packed(tiles, where)
     return packed
 
 
@@ -234,7 +243,7 @@ def load_packed(model: nnx.Module, state: Any) -> nnx.Module:
                                       is_leaf=lambda _, v: isinstance(v, packing.PackedTiles))
     for path, layer in _layers(model):
         if path + ("tiles",) in flat:
-            layer.set_packed(flat[path + ("tiles",)])
+            layer.set_packed(flat[path + ("tiles",)], f"TWLinear {'/'.join(path) or '(the root module)'}")
     graph_state = nnx.state(model)
     wanted = {tuple(str(p) for p in path) for path, _ in nnx.to_flat_state(graph_state)}
     missing = sorted("/".join(p) for p in wanted - set(flat))

@@ -215,6 +215,60 @@ def test_init_on_existing_variables_and_tw_mask_only_changes_selected_layers():
     assert set(patterns.layer_masks(variables["tw_mask"])) == {("attn", "query"), ("fc2",)}
 
 
+class NormDrop(nn.Module):
+    """Dense, BatchNorm and Dropout in training mode: applying it needs a dropout key and
+    writes batch_stats."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(16, name="fc1")(x)
+        x = nn.BatchNorm(use_running_average=False)(x)
+        x = nn.Dropout(0.5, deterministic=False)(x)
+        return nn.Dense(4, name="fc2")(x)
+
+
+def test_init_on_existing_variables_of_a_model_that_needs_rngs_and_updates_state():
+    """Masks added to a BatchNorm + Dropout model's variables: the call that makes them gets
+    the given rngs and may update batch_stats, but only the masks come back from it."""
+    model, x = NormDrop(), jax.random.normal(jax.random.key(3), (6, 8))
+    base = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
+    base = dict(base, batch_stats=jax.tree.map(lambda a: a + 0.5, base["batch_stats"]))
+    variables = intercept.init(model, {"dropout": jax.random.key(2)}, x, tile_size=4, variables=base)
+    assert set(variables) == {"params", "batch_stats", "tw_mask"}
+    assert variables["params"] is base["params"]
+    assert variables["batch_stats"] is base["batch_stats"]  # not the statistics of this call
+    assert set(patterns.layer_masks(variables["tw_mask"])) == {("fc1",), ("fc2",)}
+    # Masked, nothing pruned: the model's own output for the same dropout key.
+    rngs = {"dropout": jax.random.key(5)}
+    got, _ = intercept.apply(model, variables, x, rngs=rngs, mutable=["batch_stats"])
+    want, _ = model.apply(base, x, rngs=rngs, mutable=["batch_stats"])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def _rounding_dot_general(lhs, rhs, dims, precision=None, preferred_element_type=None):
+    """A custom product (as quantization libraries plug in): both operands rounded first."""
+    return jax.lax.dot_general(jnp.round(lhs), jnp.round(rhs), dims, precision=precision)
+
+
+def test_custom_dot_general_masked_runs_it_packed_refuses_it():
+    """A custom product runs masked; packed, the call refuses it rather than ignore it."""
+    layer = nn.Dense(8, dot_general=_rounding_dot_general)
+    x = 3 * jax.random.normal(jax.random.key(0), (2, 8))
+    variables = intercept.init(layer, jax.random.key(1), x, tile_size=4)
+    want = np.round(np.asarray(x)) @ np.round(np.asarray(variables["params"]["kernel"])) + np.asarray(
+        variables["params"]["bias"])
+    np.testing.assert_allclose(np.asarray(intercept.apply(layer, variables, x)), want, rtol=1e-5, atol=1e-4)
+    packed = packing.pack_variables(variables)
+    with pytest.raises(ValueError, match="has its own dot_general .*_rounding_dot_general"):
+        intercept.apply(layer, packed, x)
+    with pytest.raises(ValueError, match="has its own promote_dtype"):
+        intercept.apply(nn.Dense(8, promote_dtype=lambda *a, **k: a), packed, x)
+    # lax.dot_general itself, named explicitly, is the default product: packed runs it.
+    plain = nn.Dense(8, dot_general=jax.lax.dot_general)
+    np.testing.assert_allclose(np.asarray(intercept.apply(plain, packed, x)),
+                               np.asarray(plain.apply(variables, x)), rtol=1e-5, atol=1e-5)
+
+
 def test_intercept_bad_input_errors():
     x = jnp.ones((2, 4, 6))
     with pytest.raises(ValueError, match="tile_size must be a positive integer, got 0"):

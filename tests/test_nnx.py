@@ -234,6 +234,23 @@ def test_packed_layer_keeps_preferred_element_type():
             np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), rtol=2e-2, atol=2e-2)
 
 
+def test_custom_dot_general_masked_runs_it_packed_refuses_it():
+    def rounding(lhs, rhs, dims, precision=None, **kwargs):  # as quantization libraries plug in
+        return jax.lax.dot_general(jnp.round(lhs), jnp.round(rhs), dims, precision=precision)
+
+    model = MLP(nnx.Rngs(0))
+    model.fc1 = twnnx.TWLinear(24, 48, tile_size=G, dot_general=rounding, rngs=nnx.Rngs(1))
+    x = 3 * jax.random.normal(jax.random.key(0), (2, 24))
+    want = np.round(np.asarray(x)) @ np.round(np.asarray(model.fc1.kernel[...])) + np.asarray(model.fc1.bias[...])
+    np.testing.assert_allclose(np.asarray(model.fc1(x)), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="TWLinear fc1: this layer has its own dot_general"):
+        twnnx.pack(model)
+    model.fc1 = twnnx.TWLinear(24, 48, tile_size=G, promote_dtype=lambda a, dtype=None: a, rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="TWLinear fc1: this layer has its own promote_dtype"):
+        twnnx.pack(model)
+    assert model.fc1.kernel is not None and model.fc1.tiles is None  # the model is left as it was
+
+
 def test_nnx_bad_input_errors():
     with pytest.raises(ValueError, match="tile_size must be a positive integer, got 0"):
         twnnx.TWLinear(4, 6, tile_size=0, rngs=nnx.Rngs(0))
