@@ -1078,6 +1078,26 @@ def test_bench_peers_and_residue(capsys):
         assert abs(r["measured_sparsity"] - r["sparsity"]) < 0.05
 
 
+def test_bench_dense_column_multiplies_by_a_kept_dense_kernel(monkeypatch):
+    """A 'dense' column times the dense fallback as a packed model runs it: its tiles keep the
+    masked dense kernel (and its product is checked as every contender's); without one, the
+    tiles keep none, so the automatic choice cannot fall back to it."""
+    from jax_tw import bench
+    kept, pack = [], packing.pack
+
+    def recording_pack(*args, **kwargs):
+        p = pack(*args, **kwargs)
+        kept.append(p.dense is not None)
+        return p
+
+    monkeypatch.setattr(bench.packing, "pack", recording_pack)
+    rows = bench.main(["--quick", "--backend", "cpu,dense"])
+    assert kept and all(kept) and not any("error" in r for r in rows)
+    kept.clear()
+    bench.main(["--quick", "--backend", "cpu"])
+    assert kept and not any(kept)
+
+
 def test_bench_bf16_peers_and_bad_arguments(capsys):
     """BCOO accumulates bf16 products in bf16 (several percent of max |y| off at K = 3072): it
     is timed, not taken for a wrong product. Bad arguments are refused by the parser."""
