@@ -118,13 +118,19 @@ jax.export.register_pytree_node_serialization(
     serialize_auxdata=_serialize_statics, deserialize_auxdata=_deserialize_statics)
 
 
-# Density above which the packed tiles also keep the dense kernel and tw_matmul's automatic
-# backend uses the dense dot. Measured with `python -m jax_tw.bench --repeats 9` (M = 2048,
-# BERT-base shapes, 2-core x86 with AVX-512): the host kernel ran at 0.91-1.18x of dense at 0%
-# sparsity and 1.09-1.26x at 25%, and 1.45-1.88x at 50%. Below 25% sparsity the tiles gain
-# nothing that is larger than this machine's noise, so the dense dot (no gathers, no per-call
-# packing of x) is the safer choice there.
-DENSE_ABOVE = 0.75
+# Density (in tile weights: see cost) above which the packed tiles also keep the dense kernel
+# and tw_matmul's automatic backend uses the dense dot. Measured with `python -m jax_tw.bench
+# --repeats 9 --backend cpu` (M = 2048, BERT-base shapes, f32): at 0% sparsity the host kernel
+# ran at 0.91-1.18x of the dense dot (2-core AVX-512 + AMX), 0.92-1.07x (AMD Zen 4) and
+# 0.84-1.05x (AMD Zen 5); at 25%, 1.09-1.26x, and on Zen 5 1.19-1.26x (0.94x once, from fresh
+# output pages). On Zen 5 (2026-12-06) 10% ran at 1.02-1.04x, 15% at 1.05-1.08x and 20% at
+# 1.14-1.19x on every shape, and two TEW layers of the BERT example (1536 x 384, 9% residue)
+# at 1.10x and 1.09x (BUILD_NOTES.md, "Fresh output pages"; cost 0.82 and 0.85 as counted
+# with RESIDUE_COST below, so the first now runs the tiles). With the kernel's time about
+# proportional to the cost, 0.85 is where the tiles break even on the machine whose 0% ratio is
+# the lowest (0.84 / 0.85 ~ 0.99x) and gain elsewhere; denser layers take the dense dot (no
+# gathers, no per-call packing of x).
+DENSE_ABOVE = 0.85
 
 # What one residue weight costs, in kept tile weights (the unit of DENSE_ABOVE), in the fallback
 # rule: packing keeps the dense kernel when ``tile density + RESIDUE_COST * residue density >
@@ -136,16 +142,22 @@ DENSE_ABOVE = 0.75
 # residue density, was 2.2-3.4 (median 2.9) on a 2-core AVX2 machine (2026-12-03) and 2.4-4.4
 # (median 3.4; the deep 3072 x 768 layer the dearest) on a 2-core AVX-512 machine (2026-12-03,
 # 70-90%). A tile weight costs about 1 / 0.85 dense weights, so one residue weight costs about
-# 3.4 * 0.85 = 2.9 tile weights on the machine where it is dearer. EW/VW/BW layers from 75%
-# sparsity then run the kernel (AVX-512 at 75%: 1.30 / 1.64 / 0.98x; AVX2: 1.31-1.56x), and TEW
-# layers at 75% whatever their residue. The rule does not depend on M: at M = 1 (one token at
-# a time) layers that are mostly residue run slower than the dense dot (EW at 70-80%, AVX2:
+# 3.4 * 0.85 = 2.9 tile weights on the machine where it is dearer. On AMD Zen 5 (2026-12-06,
+# `--repeats 7`): EW at 70-75% 3.1-3.3 dense weights per residue weight, a tile weight about
+# 1 / 0.9 dense weights there, so again 2.9; but BW, whose residue comes in blocks, 3.8-4.1
+# (BW at 72%: 0.88-0.95x of the dense dot), 3.4-3.7 tile weights. 3.3 keeps layers that are
+# all residue on the dense dot below about 74% sparsity (DENSE_ABOVE / 3.3 = 0.26 density), as
+# the rule with DENSE_ABOVE = 0.75 and 2.9 did: EW/VW/BW layers from 75% sparsity run the
+# kernel (AVX-512 at 75%: 1.30 / 1.64 / 0.98x; AVX2: 1.31-1.56x; Zen 5: EW 1.21-1.26x, BW
+# 1.00-1.07x, VW 0.92-1.27x), and TEW layers at 75% whatever their residue. The rule does not
+# depend on M: at M = 1 (one token at a time) layers that are mostly residue run slower than
+# the dense dot (EW at 70-80%, AVX2:
 # 0.62-0.92x; per residue weight the product reads 12 bytes, at memory speed), TEW at 75% + 5%
 # at 1.03-1.59x; at M = 16-32, EW mostly above 1 (BUILD_NOTES.md, "Few rows with a residue").
 # Those layers' weights were in the caches; read from memory, as in a model (`python -m
 # jax_tw.bench -m 1 --cold`), f32 TEW at 75% + 5% and + 12.5% ran 1.41-2.27x faster than the
 # dense dot on the AVX-512 machine (BUILD_NOTES.md, "Weights from memory").
-RESIDUE_COST = 2.9
+RESIDUE_COST = 3.3
 
 # What a bf16 tile weight costs, relative to an f32 one (against the dense dot in the same
 # dtype), where the host kernel runs bf16 in pairs of K indices and XLA's bf16 dot does not, per
