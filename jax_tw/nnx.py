@@ -153,6 +153,11 @@ class TWLinear(nnx.Linear):
         self.columns = self.rows = self.elements = nnx.data(None)
 
 
+def _name(path: tuple) -> str:
+    """A layer's path as error messages name it."""
+    return "/".join(path) or "(the root module)"
+
+
 def _layers(model: nnx.Module):
     """(path as a tuple of str, layer) of every TWLinear in ``model``."""
     for path, node in nnx.iter_graph(model):
@@ -196,7 +201,7 @@ def set_masks(model: nnx.Module, tw_mask: Any) -> None:
         raise ValueError(f"tw_mask names layers the model has no TWLinear at: {unknown}; "
                          f"its TWLinear layers are {sorted('/'.join(p) for p in layers)}")
     for path, mask in given.items():
-        layers[path].set_mask(mask, where=f"tw_mask {'/'.join(path) or '(the root module)'}")
+        layers[path].set_mask(mask, where=f"tw_mask {_name(path)}")
 
 
 def pack(model: nnx.Module, dtype: Any = None, keep_dense: bool | None = None) -> nnx.Module:
@@ -211,7 +216,7 @@ def pack(model: nnx.Module, dtype: Any = None, keep_dense: bool | None = None) -
     for path, layer in _layers(packed):
         if layer.tiles is not None:
             continue
-        where = f"TWLinear {'/'.join(path) or '(the root module)'}"
+        where = f"TWLinear {_name(path)}"
         patterns.check_not_stacked(layer._stack(), where)
         kernel = np.asarray(layer.kernel[...])
         if dtype is not None:
@@ -243,7 +248,7 @@ def load_packed(model: nnx.Module, state: Any) -> nnx.Module:
                                       is_leaf=lambda _, v: isinstance(v, packing.PackedTiles))
     for path, layer in _layers(model):
         if path + ("tiles",) in flat:
-            layer.set_packed(flat[path + ("tiles",)], f"TWLinear {'/'.join(path) or '(the root module)'}")
+            layer.set_packed(flat[path + ("tiles",)], f"TWLinear {_name(path)}")
     graph_state = nnx.state(model)
     wanted = {tuple(str(p) for p in path) for path, _ in nnx.to_flat_state(graph_state)}
     missing = sorted("/".join(p) for p in wanted - set(flat))
