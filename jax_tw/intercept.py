@@ -175,14 +175,9 @@ def _packed_call(module: nn.Module, inputs: Any) -> Any:
     """The layer over its packed tiles: the contracted dims of ``inputs`` moved last and
     flattened into K, the output's feature dims flattened into N."""
     where = "/".join(module.path) or type(module).__name__
-    for name, hook, defaults in (
-            ("dot_general", module.dot_general_cls or module.dot_general, (None, lax.dot_general)),
-            ("promote_dtype", getattr(module, "promote_dtype", None), (None, linen_dtypes.promote_dtype))):
-        if not any(hook is d for d in defaults):
-            raise ValueError(
-                f"{where}: this {type(module).__name__} has its own {name} ({hook!r}), which "
-                "packed tiles cannot run: tw_matmul does the product and its dtypes itself. "
-                f"Run it masked (tw_mask) instead, or drop the custom {name}")
+    twnn.refuse_custom_hooks(where, (
+        ("dot_general", module.dot_general_cls or module.dot_general, (None, lax.dot_general)),
+        ("promote_dtype", getattr(module, "promote_dtype", None), (None, linen_dtypes.promote_dtype))))
     tiles = module.get_variable(packing.PACKED_COLLECTION, "tiles")
     bias = _param(module, "bias")
     inputs = jnp.asarray(inputs)

@@ -116,6 +116,19 @@ class TWDense(nn.Module):
         return mask
 
 
+def refuse_custom_hooks(where: str, hooks: Any) -> None:
+    """Raises a ValueError naming the first of a layer's product hooks that is not a default:
+    ``hooks`` are (name, hook, defaults) triples, e.g. ``('dot_general', hook, (None,
+    lax.dot_general))``. A packed call runs tw_matmul, which does the product and its dtypes
+    itself, so a custom hook (a quantized product, say) would otherwise be ignored."""
+    for name, hook, defaults in hooks:
+        if not any(hook is d for d in defaults):
+            raise ValueError(
+                f"{where}: this layer has its own {name} ({hook!r}), which packed tiles cannot "
+                "run: tw_matmul does the product and its dtypes itself. Keep it masked, or drop "
+                f"the custom {name}")
+
+
 def packed_dense(inputs: Any, tiles: Any, bias: Any, features: int, dtype: Any, where: str,
                  precision: Any = None, activation: str | None = None,
                  preferred_element_type: Any = None) -> Any:

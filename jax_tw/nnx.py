@@ -137,13 +137,9 @@ class TWLinear(nnx.Linear):
 
     def set_packed(self, tiles: packing.PackedTiles, where: str = "TWLinear") -> None:
         """Makes this layer run over ``tiles`` (dropping its kernel and mask)."""
-        for name, hook, default in (("dot_general", self.dot_general, jax.lax.dot_general),
-                                    ("promote_dtype", self.promote_dtype, nnx_dtypes.promote_dtype)):
-            if hook is not None and hook is not default:
-                raise ValueError(
-                    f"{where}: this layer has its own {name} ({hook!r}), which packed tiles "
-                    "cannot run: tw_matmul does the product and its dtypes itself. Keep it "
-                    f"masked, or drop the custom {name}")
+        twnn.refuse_custom_hooks(where, (
+            ("dot_general", self.dot_general, (None, jax.lax.dot_general)),
+            ("promote_dtype", self.promote_dtype, (None, nnx_dtypes.promote_dtype))))
         packing.check_shapes(tiles)
         if (tiles.k, tiles.n) != (self.in_features, self.out_features):
             raise ValueError(f"{where}: packed tiles are for a kernel {(tiles.k, tiles.n)}, "

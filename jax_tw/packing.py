@@ -151,9 +151,9 @@ DENSE_ABOVE = 0.85
 # kernel (AVX-512 at 75%: 1.30 / 1.64 / 0.98x; AVX2: 1.31-1.56x; Zen 5: EW 1.21-1.26x, BW
 # 1.00-1.07x, VW 0.92-1.27x), and TEW layers at 75% whatever their residue. The rule does not
 # depend on M: at M = 1 (one token at a time) layers that are mostly residue run slower than
-# the dense dot (EW at 70-80%, AVX2:
-# 0.62-0.92x; per residue weight the product reads 12 bytes, at memory speed), TEW at 75% + 5%
-# at 1.03-1.59x; at M = 16-32, EW mostly above 1 (BUILD_NOTES.md, "Few rows with a residue").
+# the dense dot (EW at 70-80%, AVX2: 0.62-0.92x; per residue weight the product reads 12
+# bytes, at memory speed), TEW at 75% + 5% at 1.03-1.59x; at M = 16-32, EW mostly above 1
+# (BUILD_NOTES.md, "Few rows with a residue").
 # Those layers' weights were in the caches; read from memory, as in a model (`python -m
 # jax_tw.bench -m 1 --cold`), f32 TEW at 75% + 5% and + 12.5% ran 1.41-2.27x faster than the
 # dense dot on the AVX-512 machine (BUILD_NOTES.md, "Weights from memory").

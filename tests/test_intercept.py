@@ -6,7 +6,7 @@ import pytest
 from flax import linen as nn
 
 from jax_tw import intercept, packing, patterns, prune
-from twcheck import assert_tile_structure, dense_reference, runnable_backends
+from twcheck import assert_tile_structure, dense_reference, rounding_dot_general, runnable_backends
 
 G = 8
 
@@ -245,21 +245,16 @@ def test_init_on_existing_variables_of_a_model_that_needs_rngs_and_updates_state
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def _rounding_dot_general(lhs, rhs, dims, precision=None, preferred_element_type=None):
-    """A custom product (as quantization libraries plug in): both operands rounded first."""
-    return jax.lax.dot_general(jnp.round(lhs), jnp.round(rhs), dims, precision=precision)
-
-
 def test_custom_dot_general_masked_runs_it_packed_refuses_it():
     """A custom product runs masked; packed, the call refuses it rather than ignore it."""
-    layer = nn.Dense(8, dot_general=_rounding_dot_general)
+    layer = nn.Dense(8, dot_general=rounding_dot_general)
     x = 3 * jax.random.normal(jax.random.key(0), (2, 8))
     variables = intercept.init(layer, jax.random.key(1), x, tile_size=4)
     want = np.round(np.asarray(x)) @ np.round(np.asarray(variables["params"]["kernel"])) + np.asarray(
         variables["params"]["bias"])
     np.testing.assert_allclose(np.asarray(intercept.apply(layer, variables, x)), want, rtol=1e-5, atol=1e-4)
     packed = packing.pack_variables(variables)
-    with pytest.raises(ValueError, match="has its own dot_general .*_rounding_dot_general"):
+    with pytest.raises(ValueError, match="has its own dot_general .*rounding_dot_general"):
         intercept.apply(layer, packed, x)
     with pytest.raises(ValueError, match="has its own promote_dtype"):
         intercept.apply(nn.Dense(8, promote_dtype=lambda *a, **k: a), packed, x)

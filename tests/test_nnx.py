@@ -9,7 +9,8 @@ from flax import nnx
 from jax_tw import nnx as twnnx
 from jax_tw import packing, patterns, prune
 from jax_tw.nn import TWDense
-from twcheck import DENSE_LAYER_CONFIGS, assert_tile_structure, dense_reference, runnable_backends
+from twcheck import (DENSE_LAYER_CONFIGS, assert_tile_structure, dense_reference, rounding_dot_general,
+                     runnable_backends)
 
 G = 8
 
@@ -235,11 +236,8 @@ def test_packed_layer_keeps_preferred_element_type():
 
 
 def test_custom_dot_general_masked_runs_it_packed_refuses_it():
-    def rounding(lhs, rhs, dims, precision=None, **kwargs):  # as quantization libraries plug in
-        return jax.lax.dot_general(jnp.round(lhs), jnp.round(rhs), dims, precision=precision)
-
     model = MLP(nnx.Rngs(0))
-    model.fc1 = twnnx.TWLinear(24, 48, tile_size=G, dot_general=rounding, rngs=nnx.Rngs(1))
+    model.fc1 = twnnx.TWLinear(24, 48, tile_size=G, dot_general=rounding_dot_general, rngs=nnx.Rngs(1))
     x = 3 * jax.random.normal(jax.random.key(0), (2, 24))
     want = np.round(np.asarray(x)) @ np.round(np.asarray(model.fc1.kernel[...])) + np.asarray(model.fc1.bias[...])
     np.testing.assert_allclose(np.asarray(model.fc1(x)), want, rtol=1e-5, atol=1e-4)

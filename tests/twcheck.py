@@ -149,6 +149,12 @@ def packed_layer(k, n, g, sparsity, dtype=np.float32, seed=0, pattern=None, empt
     return w, mask, packing.pack(w, mask, g, keep_dense=keep_dense)
 
 
+def rounding_dot_general(lhs, rhs, dims, precision=None, **kwargs):
+    """A custom product, as quantization libraries plug one into Dense / Linear layers: both
+    operands rounded first."""
+    return jax.lax.dot_general(jnp.round(lhs), jnp.round(rhs), dims, precision=precision)
+
+
 def reference(x, w_masked, bias=None):
     """x @ w_masked (+ bias) in float64, x of shape (..., K)."""
     y = np.asarray(x, np.float64).reshape(-1, w_masked.shape[0]) @ np.asarray(w_masked, np.float64)
