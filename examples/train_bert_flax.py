@@ -5,7 +5,8 @@ chain (adamw, then ``jax_tw.prune.step``) prunes them gradually (cubic ramp) to 
 sparsity with one global ranking of Taylor scores. At the end the script prints dev/test
 accuracy and per-layer sparsity, packs the model into tiles, checks that the packed model
 predicts exactly what the masked-dense model predicts, and times packed inference against the
-dense model in one run.
+dense model in one run, with glibc keeping freed memory for both (``jax_tw.host``;
+``--default-malloc`` times them without).
 
     python examples/train_bert_flax.py                          # TW-2D, 75%, the ~10 min default
     python examples/train_bert_flax.py --pattern bw --sparsity 0.5 --epochs 3
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bert  # noqa: E402
 import rotten_tomatoes  # noqa: E402
 
-from jax_tw import bench, packing, patterns, prune  # noqa: E402
+from jax_tw import bench, host, packing, patterns, prune  # noqa: E402
 
 PATTERNS = ("dense", "ew", "vw", "bw", "tw1d", "tw2d", "tew")
 LENGTH_STEP = 16  # batches are padded to a multiple of this many tokens (few jit shapes)
@@ -77,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="tokens per timed sentence, at most --max-len (default: --max-len); "
                          "--time-batch 1 --time-len 1 times one token at a time")
     ap.add_argument("--time-repeats", type=int, default=5)
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="run under glibc's default malloc settings (default: keep freed memory, "
+                         "jax_tw.host.keep_freed_memory, for both timed models)")
     ap.add_argument("--infer-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="dtype of the timed inference: the trained params (dense and packed) cast to it")
     ap.add_argument("--out-dir", type=Path, default=Path("runs/bert"), help="results.json goes here")
@@ -190,6 +194,7 @@ def pad(sentences: list[list[int]], rows: int, length: int) -> tuple[np.ndarray,
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    malloc = host.malloc_setting(keep=not args.default_malloc)  # before JAX's first computation
     started = time.perf_counter()
     say = (lambda *a: None) if args.quiet else print
 
@@ -336,12 +341,14 @@ def main(argv=None) -> dict:
     t_dense, t_packed = bench.time_pair(dense_fn, logits_fn, ({"params": timed_params}, ids, mask),
                                         (timed_packed, ids, mask), args.time_repeats)
     result.update(time_batch=[args.time_batch, args.time_len], infer_dtype=args.infer_dtype,
-                  dense_ms=t_dense * 1e3, packed_ms=t_packed * 1e3, packed_speedup=t_dense / t_packed)
+                  dense_ms=t_dense * 1e3, packed_ms=t_packed * 1e3, packed_speedup=t_dense / t_packed,
+                  malloc=malloc)
     say(f"packed model: predictions agree with the masked-dense model on "
         f"{result['packed_agreement']:.2%} of the test set (max |logit diff| "
         f"{result['packed_max_logit_diff']:.1e}); pack/unpack exact: {roundtrip}")
     say(f"{args.infer_dtype} inference on {args.time_batch} x {args.time_len} tokens (median of {args.time_repeats}): "
-        f"dense {t_dense * 1e3:.1f} ms, packed {t_packed * 1e3:.1f} ms, ratio {t_dense / t_packed:.2f}x")
+        f"dense {t_dense * 1e3:.1f} ms, packed {t_packed * 1e3:.1f} ms, ratio {t_dense / t_packed:.2f}x "
+        f"(malloc: {malloc})")
 
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,12 @@ sample is several calls queued back to back (``--inner``; on a CPU by default as
 every sample last about as long as the others: ``time_interleaved``).
 Masks are TW-2D from random magnitudes, G = 128 unless ``--tile-size`` says otherwise.
 
+Before JAX starts, the bench makes glibc keep freed memory (:func:`jax_tw.host.keep_freed_memory`,
+for both contenders): otherwise whichever computation glibc hands fresh pages pays a page fault
+per 4 KiB of its output on every call, which on a fast layer can cost more than its work, and
+which computation that is depends on the process's allocation history. ``--default-malloc``
+times the process as glibc sets it up.
+
 By default every call multiplies by the same weights, which after the first call sit in the
 CPU's caches as far as they fit. In a model each layer's weights are read once per step, from
 memory once the model outgrows the last-level cache; with few rows (one token at a time) that
@@ -43,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tw import ops, packing, patterns
+from jax_tw import host, ops, packing, patterns
 
 BERT_BASE = [(768, 768), (768, 3072), (3072, 768)]
 BERT_LARGE = [(1024, 1024), (1024, 4096), (4096, 1024)]
@@ -328,6 +334,10 @@ def main(argv=None) -> list[dict[str, Any]]:
     ap.add_argument("--inner", type=int, default=None,
                     help="calls per timed sample (default: on a GPU 20; on a CPU, per call, as "
                          "many as last 20 ms or as long as the slowest call: see time_interleaved)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="time under glibc's default malloc settings, which hand freed memory back "
+                         "and fault in fresh pages on later calls (default: keep it, "
+                         "jax_tw.host.keep_freed_memory)")
     ap.add_argument("--json", help="write the rows to this JSON file")
     ap.add_argument("--plot", help="draw speedup vs sparsity to this PNG")
     ap.add_argument("--quick", action="store_true",
@@ -352,11 +362,15 @@ def main(argv=None) -> list[dict[str, Any]]:
     except (ValueError, TypeError) as e:
         ap.error(f"--pattern {args.pattern!r}, --residue {args.residue}, --sparsities "
                  f"{args.sparsities!r}: {e}")
+    malloc = host.malloc_setting(keep=not args.default_malloc)  # before JAX's first computation
+    print(f"malloc: {malloc}", flush=True)
     inner = args.inner or (20 if jax.default_backend() == "gpu" else None)
     rows = run(shapes, m, dtypes, sparsities, args.tile_size, repeats, args.backend,
                pattern=args.pattern, inner=inner, residue=args.residue, peers=args.peers,
                progress=lambda r: print(format_row(r), file=sys.stderr, flush=True),
                layers=None if args.cold else args.layers)
+    for r in rows:
+        r["malloc"] = malloc
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,0 +1,75 @@
+"""Settings of the host process that a CPU model's speed depends on.
+
+XLA's CPU runtime allocates the outputs and the temporary buffer of every call with ``malloc``.
+glibc serves large blocks with fresh ``mmap`` s (always for a block too large for a worker
+thread's own arena, 64 MiB; ``glibc.malloc.mmap_threshold`` above 32 MiB is ignored) and hands
+the top of its heap back to the kernel once more than its trim threshold is free. Every page of
+such a block is a page fault on first touch, which the kernel answers with a zeroed page: about
+1.1 us per 4 KiB on the 2-core machine of BUILD_NOTES.md, more than a fast layer's own work.
+:func:`keep_freed_memory` makes glibc keep freed memory and reuse it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import warnings
+
+# mallopt parameters (glibc's <malloc.h>).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
+
+
+def _jax_started() -> bool:
+    """Whether JAX has made its backends (and with them the CPU client's worker threads)."""
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # another JAX: say nothing rather than guess
+        return False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's ``malloc`` keep the memory a program frees and reuse it, instead of handing
+    it back to the kernel and faulting fresh pages in on the next call.
+
+    The same as ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`` in the
+    environment: every thread allocates from the main heap, no block is ``mmap`` ed on its own, and
+    up to 2 GiB of free memory stays at the heap's top. The cost: the process keeps the heap of its
+    largest call (its resident memory does not shrink afterwards). On the 2-core machine of
+    BUILD_NOTES.md it took the BERT example's forward from 19,000 page faults to none, and the
+    TW-2D layer of 768 x 3072 at 75% from 2.1x to 3.6x the dense dot in ``python -m jax_tw.bench``
+    ("Freed memory kept" there).
+
+    Call it first, before JAX's first computation: threads that have allocated already keep their
+    own arenas (a ``RuntimeWarning`` says so when JAX is already running). Returns whether it was
+    applied: ``False`` where the C library is not glibc (nothing is changed there).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 -- glibc only (musl has no mallopt settings)
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if _jax_started():
+        warnings.warn("jax_tw.host.keep_freed_memory(): JAX is already running; its threads that "
+                      "have allocated keep their own glibc arenas, whose large blocks are still "
+                      "fresh mmaps. Call it before the first JAX computation.", RuntimeWarning,
+                      stacklevel=2)
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return all([mallopt(param, value) == 1 for param, value in settings])
+
+
+def malloc_setting(keep: bool) -> str:
+    """For a script's timings (``python -m jax_tw.bench``, the BERT example): with ``keep``,
+    :func:`keep_freed_memory` unless JAX is already running (as when a test calls the script's
+    ``main``); returns the setting the timings ran under, in words."""
+    if not keep:
+        return "glibc's default (--default-malloc)"
+    if _jax_started():
+        return "as it was (JAX was already running)"
+    return "freed memory kept (jax_tw.host.keep_freed_memory)" if keep_freed_memory() else \
+        "the C library's own (not glibc)"
