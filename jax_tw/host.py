@@ -1,11 +1,12 @@
 """Settings of the host process that a CPU model's speed depends on.
 
 XLA's CPU runtime allocates the outputs and the temporary buffer of every call with ``malloc``.
-glibc serves large blocks with fresh ``mmap`` s (always for a block too large for a worker
-thread's own arena, 64 MiB; ``glibc.malloc.mmap_threshold`` above 32 MiB is ignored) and hands
-the top of its heap back to the kernel once more than its trim threshold is free. Every page of
-such a block is a page fault on first touch, which the kernel answers with a zeroed page: about
-1.1 us per 4 KiB on the 2-core machine of BUILD_NOTES.md, more than a fast layer's own work.
+glibc serves large blocks with fresh ``mmap`` s (on a worker thread's own arena, a block over
+64 MiB always, whatever ``MALLOC_MMAP_MAX_`` says) and hands the top of its heap back to the
+kernel once more than its trim threshold is free. Every 4 KiB page of such a block is a page
+fault on first touch, answered with a zeroed page: on the 2-core machine of BUILD_NOTES.md two
+threads wrote 24 MiB of fresh pages in 7 ms and the same pages, once faulted in, in 0.5 ms;
+a TW-2D layer of 768 x 3072 at 90% takes 2.2 ms for all its work.
 :func:`keep_freed_memory` makes glibc keep freed memory and reuse it.
 """
 
@@ -37,9 +38,9 @@ def keep_freed_memory() -> bool:
     environment: every thread allocates from the main heap, no block is ``mmap`` ed on its own, and
     up to 2 GiB of free memory stays at the heap's top. The cost: the process keeps the heap of its
     largest call (its resident memory does not shrink afterwards). On the 2-core machine of
-    BUILD_NOTES.md it took the BERT example's forward from 19,000 page faults to none, and the
-    TW-2D layer of 768 x 3072 at 75% from 2.1x to 3.6x the dense dot in ``python -m jax_tw.bench``
-    ("Freed memory kept" there).
+    BUILD_NOTES.md it took the BERT example's packed forward from 19,000 page faults per call to
+    none (and the dense one from 34,000), and the TW-2D layer of 768 x 3072 at 75% from 2.1-2.4x
+    to 3.6x the dense dot in ``python -m jax_tw.bench`` ("Freed memory kept" there).
 
     Call it first, before JAX's first computation: threads that have allocated already keep their
     own arenas (a ``RuntimeWarning`` says so when JAX is already running). Returns whether it was
