@@ -21,6 +21,20 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
 
 
+def _mallopt():
+    """glibc's ``mallopt``, or None where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 -- glibc only
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
 def _jax_started() -> bool:
     """Whether JAX has made its backends (and with them the CPU client's worker threads)."""
     try:
@@ -46,15 +60,9 @@ def keep_freed_memory() -> bool:
     own arenas (a ``RuntimeWarning`` says so when JAX is already running). Returns whether it was
     applied: ``False`` where the C library is not glibc (nothing is changed there).
     """
-    if not sys.platform.startswith("linux"):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # noqa: B018 -- glibc only (musl has no mallopt settings)
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if _jax_started():
         warnings.warn("jax_tw.host.keep_freed_memory(): JAX is already running; its threads that "
                       "have allocated keep their own glibc arenas, whose large blocks are still "

@@ -1,6 +1,5 @@
 """jax_tw.host: glibc kept from handing freed memory back (page faults per call)."""
 
-import ctypes
 import pathlib
 import re
 import subprocess
@@ -12,31 +11,25 @@ from jax_tw import host
 from twcheck import subprocess_env
 
 
-def _glibc() -> bool:
-    try:
-        return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
-    except OSError:
-        return False
-
-
 def _faults(mode: str) -> tuple[float, int]:
     script = pathlib.Path(__file__).with_name("malloc_check.py")
     done = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True,
                           timeout=300, env=subprocess_env())
     assert done.returncode == 0, done.stdout + done.stderr
-    found = re.search(rf"malloc_check {mode} faults (\d+) pages (\d+)", done.stdout)
+    found = re.search(rf"malloc_check {mode} median faults (\d+) pages (\d+)", done.stdout)
     assert found, done.stdout
     return float(found[1]), int(found[2])
 
 
-@pytest.mark.skipif(not _glibc(), reason="glibc's malloc settings")
+@pytest.mark.skipif(host._mallopt() is None, reason="glibc's malloc settings")
 def test_keep_freed_memory_stops_fresh_pages():
     """A 64 MiB output, 20 calls: under glibc's defaults each call faults in fresh pages (its
-    block is an mmap of its own); with keep_freed_memory() the heap's blocks are reused."""
+    block is an mmap of its own); with keep_freed_memory() the heap's blocks are reused (the
+    median call faults in none: the heap may still grow on a few calls)."""
     kept, pages = _faults("keep")
     default, _ = _faults("default")
-    assert kept <= 0.15 * pages, (kept, pages)
-    assert default > 2 * kept, (default, kept)
+    assert kept <= 0.05 * pages, (kept, pages)
+    assert default > 4 * kept, (default, kept)
 
 
 def test_malloc_setting_names_what_it_did():
