@@ -24,7 +24,8 @@ Before JAX starts, the bench makes glibc keep freed memory (:func:`jax_tw.host.k
 for both contenders): otherwise whichever computation glibc hands fresh pages pays a page fault
 per 4 KiB of its output on every call, which on a fast layer can cost more than its work, and
 which computation that is depends on the process's allocation history. ``--default-malloc``
-times the process as glibc sets it up.
+times the process as glibc sets it up. (A layer's buffers are small; a training process pays in
+peak memory for the setting, so the BERT example leaves it to ``--keep-freed-memory``.)
 
 By default every call multiplies by the same weights, which after the first call sit in the
 CPU's caches as far as they fit. In a model each layer's weights are read once per step, from

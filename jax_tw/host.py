@@ -50,8 +50,9 @@ def keep_freed_memory() -> bool:
 
     The same as ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`` in the
     environment: every thread allocates from the main heap, no block is ``mmap`` ed on its own, and
-    up to 2 GiB of free memory stays at the heap's top. The cost: the process keeps the heap of its
-    largest call (its resident memory does not shrink afterwards). On the 2-core machine of
+    up to 2 GiB of free memory stays at the heap's top. The cost: memory, as the process keeps the
+    heap of its largest call and its holes (the BERT example's training and timing peaked at 5.8 GB
+    resident with it, 4.1 GB without). On the 2-core machine of
     BUILD_NOTES.md it took the BERT example's packed forward from 19,000 page faults per call to
     none (and the dense one from 34,000), and the TW-2D layer of 768 x 3072 at 75% from 2.1-2.4x
     to 3.6x the dense dot in ``python -m jax_tw.bench`` ("Freed memory kept" there).
@@ -77,7 +78,7 @@ def malloc_setting(keep: bool) -> str:
     :func:`keep_freed_memory` unless JAX is already running (as when a test calls the script's
     ``main``); returns the setting the timings ran under, in words."""
     if not keep:
-        return "glibc's default (--default-malloc)"
+        return "the C library's default"
     if _jax_started():
         return "as it was (JAX was already running)"
     return "freed memory kept (jax_tw.host.keep_freed_memory)" if keep_freed_memory() else \

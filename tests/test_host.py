@@ -33,7 +33,7 @@ def test_keep_freed_memory_stops_fresh_pages():
 
 
 def test_malloc_setting_names_what_it_did():
-    assert host.malloc_setting(keep=False) == "glibc's default (--default-malloc)"
+    assert host.malloc_setting(keep=False) == "the C library's default"
     import jax
     jax.numpy.zeros(1).block_until_ready()  # JAX is running in this process: nothing is changed
     assert host.malloc_setting(keep=True) == "as it was (JAX was already running)"
