@@ -78,9 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "--time-batch 1 --time-len 1 times one token at a time")
     ap.add_argument("--time-repeats", type=int, default=5)
     ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="make glibc keep freed memory (jax_tw.host.keep_freed_memory): no fresh "
-                         "pages faulted in per call, for both timed models, but a larger peak "
-                         "resident memory (5.8 against 4.1 GB in BUILD_NOTES.md)")
+                    help="make glibc keep freed memory (jax_tw.host.keep_freed_memory) for the "
+                         "whole run, training and both timed models: no fresh pages faulted in per "
+                         "call, but a larger peak resident memory (5.8 against 4.1 GB in "
+                         "BUILD_NOTES.md)")
     ap.add_argument("--infer-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="dtype of the timed inference: the trained params (dense and packed) cast to it")
     ap.add_argument("--out-dir", type=Path, default=Path("runs/bert"), help="results.json goes here")

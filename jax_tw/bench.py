@@ -24,8 +24,9 @@ Before JAX starts, the bench makes glibc keep freed memory (:func:`jax_tw.host.k
 for both contenders): otherwise whichever computation glibc hands fresh pages pays a page fault
 per 4 KiB of its output on every call, which on a fast layer can cost more than its work, and
 which computation that is depends on the process's allocation history. ``--default-malloc``
-times the process as glibc sets it up. (A layer's buffers are small; a training process pays in
-peak memory for the setting, so the BERT example leaves it to ``--keep-freed-memory``.)
+times the process as its environment sets malloc up. (A layer's buffers are small; a training
+process pays in peak memory for the setting, so the BERT example leaves it to
+``--keep-freed-memory``.)
 
 By default every call multiplies by the same weights, which after the first call sit in the
 CPU's caches as far as they fit. In a model each layer's weights are read once per step, from
@@ -336,9 +337,9 @@ def main(argv=None) -> list[dict[str, Any]]:
                     help="calls per timed sample (default: on a GPU 20; on a CPU, per call, as "
                          "many as last 20 ms or as long as the slowest call: see time_interleaved)")
     ap.add_argument("--default-malloc", action="store_true",
-                    help="time under glibc's default malloc settings, which hand freed memory back "
-                         "and fault in fresh pages on later calls (default: keep it, "
-                         "jax_tw.host.keep_freed_memory)")
+                    help="time under the malloc settings the process starts with (glibc's "
+                         "defaults hand freed memory back and fault in fresh pages on later calls; "
+                         "default: keep it, jax_tw.host.keep_freed_memory)")
     ap.add_argument("--json", help="write the rows to this JSON file")
     ap.add_argument("--plot", help="draw speedup vs sparsity to this PNG")
     ap.add_argument("--quick", action="store_true",

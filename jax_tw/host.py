@@ -78,8 +78,10 @@ def malloc_setting(keep: bool) -> str:
     :func:`keep_freed_memory` unless JAX is already running (as when a test calls the script's
     ``main``); returns the setting the timings ran under, in words."""
     if not keep:
-        return "the C library's default"
+        return "as the environment set it up"
     if _jax_started():
         return "as it was (JAX was already running)"
+    if _mallopt() is None:
+        return "as it was (the C library is not glibc)"
     return "freed memory kept (jax_tw.host.keep_freed_memory)" if keep_freed_memory() else \
-        "the C library's own (not glibc)"
+        "as it was (mallopt refused a setting)"
