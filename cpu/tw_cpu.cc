@@ -200,8 +200,18 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   // at least two per thread and a whole number per thread, so with too few blocks (M up to a few
   // hundred) the spans are split into ranges too: each range's item packs its rows of x again,
   // cheap next to an idle thread (M = 64 at 768 x 3072: 2.21 -> 1.83 ms, BUILD_NOTES.md).
+  // With at least two blocks per thread, a whole number of them per thread, sharing the rows'
+  // panels evenly (at most one panel apart): blocks of `rows` rows and a short one at the end
+  // left a thread idle for most of an item (M = 2048 took as long as M = 2112, 22 whole items,
+  // TEW and TW-2D, BUILD_NOTES.md). Fewer blocks keep `rows` rows each (M = 64, 3072 x 768:
+  // 1.10-1.13x slower shared evenly).
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t rows = RowsPerItem(args.m, threads, p.e > 0, args.bf16), blocks = (args.m + rows - 1) / rows;
+  const int64_t rows = RowsPerItem(args.m, threads, p.e > 0, args.bf16);
+  int64_t blocks = (args.m + rows - 1) / rows;
+  const bool even = blocks >= 2 * threads;
+  if (even) blocks = (blocks + threads - 1) / threads * threads;
+  const int64_t mr = args.bf16 ? kKernel.mr_bf16 : kKernel.mr, panels = (args.m + mr - 1) / mr;
+  const auto block_row = [&](int64_t b) { return std::min(args.m, even ? b * panels / blocks * mr : b * rows); };
   const int64_t spans = Spans(p);
   int64_t groups = 1;
   while (groups < spans && (blocks * groups < 2 * threads || blocks * groups % threads != 0))
@@ -233,7 +243,7 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   return ParallelFor(pool, blocks * groups, [&](int64_t item) {
     const int64_t b = item / groups, g = item % groups, t0 = g * spans / groups, t1 = (g + 1) * spans / groups;
     if (!per_item) {
-      kKernel.rows(args, b * rows, std::min(args.m, (b + 1) * rows), t0, t1);
+      kKernel.rows(args, block_row(b), block_row(b + 1), t0, t1);
       return;
     }
     thread_local std::vector<float> own_buffer;
@@ -247,7 +257,7 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
     TileGemmArgs own = args;
     own.weights = w;
     own.weight_offsets = own_offsets.data();
-    kKernel.rows(own, b * rows, std::min(args.m, (b + 1) * rows), t0, t1);
+    kKernel.rows(own, block_row(b), block_row(b + 1), t0, t1);
   });
 }
 

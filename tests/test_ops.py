@@ -556,13 +556,16 @@ def test_forward_with_residue(backend, pattern):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the host custom call is not built")
-@pytest.mark.parametrize("m", [1, 3, 8, 30, 49, 70, 97, 1100, 2100, 3000])
+@pytest.mark.parametrize("m", [1, 3, 8, 30, 49, 70, 97, 500, 1100, 2048, 2100, 3000])
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_host_residue_covers_every_row_block(m, dtype):
     """The host kernel's residue covers a work item's rows in walks of up to 15 vectors, of
     equal width, and cuts items of a layer with a residue that are slightly longer than one walk
     to one walk (120 rows on AVX2). On AVX2 these give items of 24, 72, 120 and 192 rows (one
-    walk, one, one of 15 vectors, two of 12); each M's last item is shorter, its last vector
+    walk, one, one of 15 vectors, two of 12). With at least two items per thread the rows are
+    shared evenly, a panel more or less each, in a whole number of items per thread (M = 500:
+    11 items of 48 rows become 12 of 36-48 on AVX-512; M = 2048: 22 of 84-96), so items end
+    in partial vectors; with fewer, each M's last item is shorter, its last vector
     partial. M = 1, 3, 8 and 30 take the few-rows path: x transposed once per call, each item's
     walk starting at its first row (up to 4 and 8 rows, walks of 4 and 8 floats per weight).
     M = 49 and 97 end in an item of one row (items of 48 rows on
