@@ -209,8 +209,9 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   const int64_t rows = RowsPerItem(args.m, threads, p.e > 0, args.bf16);
   int64_t blocks = (args.m + rows - 1) / rows;
   const bool even = blocks >= 2 * threads;
-  if (even) blocks = (blocks + threads - 1) / threads * threads;
   const int64_t mr = args.bf16 ? kKernel.mr_bf16 : kKernel.mr, panels = (args.m + mr - 1) / mr;
+  // (At most one block per panel: `rows` is at least two panels, so rounding up never empties one.)
+  if (even) blocks = std::min(panels, (blocks + threads - 1) / threads * threads);
   const auto block_row = [&](int64_t b) { return std::min(args.m, even ? b * panels / blocks * mr : b * rows); };
   const int64_t spans = Spans(p);
   int64_t groups = 1;
