@@ -83,6 +83,11 @@ inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
 typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
 template <class V> inline V LoadAs(const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
+// A whole vector of bf16 values (raw bits) as f32 (Load); V is vf.
+template <class V> inline V LoadAs(const uint16_t* p) {
+  static_assert(sizeof(V) == sizeof(vf), "bf16 rows are read a whole vector at a time");
+  return Load(p);
+}
 template <class V> inline void StoreAs(float* p, V v) { std::memcpy(p, &v, sizeof v); }
 
 // erf(x) within 5e-7: x P(x^2) / Q(x^2) on [-4, 4] (+-1 in f32 beyond), the rational form of
@@ -392,6 +397,9 @@ int64_t WeightSize(const TileGemmArgs& args, int64_t tile) {
 struct PanelRows {
   const float* xt;
   int64_t ldxt;
+  // bf16 x feature-major as bf16 instead (RowsPairs, items of more than 8 rows): the residue
+  // walks load half the bytes. xt is then null.
+  const uint16_t* xt16 = nullptr;
 };
 
 #if defined(TW_ISA_AVX512)
@@ -453,20 +461,20 @@ void TransposeRows(const T* x, int64_t ld, int64_t rows, int64_t kw, float* xt, 
 // column for NV vectors of rows (whole-vector loads). At least 8 independent accumulators: NV
 // for each of U interleaved weights (U > 1 when a walk is narrow, as with few rows), so that
 // the adds do not wait on one another.
-template <int NV, class V = vf>
-inline void ResidueColumn(const float* __restrict xt, int64_t ldxt, const int32_t* __restrict kr,
+template <int NV, class V = vf, class T = float>
+inline void ResidueColumn(const T* __restrict xt, int64_t ldxt, const int32_t* __restrict kr,
                           const float* __restrict v, int64_t begin, int64_t end, float* __restrict out) {
   constexpr int U = (8 + NV - 1) / NV, L = sizeof(V) / sizeof(float);
   V a[U][NV] = {};
   int64_t e = begin;
   for (; e + U <= end; e += U)
     for (int u = 0; u < U; ++u) {
-      const float* row = xt + static_cast<int64_t>(kr[e + u]) * ldxt;
+      const T* row = xt + static_cast<int64_t>(kr[e + u]) * ldxt;
       const float ve = v[e + u];
       for (int j = 0; j < NV; ++j) a[u][j] += LoadAs<V>(row + j * L) * ve;
     }
   for (; e < end; ++e) {
-    const float* row = xt + static_cast<int64_t>(kr[e]) * ldxt;
+    const T* row = xt + static_cast<int64_t>(kr[e]) * ldxt;
     const float ve = v[e];
     for (int j = 0; j < NV; ++j) a[0][j] += LoadAs<V>(row + j * L) * ve;
   }
@@ -529,9 +537,10 @@ inline int64_t ColumnEnd(const int32_t* cols, int64_t begin, int64_t e1) {
 constexpr int kGroup = 8;  // residue columns added to the span buffer together (AddColumns)
 
 // One walk over residue weights [e0, e1) (sorted by column, then row) for NV vectors of rows of
-// xt: each column's sums (ResidueColumn) added to its column of s, kGroup columns at a time.
-template <int NV, class V = vf>
-void Walk(const float* xt, int64_t ldxt, const int32_t* cols, const int32_t* kr, const float* v,
+// xt (f32, or bf16 bits): each column's sums (ResidueColumn) added to its column of s, kGroup
+// columns at a time.
+template <int NV, class V = vf, class T = float>
+void Walk(const T* xt, int64_t ldxt, const int32_t* cols, const int32_t* kr, const float* v,
           int64_t e0, int64_t e1, int64_t rows, int64_t lo, float* s, int64_t lds) {
   alignas(64) float sums[kGroup][kResidueBlock];
   int32_t group[kGroup];
@@ -539,7 +548,7 @@ void Walk(const float* xt, int64_t ldxt, const int32_t* cols, const int32_t* kr,
   for (int64_t begin = e0, end; begin < e1; begin = end) {
     const int32_t col = cols[begin];
     end = ColumnEnd(cols, begin, e1);
-    ResidueColumn<NV, V>(xt, ldxt, kr, v, begin, end, sums[n]);
+    ResidueColumn<NV, V, T>(xt, ldxt, kr, v, begin, end, sums[n]);
     group[n++] = col;
     if (n == kGroup || end == e1) {
       AddColumns(sums, group, n, rows, lo, s, lds);
@@ -548,13 +557,15 @@ void Walk(const float* xt, int64_t ldxt, const int32_t* cols, const int32_t* kr,
   }
 }
 
-using WalkFn = decltype(&Walk<1>);
-template <int... N>
-constexpr std::array<WalkFn, sizeof...(N)> WalkTable(std::integer_sequence<int, N...>) {
-  return {&Walk<N + 1>...};
+template <class T>
+using WalkFn = decltype(&Walk<1, vf, T>);
+template <class T, int... N>
+constexpr std::array<WalkFn<T>, sizeof...(N)> WalkTable(std::integer_sequence<int, N...>) {
+  return {&Walk<N + 1, vf, T>...};
 }
-// kWalk[nv - 1]: Walk<nv>.
-constexpr auto kWalk = WalkTable(std::make_integer_sequence<int, kMaxVectors>{});
+// kWalk<T>[nv - 1]: Walk<nv> over rows of x as T (float, or bf16 bits as uint16_t).
+template <class T>
+constexpr auto kWalk = WalkTable<T>(std::make_integer_sequence<int, kMaxVectors>{});
 
 #if defined(TW_ISA_AVX512)
 // Walk for one row of x (ldxt floats between its K values): per column, a dot product of its
@@ -648,8 +659,9 @@ inline bool Residue(const TileGemmArgs& args, const PanelRows& x, int64_t rows, 
   const int64_t vectors = (rows + VL - 1) / VL, walks = (vectors + kMaxVectors - 1) / kMaxVectors;
   const int64_t width = (vectors + walks - 1) / walks * VL;  // rows per walk
   for (int64_t r0 = 0; r0 < rows; r0 += width) {
-    const int64_t nr = std::min(width, rows - r0);
-    kWalk[(nr + VL - 1) / VL - 1](x.xt + r0, x.ldxt, cols, kr, v, e0, e1, nr, lo, s + r0 * lds, lds);
+    const int64_t nr = std::min(width, rows - r0), nv = (nr + VL - 1) / VL;
+    if (x.xt16) kWalk<uint16_t>[nv - 1](x.xt16 + r0, x.ldxt, cols, kr, v, e0, e1, nr, lo, s + r0 * lds, lds);
+    else kWalk<float>[nv - 1](x.xt + r0, x.ldxt, cols, kr, v, e0, e1, nr, lo, s + r0 * lds, lds);
   }
   return true;
 }
@@ -1183,6 +1195,19 @@ void WidenPairs(const uint32_t* x2, int64_t ldx2, int64_t kw, float* xt) {
   }
 }
 
+// The same as bf16 bits: xt[q][i] = x[m0 + i][kb + q] (PanelRows::xt16).
+void SplitPairs(const uint32_t* x2, int64_t ldx2, int64_t kw, uint16_t* xt) {
+  for (int64_t q = 0; q < kw; ++q) {
+    const uint32_t* row = x2 + (q / 2) * ldx2;
+    uint16_t* out = xt + q * ldx2;
+    for (int64_t i = 0; i < ldx2; i += 16) {
+      const __m512i v = _mm512_load_si512(row + i);
+      const __m256i h = _mm512_cvtepi32_epi16(q % 2 ? _mm512_srli_epi32(v, 16) : v);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(out + i), h);
+    }
+  }
+}
+
 // B operands of the tile's steps in this block: b[(s * ngroups + gi) * 256 + pp * 16 + i] =
 // (x[16 gi + i][kept[q]], x[16 gi + i][kept[q + 1]]) as a bf16 pair, q = q0 + 32 s + 2 pp
 // (zero past q1): one two-source word permute of the rows of x2 that hold them.
@@ -1359,10 +1384,15 @@ void RowsPairs(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t
   const int64_t rows = m_end - m_begin, ldt = (rows + 31) / 32 * 32, ngroups = ldt / 16;
   int64_t nblocks, kbw;
   KBlocks(p.k, &nblocks, &kbw);
-  // x in pairs of K indices, a block at a time; with a residue also feature-major in f32, the
-  // whole of K (the residue reads it after the last block).
+  // x in pairs of K indices, a block at a time; with a residue also feature-major, the whole of
+  // K (the residue reads it after the last block): as bf16 where the residue walks whole vectors
+  // of rows (more than 8 rows), half the bytes per weight of f32 (PanelRows::xt16; TEW 75% + 5%
+  // and 12.5%, M = 24-4096: 1.03-1.35x, BUILD_NOTES.md), else in f32 (the walks of 1, 4 and 8
+  // rows read f32).
   uint32_t* x2 = reinterpret_cast<uint32_t*>(x2_scratch.Get((kbw + 1) / 2 * ldt));
-  float* xt = p.e > 0 ? xt_scratch.Get(p.k * ldt) : nullptr;
+  const bool narrow = p.e > 0 && rows > 8;
+  float* xt = p.e > 0 && !narrow ? xt_scratch.Get(p.k * ldt) : nullptr;
+  uint16_t* xt16 = narrow ? reinterpret_cast<uint16_t*>(xt_scratch.Get((p.k * ldt + 1) / 2)) : nullptr;
   uint32_t* zeros = reinterpret_cast<uint32_t*>(zero_scratch.Get(ldt));
   std::fill(zeros, zeros + ldt, 0u);
   const int64_t tiles_end = std::min(t_end, p.t);
@@ -1384,6 +1414,7 @@ void RowsPairs(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t
     const bool last = kb + kw == p.k;
     TransposePairs(args, m_begin, rows, kb, kw, x2, ldt);
     if (xt) WidenPairs(x2, ldt, kw, xt + kb * ldt);
+    if (xt16) SplitPairs(x2, ldt, kw, xt16 + kb * ldt);
     float* ct = ctbuf;
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
       const int64_t depth = tile < p.t ? p.depth(tile) : 0, ncg = tile < p.t ? ColumnGroups(p, tile) : 0;
@@ -1406,7 +1437,8 @@ void RowsPairs(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t
           ColumnsToRows(ct, ldt, ncg, c);
         }
       }
-      if (last) Epilogue(args, tile, m_begin, rows, depth > 0 ? c : nullptr, 16 * ncg, PanelRows{xt, ldt}, scratch);
+      if (last)
+        Epilogue(args, tile, m_begin, rows, depth > 0 ? c : nullptr, 16 * ncg, PanelRows{xt, ldt, xt16}, scratch);
       if (nblocks > 1) ct += ncg * 16 * ldt;
     }
   }
