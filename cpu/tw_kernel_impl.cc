@@ -431,11 +431,17 @@ inline void Transpose16x16(__m512 r[16]) {
 }
 #endif
 
-// Rows [m0, m0 + rows), columns [kb, kb + kw) of x feature-major as f32 (PanelRows::xt):
-// xt[q][i] = x[m0 + i][kb + q], zero for rows up to ldxt (a multiple of VL). AVX-512: 16 x 16
-// register transposes.
-template <class T>
-void TransposeRows(const T* x, int64_t ld, int64_t rows, int64_t kw, float* xt, int64_t ldxt) {
+// Rows [m0, m0 + rows), columns [kb, kb + kw) of x feature-major as f32 (PanelRows::xt), or
+// bf16 x as bf16 bits (O = uint16_t, PanelRows::xt16): xt[q][i] = x[m0 + i][kb + q], zero for
+// rows up to ldxt (a multiple of VL). AVX-512: 16 x 16 register transposes.
+template <class T, class O>
+void TransposeRows(const T* x, int64_t ld, int64_t rows, int64_t kw, O* xt, int64_t ldxt) {
+  constexpr bool f32 = std::is_same<O, float>::value;
+  static_assert(f32 || std::is_same<T, uint16_t>::value, "bf16 rows are made from bf16 x");
+  const auto convert = [](T v) -> O {
+    if constexpr (f32) return ToF32(v);
+    else return v;
+  };
   int64_t i0 = 0;
 #if defined(TW_ISA_AVX512)
   for (; i0 + 16 <= rows; i0 += 16) {
@@ -444,16 +450,24 @@ void TransposeRows(const T* x, int64_t ld, int64_t rows, int64_t kw, float* xt, 
       __m512 r[16];
       for (int i = 0; i < 16; ++i) r[i] = Load16(x + (i0 + i) * ld + q0);
       Transpose16x16(r);  // r[j]: column q0 + j of the 16 rows
-      for (int j = 0; j < 16; ++j) _mm512_store_ps(xt + (q0 + j) * ldxt + i0, r[j]);
+      for (int j = 0; j < 16; ++j) {
+        O* out = xt + (q0 + j) * ldxt + i0;
+        if constexpr (f32) {
+          _mm512_store_ps(out, r[j]);
+        } else {  // back to bf16: the widened values' high halves
+          const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(r[j]), 16));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(out), h);
+        }
+      }
     }
     for (int64_t q = q0; q < kw; ++q)
-      for (int64_t i = i0; i < i0 + 16; ++i) xt[q * ldxt + i] = ToF32(x[i * ld + q]);
+      for (int64_t i = i0; i < i0 + 16; ++i) xt[q * ldxt + i] = convert(x[i * ld + q]);
   }
 #endif
   for (int64_t q = 0; q < kw; ++q) {
-    float* out = xt + q * ldxt;
-    for (int64_t i = i0; i < rows; ++i) out[i] = ToF32(x[i * ld + q]);
-    for (int64_t i = rows; i < ldxt; ++i) out[i] = 0.f;
+    O* out = xt + q * ldxt;
+    for (int64_t i = i0; i < rows; ++i) out[i] = convert(x[i * ld + q]);
+    for (int64_t i = rows; i < ldxt; ++i) out[i] = O(0);
   }
 }
 
@@ -951,10 +965,14 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
   float* panels = panel_scratch.Get(npanels * kbw * MR);
   PanelRows xs{nullptr, 0};
   float* xt = nullptr;
-  if (p.e > 0) {  // the residue reads the rows feature-major
+  uint16_t* xt16 = nullptr;
+  if (p.e > 0) {  // the residue reads the rows feature-major: bf16 x as bf16 where its walks
+    // are of whole vectors, as in RowsPairs (PanelRows::xt16)
     xs.ldxt = (npanels * MR + VL - 1) / VL * VL;
-    xt = scratch.xt.Get(p.k * xs.ldxt);
-    xs.xt = xt;
+    if (args.bf16 && rows > 8)
+      xs.xt16 = xt16 = reinterpret_cast<uint16_t*>(scratch.xt.Get((p.k * xs.ldxt + 1) / 2));
+    else
+      xs.xt = xt = scratch.xt.Get(p.k * xs.ldxt);
   }
   // Tile results: one buffer reused tile after tile, or with K blocks one per tile.
   int64_t cfloats = 0;
@@ -967,12 +985,12 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
     const int64_t kw = std::min(kbw, p.k - kb);
     const bool last = kb + kw == p.k;
     Pack(args, panels, m_begin, npanels, kb, kw);
-    if (xt) {
-      const int64_t first = m_begin * p.k + kb;  // x's row m_begin, column kb
-      float* out = xt + kb * xs.ldxt;
-      if (args.bf16) TransposeRows(static_cast<const uint16_t*>(args.x) + first, p.k, rows, kw, out, xs.ldxt);
-      else TransposeRows(static_cast<const float*>(args.x) + first, p.k, rows, kw, out, xs.ldxt);
-    }
+    const int64_t first = m_begin * p.k + kb;  // x's row m_begin, column kb
+    if (xt16) TransposeRows(static_cast<const uint16_t*>(args.x) + first, p.k, rows, kw, xt16 + kb * xs.ldxt, xs.ldxt);
+    else if (xt && args.bf16)
+      TransposeRows(static_cast<const uint16_t*>(args.x) + first, p.k, rows, kw, xt + kb * xs.ldxt, xs.ldxt);
+    else if (xt)
+      TransposeRows(static_cast<const float*>(args.x) + first, p.k, rows, kw, xt + kb * xs.ldxt, xs.ldxt);
     float* c = cbuf;
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
       const int64_t depth = tile < p.t ? p.depth(tile) : 0, gp = tile < p.t ? PaddedWidth(p, tile) : 0;
