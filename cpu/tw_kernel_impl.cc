@@ -966,10 +966,11 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
   PanelRows xs{nullptr, 0};
   float* xt = nullptr;
   uint16_t* xt16 = nullptr;
-  if (p.e > 0) {  // the residue reads the rows feature-major: bf16 x as bf16 where its walks
-    // are of whole vectors, as in RowsPairs (PanelRows::xt16)
+  if (p.e > 0) {  // the residue reads the rows feature-major: on AVX-512, bf16 x as bf16 where
+    // its walks are of whole vectors, as in RowsPairs (PanelRows::xt16; TEW 75% + 5%, M = 256 and
+    // 2048: 1.08-1.15x; on AVX2, 0.74-0.82x, BUILD_NOTES.md)
     xs.ldxt = (npanels * MR + VL - 1) / VL * VL;
-    if (args.bf16 && rows > 8)
+    if (VL == 16 && args.bf16 && rows > 8)
       xs.xt16 = xt16 = reinterpret_cast<uint16_t*>(scratch.xt.Get((p.k * xs.ldxt + 1) / 2));
     else
       xs.xt = xt = scratch.xt.Get(p.k * xs.ldxt);
