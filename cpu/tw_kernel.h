@@ -30,9 +30,11 @@
 //     register-blocked GEMM of the panels against the tile's weights and the span's epilogue
 //     (layers deeper than kKBlock: the same a K block at a time, every tile's results kept until
 //     the last block). The residue is vectorised over rows: when the layer has one, the item's
-//     rows of x are also transposed feature-major (xt[q][i], a whole number of vectors per q),
-//     and each residue weight is one aligned load and FMA per vector of rows, in walks of up to
-//     15 vectors of rows.
+//     rows of x are also transposed feature-major (xt[q][i], a whole number of vectors per q;
+//     bf16 x on AVX-512 as bf16, widened as it is loaded, in items of more than 8 rows), and
+//     each residue weight is one load and FMA per vector of rows, in walks of up to 15 vectors
+//     of rows. The walks are bound by the L2 cache's bandwidth: one line of xt per vector of
+//     rows per weight (BUILD_NOTES.md).
 // bf16 x on CPUs with AMX (variant avx512-amx) or AVX512-BF16 (variant avx512-bf16; RowsPairs in
 // tw_kernel_impl.cc): step 1 copies each tile's weights transposed into 16 x 32 bf16 blocks, and
 // step 2 transposes the item's rows of x in 32-bit pairs of K indices, gathers each tile's pairs
