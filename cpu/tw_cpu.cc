@@ -202,7 +202,7 @@ std::string TileGemm(ffi::ThreadPool& pool, TileGemmArgs& args) {
   // cheap next to an idle thread (M = 64 at 768 x 3072: 2.21 -> 1.83 ms, BUILD_NOTES.md).
   // With at least two blocks per thread, a whole number of them per thread, sharing the rows'
   // panels evenly (at most one panel apart): blocks of `rows` rows and a short one at the end
-  // left a thread idle for part of an item (M = 2048 took as long as M = 2112, 22 whole items;
+  // left a thread idle for part of an item (M = 2048 took as long as M = 2112, whole items;
   // shared evenly, M = 2048 and 4096 ran 0.99-1.06x as fast, BUILD_NOTES.md). Fewer blocks keep
   // `rows` rows each (M = 64 shared evenly: 1.15-1.22x slower).
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);

@@ -397,8 +397,8 @@ int64_t WeightSize(const TileGemmArgs& args, int64_t tile) {
 struct PanelRows {
   const float* xt;
   int64_t ldxt;
-  // bf16 x feature-major as bf16 instead (RowsPairs, items of more than 8 rows): the residue
-  // walks load half the bytes. xt is then null.
+  // bf16 x feature-major as bf16 instead (AVX-512, items of more than 8 rows: RowsPairs, Rows):
+  // the residue walks load half the bytes. xt is then null.
   const uint16_t* xt16 = nullptr;
 };
 
