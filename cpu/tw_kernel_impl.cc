@@ -1409,9 +1409,9 @@ void RowsPairs(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t
   // and 12.5%, M = 24-4096: 1.03-1.35x, BUILD_NOTES.md), else in f32 (the walks of 1, 4 and 8
   // rows read f32).
   uint32_t* x2 = reinterpret_cast<uint32_t*>(x2_scratch.Get((kbw + 1) / 2 * ldt));
-  const bool narrow = p.e > 0 && rows > 8;
-  float* xt = p.e > 0 && !narrow ? xt_scratch.Get(p.k * ldt) : nullptr;
-  uint16_t* xt16 = narrow ? reinterpret_cast<uint16_t*>(xt_scratch.Get((p.k * ldt + 1) / 2)) : nullptr;
+  const bool bf16_rows = p.e > 0 && rows > 8;
+  float* xt = p.e > 0 && !bf16_rows ? xt_scratch.Get(p.k * ldt) : nullptr;
+  uint16_t* xt16 = bf16_rows ? reinterpret_cast<uint16_t*>(xt_scratch.Get((p.k * ldt + 1) / 2)) : nullptr;
   uint32_t* zeros = reinterpret_cast<uint32_t*>(zero_scratch.Get(ldt));
   std::fill(zeros, zeros + ldt, 0u);
   const int64_t tiles_end = std::min(t_end, p.t);
