@@ -397,10 +397,16 @@ int64_t WeightSize(const TileGemmArgs& args, int64_t tile) {
 struct PanelRows {
   const float* xt;
   int64_t ldxt;
-  // bf16 x feature-major as bf16 instead (AVX-512, items of more than 8 rows: RowsPairs, Rows):
-  // the residue walks load half the bytes. xt is then null.
+  // bf16 x feature-major as bf16 instead (Bf16Rows; RowsPairs, Rows): the residue walks load
+  // half the bytes. xt is then null.
   const uint16_t* xt16 = nullptr;
 };
+
+// Whether an item of `rows` rows keeps its rows of x for the residue as bf16 (PanelRows::xt16):
+// bf16 x on AVX-512 (TEW 75% + 5% and 12.5%, M = 24-4096: 1.03-1.35x; on AVX2 0.74-0.82x,
+// BUILD_NOTES.md), and more rows than the walks that read f32 take (WalkOne for one row, the
+// walks of 4 and 8 rows in Residue).
+constexpr bool Bf16Rows(bool bf16, int64_t rows) { return VL == 16 && bf16 && rows > 8; }
 
 #if defined(TW_ISA_AVX512)
 // r[0..16) transposed in place: r[j] lane i = r[i] lane j (before).
@@ -966,11 +972,9 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
   PanelRows xs{nullptr, 0};
   float* xt = nullptr;
   uint16_t* xt16 = nullptr;
-  if (p.e > 0) {  // the residue reads the rows feature-major: on AVX-512, bf16 x as bf16 where
-    // its walks are of whole vectors, as in RowsPairs (PanelRows::xt16; TEW 75% + 5%, M = 256 and
-    // 2048: 1.08-1.15x; on AVX2, 0.74-0.82x, BUILD_NOTES.md)
+  if (p.e > 0) {  // the residue reads the rows feature-major (bf16 x maybe as bf16: Bf16Rows)
     xs.ldxt = (npanels * MR + VL - 1) / VL * VL;
-    if (VL == 16 && args.bf16 && rows > 8)
+    if (Bf16Rows(args.bf16, rows))
       xs.xt16 = xt16 = reinterpret_cast<uint16_t*>(scratch.xt.Get((p.k * xs.ldxt + 1) / 2));
     else
       xs.xt = xt = scratch.xt.Get(p.k * xs.ldxt);
@@ -986,12 +990,12 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
     const int64_t kw = std::min(kbw, p.k - kb);
     const bool last = kb + kw == p.k;
     Pack(args, panels, m_begin, npanels, kb, kw);
-    const int64_t first = m_begin * p.k + kb;  // x's row m_begin, column kb
-    if (xt16) TransposeRows(static_cast<const uint16_t*>(args.x) + first, p.k, rows, kw, xt16 + kb * xs.ldxt, xs.ldxt);
-    else if (xt && args.bf16)
-      TransposeRows(static_cast<const uint16_t*>(args.x) + first, p.k, rows, kw, xt + kb * xs.ldxt, xs.ldxt);
-    else if (xt)
-      TransposeRows(static_cast<const float*>(args.x) + first, p.k, rows, kw, xt + kb * xs.ldxt, xs.ldxt);
+    if (xt || xt16) {
+      const int64_t first = m_begin * p.k + kb, at = kb * xs.ldxt;  // x's row m_begin, column kb
+      if (!args.bf16) TransposeRows(static_cast<const float*>(args.x) + first, p.k, rows, kw, xt + at, xs.ldxt);
+      else if (xt16) TransposeRows(static_cast<const uint16_t*>(args.x) + first, p.k, rows, kw, xt16 + at, xs.ldxt);
+      else TransposeRows(static_cast<const uint16_t*>(args.x) + first, p.k, rows, kw, xt + at, xs.ldxt);
+    }
     float* c = cbuf;
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
       const int64_t depth = tile < p.t ? p.depth(tile) : 0, gp = tile < p.t ? PaddedWidth(p, tile) : 0;
@@ -1201,28 +1205,22 @@ void TransposePairs(const TileGemmArgs& args, int64_t m0, int64_t rows, int64_t 
     }
 }
 
-// xt[q][i] = x[m0 + i][kb + q] as f32 (the residue's layout) from the pairs of TransposePairs.
-void WidenPairs(const uint32_t* x2, int64_t ldx2, int64_t kw, float* xt) {
+// xt[q][i] = x[m0 + i][kb + q] (the residue's layout) from the pairs of TransposePairs: as f32
+// (PanelRows::xt), or as bf16 bits (O = uint16_t, PanelRows::xt16).
+template <class O>
+void UnpairRows(const uint32_t* x2, int64_t ldx2, int64_t kw, O* xt) {
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   for (int64_t q = 0; q < kw; ++q) {
     const uint32_t* row = x2 + (q / 2) * ldx2;
-    float* out = xt + q * ldx2;
+    O* out = xt + q * ldx2;
     for (int64_t i = 0; i < ldx2; i += 16) {
       const __m512i v = _mm512_load_si512(row + i);
-      _mm512_store_si512(out + i, q % 2 ? _mm512_and_si512(v, high) : _mm512_slli_epi32(v, 16));
-    }
-  }
-}
-
-// The same as bf16 bits: xt[q][i] = x[m0 + i][kb + q] (PanelRows::xt16).
-void SplitPairs(const uint32_t* x2, int64_t ldx2, int64_t kw, uint16_t* xt) {
-  for (int64_t q = 0; q < kw; ++q) {
-    const uint32_t* row = x2 + (q / 2) * ldx2;
-    uint16_t* out = xt + q * ldx2;
-    for (int64_t i = 0; i < ldx2; i += 16) {
-      const __m512i v = _mm512_load_si512(row + i);
-      const __m256i h = _mm512_cvtepi32_epi16(q % 2 ? _mm512_srli_epi32(v, 16) : v);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(out + i), h);
+      if constexpr (std::is_same<O, float>::value) {
+        _mm512_store_si512(out + i, q % 2 ? _mm512_and_si512(v, high) : _mm512_slli_epi32(v, 16));
+      } else {
+        const __m256i h = _mm512_cvtepi32_epi16(q % 2 ? _mm512_srli_epi32(v, 16) : v);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(out + i), h);
+      }
     }
   }
 }
@@ -1404,12 +1402,9 @@ void RowsPairs(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t
   int64_t nblocks, kbw;
   KBlocks(p.k, &nblocks, &kbw);
   // x in pairs of K indices, a block at a time; with a residue also feature-major, the whole of
-  // K (the residue reads it after the last block): as bf16 where the residue walks whole vectors
-  // of rows (more than 8 rows), half the bytes per weight of f32 (PanelRows::xt16; TEW 75% + 5%
-  // and 12.5%, M = 24-4096: 1.03-1.35x, BUILD_NOTES.md), else in f32 (the walks of 1, 4 and 8
-  // rows read f32).
+  // K (the residue reads it after the last block), as bf16 or f32 (Bf16Rows).
   uint32_t* x2 = reinterpret_cast<uint32_t*>(x2_scratch.Get((kbw + 1) / 2 * ldt));
-  const bool bf16_rows = p.e > 0 && rows > 8;
+  const bool bf16_rows = p.e > 0 && Bf16Rows(true, rows);
   float* xt = p.e > 0 && !bf16_rows ? xt_scratch.Get(p.k * ldt) : nullptr;
   uint16_t* xt16 = bf16_rows ? reinterpret_cast<uint16_t*>(xt_scratch.Get((p.k * ldt + 1) / 2)) : nullptr;
   uint32_t* zeros = reinterpret_cast<uint32_t*>(zero_scratch.Get(ldt));
@@ -1432,8 +1427,8 @@ void RowsPairs(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t
     const int64_t kw = std::min(kbw, p.k - kb);
     const bool last = kb + kw == p.k;
     TransposePairs(args, m_begin, rows, kb, kw, x2, ldt);
-    if (xt) WidenPairs(x2, ldt, kw, xt + kb * ldt);
-    if (xt16) SplitPairs(x2, ldt, kw, xt16 + kb * ldt);
+    if (xt) UnpairRows(x2, ldt, kw, xt + kb * ldt);
+    if (xt16) UnpairRows(x2, ldt, kw, xt16 + kb * ldt);
     float* ct = ctbuf;
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
       const int64_t depth = tile < p.t ? p.depth(tile) : 0, ncg = tile < p.t ? ColumnGroups(p, tile) : 0;

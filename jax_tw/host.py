@@ -69,6 +69,11 @@ def keep_freed_memory() -> bool:
                       "have allocated keep their own glibc arenas, whose large blocks are still "
                       "fresh mmaps. Call it before the first JAX computation.", RuntimeWarning,
                       stacklevel=2)
+    return _keep(mallopt)
+
+
+def _keep(mallopt) -> bool:
+    """The settings of :func:`keep_freed_memory`; whether glibc took them all."""
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
     return all([mallopt(param, value) == 1 for param, value in settings])
 
@@ -81,7 +86,8 @@ def malloc_setting(keep: bool) -> str:
         return "as the environment set it up"
     if _jax_started():
         return "as it was (JAX was already running)"
-    if _mallopt() is None:
+    mallopt = _mallopt()
+    if mallopt is None:
         return "as it was (the C library is not glibc)"
-    return "freed memory kept (jax_tw.host.keep_freed_memory)" if keep_freed_memory() else \
+    return "freed memory kept (jax_tw.host.keep_freed_memory)" if _keep(mallopt) else \
         "as it was (mallopt refused a setting)"
