@@ -150,9 +150,10 @@ inline vf Broadcast(const uint16_t* p) {
 // c[R][W * VL] (+)= A[kept[q]][R] * b[q][W * VL] over q < kc (W: vectors per row, NV in a
 // micro-tile), b's rows ldb values apart (f32, or bf16
 // widened as they are loaded: the few-rows path reads bf16 weights in place). A is one x panel
-// ([K][MR], lda unused) or, kInPlace, R rows of x (f32 or bf16) read in place, lda values
-// apart: the many-rows path's x with few kept weights (TileGemmArgs::direct_x, R = MR) and the
-// few-rows path (any R up to MR).
+// (K rows of MR values, lda apart: MR in a packed panel, ldxt in an item's x feature-major,
+// FromRows) or, kInPlace, R rows of x (f32 or bf16) read in place, lda values apart: the
+// many-rows path's x with few kept weights (TileGemmArgs::direct_x, R = MR) and the few-rows
+// path (any R up to MR).
 template <bool kInPlace, int R = MR, class T = float, class WT = float, int W = NV>
 inline void Micro(int64_t kc, const T* __restrict a0, int64_t lda, const int32_t* __restrict kept,
                   const WT* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc, bool accumulate) {
@@ -160,7 +161,7 @@ inline void Micro(int64_t kc, const T* __restrict a0, int64_t lda, const int32_t
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < W; ++v) acc[i][v] = accumulate ? Load(c + i * ldc + v * VL) : vf{};
   for (int64_t q = 0; q < kc; ++q) {
-    const T* a = a0 + static_cast<int64_t>(kept[q]) * (kInPlace ? 1 : MR);
+    const T* a = a0 + static_cast<int64_t>(kept[q]) * (kInPlace ? 1 : lda);
     vf bv[W];
     for (int v = 0; v < W; ++v) bv[v] = Load(b + q * ldb + v * VL);
     for (int i = 0; i < R; ++i) {
@@ -287,14 +288,25 @@ inline bool InPlace(const TileGemmArgs& args, int64_t m0, int64_t pi) {
   return args.direct_x && m0 + (pi + 1) * MR <= args.m;
 }
 
+// Whether panel pi of the rows from m0 is read from the item's x feature-major, where the
+// residue made it in f32 (PanelRows::xt): there each K index's MR values of the panel's rows are
+// consecutive, as in a packed panel, ldxt floats apart. All its MR rows must be inside x (rows
+// past M are not zeroed there). Neither packed nor read in place (one line per kept K index, not
+// MR): TEW 75% + 5% and + 12.5% at M = 256 and 2048 ran 0-3% faster, the same sums bit for bit
+// (BUILD_NOTES.md).
+inline bool FromRows(const float* xt, const TileGemmArgs& args, int64_t m0, int64_t pi) {
+  return xt != nullptr && m0 + (pi + 1) * MR <= args.m;
+}
+
 // Rows [m0, m0 + npanels * MR), columns [kb, kb + kw) of x into `panels`, kw x MR floats each
-// (rows past M are zero), but for panels read in place.
-void Pack(const TileGemmArgs& args, float* panels, int64_t m0, int64_t npanels, int64_t kb, int64_t kw) {
+// (rows past M are zero), but for panels read in place or from xt (FromRows).
+void Pack(const TileGemmArgs& args, float* panels, int64_t m0, int64_t npanels, int64_t kb, int64_t kw,
+          const float* xt) {
   const int64_t ld = args.p->k;
   const float* xf = static_cast<const float*>(args.x) + kb;
   const uint16_t* xh = static_cast<const uint16_t*>(args.x) + kb;
   for (int64_t pi = 0; pi < npanels; ++pi) {
-    if (InPlace(args, m0, pi)) continue;
+    if (InPlace(args, m0, pi) || FromRows(xt, args, m0, pi)) continue;
     float* panel = panels + pi * kw * MR;
     const int64_t first = m0 + pi * MR;
 #if defined(TW_ISA_AVX512)
@@ -989,7 +1001,7 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
   for (int64_t kb = 0; kb < p.k; kb += kbw) {
     const int64_t kw = std::min(kbw, p.k - kb);
     const bool last = kb + kw == p.k;
-    Pack(args, panels, m_begin, npanels, kb, kw);
+    Pack(args, panels, m_begin, npanels, kb, kw, xt);
     if (xt || xt16) {
       const int64_t first = m_begin * p.k + kb, at = kb * xs.ldxt;  // x's row m_begin, column kb
       if (!args.bf16) TransposeRows(static_cast<const float*>(args.x) + first, p.k, rows, kw, xt + at, xs.ldxt);
@@ -1013,11 +1025,13 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
             const float* b = bbuf + (wip ? jp : (jp / NR) * depth * NR) + k0 * ldb;
             for (int64_t ip = 0; ip < npanels; ++ip) {
               float* cp = c + ip * MR * gp + jp;
-              if (InPlace(args, m_begin, ip))
+              if (FromRows(xt, args, m_begin, ip))
+                Micro<false>(kc, xt + ip * MR, xs.ldxt, kept + k0, b, ldb, cp, gp, k0 > 0);
+              else if (InPlace(args, m_begin, ip))
                 Micro<true>(kc, static_cast<const float*>(args.x) + (m_begin + ip * MR) * p.k, p.k, kept + k0, b,
                             ldb, cp, gp, k0 > 0);
               else  // the panel as if it started at column 0
-                Micro<false>(kc, panels + (ip * kw - kb) * MR, 0, kept + k0, b, ldb, cp, gp, k0 > 0);
+                Micro<false>(kc, panels + (ip * kw - kb) * MR, MR, kept + k0, b, ldb, cp, gp, k0 > 0);
             }
           }
         }
