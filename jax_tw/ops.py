@@ -174,8 +174,11 @@ def _forward_xla(x2: jax.Array, p: PackedTiles, precision=None) -> jax.Array:
     y = _zeros_rows_like(x2, p.n)
     c = np.shape(p.columns)[0]
     if c and p.max_depth:
-        idx, _, w = _padded_tiles(p)
-        xg = x2[:, idx].astype(jnp.float32)  # (M, T, D); f32 operands = f32 accumulation
+        idx, valid, w = _padded_tiles(p)
+        # (M, T, D); f32 operands = f32 accumulation. The padding's x is zeroed, not only its
+        # weights: pruned weights are absent, so a NaN or infinity in x reaches only the outputs
+        # whose kept weights read it (tw_matmul).
+        xg = jnp.where(valid, x2[:, idx].astype(jnp.float32), 0)
         out = jnp.einsum("mtd,tdg->mtg", xg, w.astype(jnp.float32), precision=precision)
         out = out.reshape(m, p.num_tiles * p.tile_size)[:, :c]  # explicit sizes: M may be 0
         y = y.at[:, jnp.asarray(p.columns)].set(out)
@@ -369,6 +372,12 @@ def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | N
     with that as JAX's default matmul precision); the host kernel is always exact.
     ``activation`` (None, ``'relu'`` or ``'gelu'``, see :func:`activate`) is applied in float32
     after the bias, fused into the host kernel's epilogue (no pass of XLA over the output).
+    Pruned weights are absent, not zeros: a NaN or infinity in a row of ``x`` reaches only the
+    outputs of that row whose kept weights (tiles or residue) read its K index, on the
+    ``'cpu'``, ``'pallas'`` and ``'xla'`` backends. The dense dot (``backend='dense'``, and the
+    automatic choice for layers kept dense, see ``packing.DENSE_ABOVE``) spreads it over the
+    whole row, as ``x @ unpack(packed)`` does (0 * NaN is NaN). Finite inputs give the same sums
+    either way.
 
     >>> import numpy as np
     >>> from jax_tw import packing, patterns

@@ -437,6 +437,42 @@ def test_activation_matches_float64_reference(backend, activation, dtype, m, k, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m", [1, 5, 40, 300])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_nonfinite_x_reaches_only_kept_weights(backend, m, dtype):
+    """Pruned weights are absent, not zeros (tw_matmul's docstring): a NaN or infinity in x
+    reaches exactly the outputs of its row whose kept weights (tiles or residue) read its K
+    index, and no other row; the dense dot spreads it over the whole row (0 * NaN = NaN)."""
+    if backend == "pallas" and m > 40:
+        pytest.skip("Pallas interpret mode is slow")
+    k, n = 96, 70
+    _, _, p = _layer(k, n, 16, 0.6, dtype, seed=3, pattern=patterns.TEW(residue=0.05))
+    kept = packing.unpack(p) != 0  # values are never zero
+    rng = np.random.default_rng(m)
+    x = rng.normal(size=(m, k)).astype(dtype)
+    bad = {}  # row -> (K index, value)
+    for row, value in zip(range(0, m, 2), [np.nan, np.inf, -np.inf]):
+        # a K index some but not all columns keep (a residue weight or a tile's row)
+        q = int(np.flatnonzero((kept.sum(1) > 0) & (kept.sum(1) < n))[row % 7])
+        x[row, q] = value
+        bad[row] = q
+    y = np.asarray(jax.jit(lambda x, p: ops.tw_matmul(x, p, backend=backend))(x, p), np.float64)
+    for row in range(m):
+        reached = ~np.isfinite(y[row])
+        if row not in bad:
+            assert not reached.any(), row
+        elif backend == "dense":
+            assert reached.all(), row
+        else:
+            np.testing.assert_array_equal(reached, kept[bad[row]], err_msg=f"row {row}")
+    finite = [r for r in range(m) if r not in bad]
+    if finite:
+        want = _reference(x[finite], packing.unpack(p))
+        tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+        np.testing.assert_allclose(y[finite], want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_activation_gradients_match_the_unfused_product(backend, activation):
     """Gradients through a fused activation (to x, the packed values and the bias) equal those
