@@ -151,7 +151,7 @@ inline vf Broadcast(const uint16_t* p) {
 // micro-tile), b's rows ldb values apart (f32, or bf16
 // widened as they are loaded: the few-rows path reads bf16 weights in place). A is one x panel
 // (K rows of MR values, lda apart: MR in a packed panel, ldxt in an item's x feature-major,
-// FromRows) or, kInPlace, R rows of x (f32 or bf16) read in place, lda values apart: the
+// Rows) or, kInPlace, R rows of x (f32 or bf16) read in place, lda values apart: the
 // many-rows path's x with few kept weights (TileGemmArgs::direct_x, R = MR) and the few-rows
 // path (any R up to MR).
 template <bool kInPlace, int R = MR, class T = float, class WT = float, int W = NV>
@@ -288,25 +288,14 @@ inline bool InPlace(const TileGemmArgs& args, int64_t m0, int64_t pi) {
   return args.direct_x && m0 + (pi + 1) * MR <= args.m;
 }
 
-// Whether panel pi of the rows from m0 is read from the item's x feature-major, where the
-// residue made it in f32 (PanelRows::xt): there each K index's MR values of the panel's rows are
-// consecutive, as in a packed panel, ldxt floats apart. All its MR rows must be inside x (rows
-// past M are not zeroed there). Neither packed nor read in place (one line per kept K index, not
-// MR): TEW 75% + 5% and + 12.5% at M = 256 and 2048 ran 0-3% faster, the same sums bit for bit
-// (BUILD_NOTES.md).
-inline bool FromRows(const float* xt, const TileGemmArgs& args, int64_t m0, int64_t pi) {
-  return xt != nullptr && m0 + (pi + 1) * MR <= args.m;
-}
-
 // Rows [m0, m0 + npanels * MR), columns [kb, kb + kw) of x into `panels`, kw x MR floats each
-// (rows past M are zero), but for panels read in place or from xt (FromRows).
-void Pack(const TileGemmArgs& args, float* panels, int64_t m0, int64_t npanels, int64_t kb, int64_t kw,
-          const float* xt) {
+// (rows past M are zero), but for panels read in place.
+void Pack(const TileGemmArgs& args, float* panels, int64_t m0, int64_t npanels, int64_t kb, int64_t kw) {
   const int64_t ld = args.p->k;
   const float* xf = static_cast<const float*>(args.x) + kb;
   const uint16_t* xh = static_cast<const uint16_t*>(args.x) + kb;
   for (int64_t pi = 0; pi < npanels; ++pi) {
-    if (InPlace(args, m0, pi) || FromRows(xt, args, m0, pi)) continue;
+    if (InPlace(args, m0, pi)) continue;
     float* panel = panels + pi * kw * MR;
     const int64_t first = m0 + pi * MR;
 #if defined(TW_ISA_AVX512)
@@ -968,9 +957,9 @@ void Epilogue(const TileGemmArgs& args, int64_t t, int64_t m0, int64_t rows, con
 #endif
 }
 
-// Rows [m_begin, m_end) of y: pack those rows of x, then per tile its GEMM and its span.
-// Deep layers (K > kKBlock) go in K blocks of at most kKBlock, so that the item's panels stay in
-// L2: each block's columns of x are packed, then every tile's kept rows inside the block are
+// Rows [m_begin, m_end) of y: pack those rows of x (or transpose them, for a residue), then per
+// tile its GEMM and its span. Deep layers (K > kKBlock) go in K blocks of at most kKBlock, so
+// that the item's panels stay in L2: each block's columns of x are packed, then every tile's kept rows inside the block are
 // added to that tile's results (one buffer per tile), and the spans are written after the last.
 void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_begin, int64_t t_end) {
   Scratch& scratch = ThreadScratch();
@@ -980,7 +969,6 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
   const int64_t npanels = (rows + MR - 1) / MR;
   int64_t nblocks, kbw;
   KBlocks(p.k, &nblocks, &kbw);
-  float* panels = panel_scratch.Get(npanels * kbw * MR);
   PanelRows xs{nullptr, 0};
   float* xt = nullptr;
   uint16_t* xt16 = nullptr;
@@ -991,6 +979,13 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
     else
       xs.xt = xt = scratch.xt.Get(p.k * xs.ldxt);
   }
+  // The tiles' x panels: packed, or read in place (InPlace), or with f32 rows made for the
+  // residue, read there: each K index's MR values of a panel's rows are consecutive in xt, as in
+  // a packed panel, ldxt floats apart instead of MR, and rows past M are zero (TransposeRows).
+  // That is one line per kept K index (in place: MR) and no packing: TEW 75% + 5% and + 12.5%
+  // (M = 256 and 2048) ran 0-3% faster, about the spread of the runs, the same sums bit for bit
+  // (BUILD_NOTES.md, "Tiles read the residue's rows").
+  float* panels = xt ? nullptr : panel_scratch.Get(npanels * kbw * MR);
   // Tile results: one buffer reused tile after tile, or with K blocks one per tile.
   int64_t cfloats = 0;
   for (int64_t tile = t_begin; tile < std::min(t_end, p.t); ++tile)
@@ -1001,7 +996,7 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
   for (int64_t kb = 0; kb < p.k; kb += kbw) {
     const int64_t kw = std::min(kbw, p.k - kb);
     const bool last = kb + kw == p.k;
-    Pack(args, panels, m_begin, npanels, kb, kw, xt);
+    if (!xt) Pack(args, panels, m_begin, npanels, kb, kw);
     if (xt || xt16) {
       const int64_t first = m_begin * p.k + kb, at = kb * xs.ldxt;  // x's row m_begin, column kb
       if (!args.bf16) TransposeRows(static_cast<const float*>(args.x) + first, p.k, rows, kw, xt + at, xs.ldxt);
@@ -1025,7 +1020,7 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
             const float* b = bbuf + (wip ? jp : (jp / NR) * depth * NR) + k0 * ldb;
             for (int64_t ip = 0; ip < npanels; ++ip) {
               float* cp = c + ip * MR * gp + jp;
-              if (FromRows(xt, args, m_begin, ip))
+              if (xt)
                 Micro<false>(kc, xt + ip * MR, xs.ldxt, kept + k0, b, ldb, cp, gp, k0 > 0);
               else if (InPlace(args, m_begin, ip))
                 Micro<true>(kc, static_cast<const float*>(args.x) + (m_begin + ip * MR) * p.k, p.k, kept + k0, b,

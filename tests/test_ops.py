@@ -437,25 +437,29 @@ def test_activation_matches_float64_reference(backend, activation, dtype, m, k, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("m", [1, 5, 40, 300])
+@pytest.mark.parametrize("m,k", [(1, 96), (5, 96), (40, 96), (300, 96), (300, 1000)])
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
-def test_nonfinite_x_reaches_only_kept_weights(backend, m, dtype):
+def test_nonfinite_x_reaches_only_kept_weights(backend, m, k, dtype):
     """Pruned weights are absent, not zeros (tw_matmul's docstring): a NaN or infinity in x
     reaches exactly the outputs of its row whose kept weights (tiles or residue) read its K
-    index, and no other row; the dense dot spreads it over the whole row (0 * NaN = NaN)."""
+    index, and no other row; the dense dot spreads it over the whole row (0 * NaN = NaN). K
+    index 0 is where the XLA path pads shallow tiles; K = 1000 runs the host kernel in K blocks;
+    the bad rows are the first, a middle and the last (the few-rows path up to M = 32, then
+    the first and last work items, and a partial panel)."""
     if backend == "pallas" and m > 40:
         pytest.skip("Pallas interpret mode is slow")
-    k, n = 96, 70
+    n = 70
     _, _, p = _layer(k, n, 16, 0.6, dtype, seed=3, pattern=patterns.TEW(residue=0.05))
     kept = packing.unpack(p) != 0  # values are never zero
+    some = np.flatnonzero((kept.sum(1) > 0) & (kept.sum(1) < n))  # K indices some columns read
+    assert some[0] == 0 and len(some) > 3
     rng = np.random.default_rng(m)
     x = rng.normal(size=(m, k)).astype(dtype)
-    bad = {}  # row -> (K index, value)
-    for row, value in zip(range(0, m, 2), [np.nan, np.inf, -np.inf]):
-        # a K index some but not all columns keep (a residue weight or a tile's row)
-        q = int(np.flatnonzero((kept.sum(1) > 0) & (kept.sum(1) < n))[row % 7])
-        x[row, q] = value
-        bad[row] = q
+    bad = {}  # row -> its non-finite K index
+    for i, (row, value) in enumerate(zip([0, m // 2, m - 1], [np.nan, np.inf, -np.inf])):
+        if row not in bad:
+            bad[row] = q = int(some[i * len(some) // 3])
+            x[row, q] = value
     y = np.asarray(jax.jit(lambda x, p: ops.tw_matmul(x, p, backend=backend))(x, p), np.float64)
     for row in range(m):
         reached = ~np.isfinite(y[row])
