@@ -409,6 +409,17 @@ struct PanelRows {
 // walks of 4 and 8 rows in Residue).
 constexpr bool Bf16Rows(bool bf16, int64_t rows) { return VL == 16 && bf16 && rows > 8; }
 
+// Room in `buffer` for an item's `rows` rows of x feature-major, K x ldxt, for the residue: as
+// bf16 bits in *xt16 where Bf16Rows, else as f32 in *xt (the other null); neither without one.
+void ResidueRows(AlignedBuffer& buffer, const PackedTilesView& p, bool bf16, int64_t rows, int64_t ldxt,
+                 float** xt, uint16_t** xt16) {
+  *xt = nullptr;
+  *xt16 = nullptr;
+  if (p.e == 0) return;
+  if (Bf16Rows(bf16, rows)) *xt16 = reinterpret_cast<uint16_t*>(buffer.Get((p.k * ldxt + 1) / 2));
+  else *xt = buffer.Get(p.k * ldxt);
+}
+
 #if defined(TW_ISA_AVX512)
 // r[0..16) transposed in place: r[j] lane i = r[i] lane j (before).
 inline void Transpose16x16(__m512 r[16]) {
@@ -969,16 +980,12 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
   const int64_t npanels = (rows + MR - 1) / MR;
   int64_t nblocks, kbw;
   KBlocks(p.k, &nblocks, &kbw);
-  PanelRows xs{nullptr, 0};
-  float* xt = nullptr;
-  uint16_t* xt16 = nullptr;
-  if (p.e > 0) {  // the residue reads the rows feature-major (bf16 x maybe as bf16: Bf16Rows)
-    xs.ldxt = (npanels * MR + VL - 1) / VL * VL;
-    if (Bf16Rows(args.bf16, rows))
-      xs.xt16 = xt16 = reinterpret_cast<uint16_t*>(scratch.xt.Get((p.k * xs.ldxt + 1) / 2));
-    else
-      xs.xt = xt = scratch.xt.Get(p.k * xs.ldxt);
-  }
+  // The residue reads the rows feature-major (bf16 x maybe as bf16: Bf16Rows).
+  const int64_t ldxt = (npanels * MR + VL - 1) / VL * VL;
+  float* xt;
+  uint16_t* xt16;
+  ResidueRows(scratch.xt, p, args.bf16, rows, ldxt, &xt, &xt16);
+  const PanelRows xs{xt, ldxt, xt16};
   // The tiles' x panels: packed, or read in place (InPlace), or with f32 rows made for the
   // residue, read there: each K index's MR values of a panel's rows are consecutive in xt, as in
   // a packed panel, ldxt floats apart instead of MR, and rows past M are zero (TransposeRows).
@@ -998,10 +1005,10 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
     const bool last = kb + kw == p.k;
     if (!xt) Pack(args, panels, m_begin, npanels, kb, kw);
     if (xt || xt16) {
-      const int64_t first = m_begin * p.k + kb, at = kb * xs.ldxt;  // x's row m_begin, column kb
-      if (!args.bf16) TransposeRows(static_cast<const float*>(args.x) + first, p.k, rows, kw, xt + at, xs.ldxt);
-      else if (xt16) TransposeRows(static_cast<const uint16_t*>(args.x) + first, p.k, rows, kw, xt16 + at, xs.ldxt);
-      else TransposeRows(static_cast<const uint16_t*>(args.x) + first, p.k, rows, kw, xt + at, xs.ldxt);
+      const int64_t first = m_begin * p.k + kb, at = kb * ldxt;  // x's row m_begin, column kb
+      if (!args.bf16) TransposeRows(static_cast<const float*>(args.x) + first, p.k, rows, kw, xt + at, ldxt);
+      else if (xt16) TransposeRows(static_cast<const uint16_t*>(args.x) + first, p.k, rows, kw, xt16 + at, ldxt);
+      else TransposeRows(static_cast<const uint16_t*>(args.x) + first, p.k, rows, kw, xt + at, ldxt);
     }
     float* c = cbuf;
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
@@ -1021,7 +1028,7 @@ void Rows(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t t_be
             for (int64_t ip = 0; ip < npanels; ++ip) {
               float* cp = c + ip * MR * gp + jp;
               if (xt)
-                Micro<false>(kc, xt + ip * MR, xs.ldxt, kept + k0, b, ldb, cp, gp, k0 > 0);
+                Micro<false>(kc, xt + ip * MR, ldxt, kept + k0, b, ldb, cp, gp, k0 > 0);
               else if (InPlace(args, m_begin, ip))
                 Micro<true>(kc, static_cast<const float*>(args.x) + (m_begin + ip * MR) * p.k, p.k, kept + k0, b,
                             ldb, cp, gp, k0 > 0);
@@ -1413,9 +1420,9 @@ void RowsPairs(const TileGemmArgs& args, int64_t m_begin, int64_t m_end, int64_t
   // x in pairs of K indices, a block at a time; with a residue also feature-major, the whole of
   // K (the residue reads it after the last block), as bf16 or f32 (Bf16Rows).
   uint32_t* x2 = reinterpret_cast<uint32_t*>(x2_scratch.Get((kbw + 1) / 2 * ldt));
-  const bool bf16_rows = p.e > 0 && Bf16Rows(true, rows);
-  float* xt = p.e > 0 && !bf16_rows ? xt_scratch.Get(p.k * ldt) : nullptr;
-  uint16_t* xt16 = bf16_rows ? reinterpret_cast<uint16_t*>(xt_scratch.Get((p.k * ldt + 1) / 2)) : nullptr;
+  float* xt;
+  uint16_t* xt16;
+  ResidueRows(xt_scratch, p, true, rows, ldt, &xt, &xt16);
   uint32_t* zeros = reinterpret_cast<uint32_t*>(zero_scratch.Get(ldt));
   std::fill(zeros, zeros + ldt, 0u);
   const int64_t tiles_end = std::min(t_end, p.t);

@@ -375,10 +375,10 @@ def tw_matmul(x: Any, packed: PackedTiles, bias: Any = None, *, backend: str | N
     Pruned weights are absent, not zeros: a NaN or infinity in a row of ``x`` reaches only the
     outputs of that row whose kept weights (tiles or residue) read its K index, on the
     ``'cpu'``, ``'pallas'`` and ``'xla'`` backends (and by construction on ``'cuda'``, which
-    loads zeros past a tile's depth; not yet run on a GPU). The dense dot (``backend='dense'``, and the
-    automatic choice for layers kept dense, see ``packing.DENSE_ABOVE``) spreads it over the
-    whole row, as ``x @ unpack(packed)`` does (0 * NaN is NaN). Finite inputs give the same sums
-    either way.
+    loads zeros past a tile's depth; not yet run on a GPU). The dense dot
+    (``backend='dense'``, and the automatic choice for layers kept dense, see
+    ``packing.DENSE_ABOVE``) spreads it over the whole row, as ``x @ unpack(packed)`` does
+    (0 * NaN is NaN). Finite inputs give the same sums either way.
 
     >>> import numpy as np
     >>> from jax_tw import packing, patterns
